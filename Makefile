@@ -1,0 +1,70 @@
+# memfit — `make help` lists the targets. Variables marked ?= can be set on the command line.
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 8000
+# The 512 MB tier's model artifact; `make model` builds it, `make run` uses it when present.
+MODEL_DIR ?= instance/models/semantic
+# Where `make model` takes the model from: a hub name or a folder.
+MODEL_SOURCE ?= imvladikon/sentence-transformers-alephbert
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+FLASK := $(BIN)/flask --app app
+REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run seed model test test-fast container-test bench load docs manifests constraints clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+# The venv is rebuilt only when a requirements or constraints file changes.
+# torch is pinned to 2.13.0 in requirements-model.txt: pip never resolves an unpinned (CUDA) torch.
+$(VENV)/.installed: $(REQUIREMENTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+venv: $(VENV)/.installed ## Create or refresh the virtualenv
+
+seed: venv ## Create the schema and load the sample Hebrew data (once)
+	$(FLASK) seed
+
+model: venv ## Prepare the semantic model artifact (MODEL_SOURCE -> MODEL_DIR, 8-bit ONNX)
+	$(FLASK) model prepare $(MODEL_SOURCE) $(MODEL_DIR) --precision q8 --force
+
+run: seed ## Serve with gunicorn on PORT (default 8000), SQLite and the sample data
+	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
+	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
+	PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"
+
+test: venv ## Run the test suite (PostgreSQL, browser and container suites where available; all in CI)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## Unit and integration tests only, no container or load suites
+	$(PY) -m pytest -m "not container and not load" $(PYTEST_ARGS)
+
+container-test: venv ## Build the image and prove it stays under each tier's budget (needs Docker)
+	$(PY) -m pytest -m container tests/container $(PYTEST_ARGS)
+
+bench: venv ## Benchmark the naive set-up against both tiers; writes bench/results/ and the plot
+	$(PY) -m bench.run
+
+load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench/results/load.json
+	$(PY) -m bench.load --seconds 60
+
+docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
+	$(PY) -m app.settings env-example > .env.example
+	$(PY) -m app.settings readme
+
+manifests: venv ## Regenerate render.yaml, app.json, fly.toml files and the tier env files from deploy/tiers.yaml
+	$(PY) -m deploy.generate
+
+constraints: venv ## Re-pin constraints.txt from the current venv
+	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean: ## Remove the venv, caches and the local database
+	rm -rf $(VENV) .pytest_cache instance/*.sqlite3*

@@ -1,0 +1,113 @@
+"""memfit: Hebrew text, tag and semantic search that fits a 512 MB instance.
+
+``create_app`` is a small factory of ``register_*`` steps. It never imports numpy, torch,
+transformers or onnxruntime: the semantic model and its libraries load on the first semantic
+request (see ``app/semantic/service.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from flask import Flask, request
+
+from .settings import ConfigError, Settings
+
+__all__ = ["create_app", "ConfigError", "Settings"]
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {
+    # The page loads only its own script and style; nothing inline, nothing third-party.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+# Endpoints that must answer without the database (liveness, readiness's own check, the page).
+NO_DATABASE_ENDPOINTS = {"api.healthz", "api.readyz", "web.index", "web.static", "static", "metrics"}
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__, instance_path=settings.instance_path)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_content_length,
+        DEBUG=False if settings.app_env == "production" else app.config["DEBUG"],
+    )
+    app.json.ensure_ascii = False  # Hebrew as Hebrew, not \u05e1 escapes
+    app.extensions["memfit.settings"] = settings
+    register_database(app, settings)
+    register_semantic(app, settings)
+    register_errors(app)
+    register_blueprints(app)
+    register_headers(app)
+    register_cli(app)
+    register_monitoring(app, settings)
+    return app
+
+
+def register_database(app: Flask, settings: Settings) -> None:
+    from . import db
+
+    if settings.is_sqlite:
+        os.makedirs(app.instance_path, exist_ok=True)
+    db.init_app(app, settings)
+    schema = {"ready": False, "lock": threading.Lock()}
+
+    @app.before_request
+    def _ensure_schema():
+        # Created on first use, not at import: a database that is down at boot must not kill the worker.
+        if schema["ready"] or request.endpoint in NO_DATABASE_ENDPOINTS:
+            return
+        with schema["lock"]:
+            if not schema["ready"]:
+                db.create_schema()
+                schema["ready"] = True
+
+
+def register_semantic(app: Flask, settings: Settings) -> None:
+    from .semantic.service import SemanticService
+
+    # The vector index (numpy) is created by the first semantic search: see search.vector_index().
+    app.extensions["memfit.semantic"] = SemanticService(settings)
+
+
+def register_errors(app: Flask) -> None:
+    from .errors import register_errors as register
+
+    register(app)
+
+
+def register_blueprints(app: Flask) -> None:
+    from .api import bp as api
+    from .web import bp as web
+
+    app.register_blueprint(api)
+    app.register_blueprint(web)
+
+
+def register_headers(app: Flask) -> None:
+    @app.after_request
+    def _headers(response):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+
+def register_cli(app: Flask) -> None:
+    from .cli import register
+
+    register(app)
+
+
+def register_monitoring(app: Flask, settings: Settings) -> None:
+    from monitoring import init_app
+
+    init_app(app, settings)

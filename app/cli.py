@@ -1,0 +1,113 @@
+"""Command-line tasks: ``flask --app app init-db | seed | embed | model prepare``."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+from sqlalchemy import func, select
+
+from .db import Item, create_schema, db
+
+SAMPLE = "sample_items.json"
+
+
+def load_sample() -> list[dict]:
+    """The bundled Hebrew dataset: a JSON list of {title, body, tags}."""
+    return json.loads(resources.files("app.data").joinpath(SAMPLE).read_text(encoding="utf-8"))
+
+
+@click.command("init-db")
+@with_appcontext
+def init_db_command():
+    """Create the tables that do not exist yet (safe to run again)."""
+    create_schema()
+    click.echo("schema ready")
+
+
+@click.command("seed")
+@click.option("--force", is_flag=True, help="Add the sample even if the database already has items.")
+@with_appcontext
+def seed_command(force: bool):
+    """Load the bundled sample of Hebrew items and tags (skipped when items exist)."""
+    from .api import tags_by_name
+
+    create_schema()
+    existing = db.session.scalar(select(func.count()).select_from(Item))
+    if existing and not force:
+        click.echo(f"database already has {existing} items; nothing seeded (use --force to add the sample)")
+        return
+    sample = load_sample()
+    for entry in sample:
+        db.session.add(Item(title=entry["title"], body=entry.get("body", ""), tags=tags_by_name(entry["tags"])))
+        db.session.flush()  # new tags become visible to tags_by_name for the next entry
+    db.session.commit()  # one transaction: the whole sample or nothing
+    click.echo(f"seeded {len(sample)} items")
+
+
+@click.command("embed")
+@click.option("--check-text", is_flag=True, help="Also recompute vectors whose text changed since.")
+@click.option("--prune", is_flag=True, help="Delete vectors of other models afterwards.")
+@with_appcontext
+def embed_command(check_text: bool, prune: bool):
+    """Compute the missing tag and item embeddings for the configured model, in batches."""
+    from .semantic import index
+    from .semantic.service import SemanticUnavailable
+
+    create_schema()
+    settings = current_app.extensions["memfit.settings"]
+    try:
+        encoder = current_app.extensions["memfit.semantic"].encoder()
+    except SemanticUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    for kind in ("tag", "item"):
+        rows = index.missing(kind, encoder.fingerprint, check_text=check_text)
+        with click.progressbar(length=len(rows), label=f"embedding {len(rows)} {kind}s") as bar:
+            index.embed_rows(encoder, kind, rows, settings.embedding_batch_size, progress=bar.update)
+    if prune:
+        click.echo(f"pruned {index.prune(encoder.fingerprint)} vectors of other models")
+    click.echo(json.dumps(index.counts(encoder.fingerprint)))
+
+
+@click.group("model")
+def model_group():
+    """Prepare and inspect semantic models."""
+
+
+@model_group.command("prepare")
+@click.argument("source")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "int8", "q8"]), default="q8", show_default=True,
+              help="fp32: exact; int8: dynamic int8 (fast, least faithful); q8: 8-bit block weights with "
+                   "int8 compute and an 8-bit embedding table (the 512 MB tier).")
+@click.option("--max-seq-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def prepare_command(source: str, output: Path, precision: str, max_seq_length: int, force: bool):
+    """Turn a sentence-transformers model (hub name or folder) into a compact ONNX artifact."""
+    from .semantic.prepare import PrepareError, prepare
+
+    try:
+        manifest = prepare(source, output, precision=precision, max_seq_length=max_seq_length, force=force)
+    except PrepareError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(manifest, indent=2))
+
+
+@model_group.command("build-synthetic")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(["tiny", "alephbert"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def build_synthetic_command(output: Path, arch: str, seed: int):
+    """Build a random-weight model in sentence-transformers format (tests and benchmarks)."""
+    from .semantic.synthetic import build
+
+    click.echo(f"built {arch} model at {build(output, arch=arch, seed=seed)}")
+
+
+def register(app: Flask) -> None:
+    for command in (init_db_command, seed_command, embed_command, model_group):
+        app.cli.add_command(command)

@@ -1,0 +1,67 @@
+"""Every error leaves as JSON ``{"error": {"code", "message"}}`` with its status; never HTML or a trace."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from .semantic.service import SemanticUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """A request the app refuses; raised by views, rendered by the handler below."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str):
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def register_errors(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_")
+        messages = {
+            413: f"request body too large (limit {app.config.get('MAX_CONTENT_LENGTH')} bytes)",
+            404: "no such resource",
+            405: f"method not allowed; allowed: {', '.join(sorted(exc.valid_methods or []))}"
+            if getattr(exc, "valid_methods", None) else "method not allowed",
+        }
+        response = error_response(exc.code or 500, code, messages.get(exc.code, exc.description or code))
+        if getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(SemanticUnavailable)
+    def _semantic(exc: SemanticUnavailable):
+        return error_response(503, "semantic_unavailable", str(exc))
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(DBAPIError)
+    @app.errorhandler(PoolTimeout)
+    def _database(exc: Exception):
+        from .db import db
+
+        # The connection may be dead; drop the session so the next request starts clean.
+        db.session.rollback()
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+        return error_response(503, "database_unavailable", "the database is unavailable; try again shortly")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")  # the trace goes to the log (and Sentry), not to the client
+        return error_response(500, "internal_error", "internal error; it has been logged")

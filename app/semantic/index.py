@@ -1,0 +1,209 @@
+"""Stored embeddings: computing the missing ones in batches, and nearest-neighbour search over them.
+
+Imported only on the semantic path (it imports numpy at module level).
+
+Vectors live in the ``embeddings`` table as L2-normalised float16 under the model's fingerprint.
+Search reads them into a per-worker float16 matrix (half of fp32's bytes), refreshed when the
+table changes and bounded by SEMANTIC_INDEX_MAX_MB; past that bound, it streams the rows from the
+database in chunks instead, so a worker's memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import and_, func, select
+
+from ..db import Embedding, Item, Tag, db, text_hash
+from .encoders import Encoder
+
+log = logging.getLogger(__name__)
+KINDS = {"item": Item, "tag": Tag}
+STREAM_CHUNK = 4096  # rows per chunk when streaming: ~6 MB of float16 at 768 dims
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f2").tobytes()
+
+
+def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), dim)
+
+
+def missing(kind: str, fingerprint: str, limit: int | None = None, check_text: bool = False) -> list:
+    """Rows of ``kind`` without a current vector (and, with check_text, whose text changed)."""
+    model = KINDS[kind]
+    joined = and_(Embedding.model_fp == fingerprint, Embedding.kind == kind, Embedding.ref_id == model.id)
+    query = select(model, Embedding.text_hash).outerjoin(Embedding, joined).order_by(model.id)
+    if not check_text:
+        query = query.where(Embedding.id.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
+        return [row for row, _ in db.session.execute(query)]
+    stale = [row for row, stored in db.session.execute(query) if stored != text_hash(row.embedding_text)]
+    return stale[:limit] if limit is not None else stale
+
+
+def embed_rows(encoder: Encoder, kind: str, rows: Sequence, batch_size: int,
+               progress: Callable[[int], None] | None = None) -> int:
+    """Encode rows batch by batch and store their vectors, one commit per batch (a crash loses a batch)."""
+    done = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        texts = [row.embedding_text for row in batch]
+        vectors = encoder.encode(texts, batch_size)
+        ids = [row.id for row in batch]
+        # Replace, not update: a fresh id tells other workers' matrices that the table changed.
+        db.session.execute(
+            Embedding.__table__.delete().where(
+                Embedding.model_fp == encoder.fingerprint, Embedding.kind == kind, Embedding.ref_id.in_(ids)
+            )
+        )
+        db.session.add_all(
+            Embedding(model_fp=encoder.fingerprint, kind=kind, ref_id=row_id, text_hash=text_hash(text),
+                      dim=encoder.dim, vector=to_blob(vector))
+            for row_id, text, vector in zip(ids, texts, vectors)
+        )
+        try:
+            db.session.commit()
+        except Exception:
+            # Another worker stored the same vectors first: theirs are as good as ours.
+            db.session.rollback()
+            log.info("embedding batch of %d %ss already stored by another worker", len(batch), kind)
+        done += len(batch)
+        if progress:
+            progress(len(batch))
+    return done
+
+
+def prune(fingerprint: str) -> int:
+    """Delete vectors of every other model; returns how many went."""
+    result = db.session.execute(Embedding.__table__.delete().where(Embedding.model_fp != fingerprint))
+    db.session.commit()
+    return result.rowcount or 0
+
+
+def counts(fingerprint: str) -> dict:
+    rows = db.session.execute(
+        select(Embedding.kind, Embedding.model_fp == fingerprint, func.count()).group_by(
+            Embedding.kind, Embedding.model_fp == fingerprint
+        )
+    )
+    result = {"current": {"item": 0, "tag": 0}, "stale": 0}
+    for kind, current, n in rows:
+        if current:
+            result["current"][kind] = n
+        else:
+            result["stale"] += n
+    return result
+
+
+@dataclass
+class _Matrix:
+    version: tuple
+    ids: np.ndarray
+    vectors: np.ndarray  # float16, (n, dim)
+
+
+class VectorIndex:
+    """Per-worker nearest-neighbour search over one model's stored vectors."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._matrices: dict[tuple[str, str], _Matrix] = {}
+
+    def memory_bytes(self) -> int:
+        return sum(m.vectors.nbytes + m.ids.nbytes for m in self._matrices.values())
+
+    def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The k most similar (ref_id, cosine) of kind, best first."""
+        version = tuple(db.session.execute(
+            select(func.count(), func.max(Embedding.id), func.max(Embedding.dim)).where(
+                Embedding.model_fp == fingerprint, Embedding.kind == kind)
+        ).one())
+        n, _, dim = version
+        if not n:
+            return []
+        query = np.asarray(query, dtype=np.float32)
+        if n * (dim * 2 + 8) > self.max_bytes:
+            self._matrices.pop((fingerprint, kind), None)
+            return self._stream_top(fingerprint, kind, query, k)
+        matrix = self._matrix(fingerprint, kind, version)
+        return _top_k(matrix.ids, _scores(matrix.vectors, query), k)
+
+    def _matrix(self, fingerprint: str, kind: str, version: tuple) -> _Matrix:
+        key = (fingerprint, kind)
+        cached = self._matrices.get(key)
+        if cached is not None and cached.version == version:
+            return cached
+        with self._lock:
+            cached = self._matrices.get(key)
+            if cached is not None and cached.version == version:
+                return cached
+            ids, blobs = [], []
+            for ref_id, blob in db.session.execute(
+                select(Embedding.ref_id, Embedding.vector).where(
+                    Embedding.model_fp == fingerprint, Embedding.kind == kind).order_by(Embedding.ref_id)
+            ):
+                ids.append(ref_id)
+                blobs.append(blob)
+            matrix = _Matrix(version, np.asarray(ids, dtype=np.int64), from_blobs(blobs, version[2]))
+            self._matrices[key] = matrix
+            return matrix
+
+    def _stream_top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        best: list[tuple[float, int]] = []
+        rows = db.session.execute(
+            select(Embedding.ref_id, Embedding.vector, Embedding.dim).where(
+                Embedding.model_fp == fingerprint, Embedding.kind == kind).execution_options(yield_per=STREAM_CHUNK)
+        )
+        for chunk in rows.partitions(STREAM_CHUNK):
+            ids = np.asarray([r[0] for r in chunk], dtype=np.int64)
+            scores = _scores(from_blobs([r[1] for r in chunk], chunk[0][2]), query)
+            for ref_id, score in _top_k(ids, scores, k):
+                _push(best, (score, ref_id), k)
+        return [(ref_id, score) for score, ref_id in sorted(best, reverse=True)]
+
+
+def _scores(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    # float16 has no BLAS kernel: widen in blocks so the temporary stays small and BLAS does the work.
+    out = np.empty(len(vectors), dtype=np.float32)
+    for start in range(0, len(vectors), STREAM_CHUNK):
+        out[start : start + STREAM_CHUNK] = vectors[start : start + STREAM_CHUNK].astype(np.float32) @ query
+    return out
+
+
+def _top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    if len(scores) > k:
+        part = np.argpartition(-scores, k)[:k]
+    else:
+        part = np.arange(len(scores))
+    order = part[np.argsort(-scores[part], kind="stable")]
+    return [(int(ids[i]), float(scores[i])) for i in order]
+
+
+def _push(heap: list, entry: tuple, k: int) -> None:
+    if len(heap) < k:
+        heapq.heappush(heap, entry)
+    elif entry > heap[0]:
+        heapq.heapreplace(heap, entry)
+
+
+def items_with_tags(tag_ids: Iterable[int]) -> dict[int, set[int]]:
+    from ..db import item_tags
+
+    result: dict[int, set[int]] = {}
+    ids = list(tag_ids)
+    if not ids:
+        return result
+    for item_id, tag_id in db.session.execute(
+        select(item_tags.c.item_id, item_tags.c.tag_id).where(item_tags.c.tag_id.in_(ids))
+    ):
+        result.setdefault(item_id, set()).add(tag_id)
+    return result

@@ -1,0 +1,89 @@
+"""Models the project builds itself, because the hub is out of reach where memfit is tested.
+
+* ``tiny``: a 2-layer BERT with 32-d vectors: unit and integration tests load it by path through
+  the real loading code.
+* ``alephbert``: AlephBERT's exact architecture (vocab 52000, hidden 768, 12 layers, 12 heads,
+  intermediate 3072, type_vocab_size 1, mean pooling) with random weights: memory and latency
+  do not depend on weight values, so benchmarks and container tests measure the real footprint.
+
+Both are saved in sentence-transformers format with a WordPiece tokenizer trained on the bundled
+Hebrew sample. Written beside OUTPUT and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+ARCHES = {
+    "tiny": dict(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=512),
+    "alephbert": dict(vocab_size=52000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512),
+}
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def corpus() -> list[str]:
+    from ..cli import load_sample
+
+    return [f"{e['title']} {e.get('body', '')} {' '.join(e['tags'])}" for e in load_sample()]
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return tokenizer
+
+
+def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int = 128) -> Path:
+    """Write a random-weight sentence-transformers model of ``arch`` to ``output``."""
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    if arch not in ARCHES:
+        raise ValueError(f"arch {arch!r} is unknown; accepts {', '.join(ARCHES)}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        torch.manual_seed(seed)
+        shape = ARCHES[arch]
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=build_tokenizer(min(shape["vocab_size"], 8000)), unk_token="[UNK]",
+            pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+            model_max_length=max_seq_length,
+        )
+        config = BertConfig(type_vocab_size=1, **shape)
+        BertModel(config).save_pretrained(str(work))
+        fast.save_pretrained(str(work))
+        (work / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ], indent=2))
+        (work / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                    "do_lower_case": False}))
+        (work / "1_Pooling").mkdir()
+        (work / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": shape["hidden_size"], "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }, indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        work.rename(output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output

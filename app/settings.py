@@ -1,0 +1,281 @@
+"""memfit's settings: one frozen object, built from the environment in one place.
+
+Every variable the app reads is declared once in ``FIELDS`` below, with its default, its parser and
+a one-line meaning. ``.env.example`` and the README table are generated from, and checked against,
+this list (``make docs-check``), so the documentation cannot drift from the code.
+
+No other module reads ``os.environ`` (``gunicorn.conf.py`` reads its own process settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+DEV_SECRET_KEY = "dev-insecure-change-me"
+DEFAULT_MODEL = "imvladikon/sentence-transformers-alephbert"
+APP_ENVS = ("development", "production", "test")
+TIERS = ("512mb", "1gb", "custom")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the app cannot run with; the message names the variable."""
+
+
+# --- parsers: each returns the typed value or raises ValueError with what it accepts ----------
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("accepts true/false (also 1/0, yes/no, on/off)")
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"accepts a whole number from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"accepts a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"accepts a number from {low} to {high}") from None
+        if not low <= value <= high:
+            raise ValueError(f"accepts a number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError("accepts one of: " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    # Render and Heroku hand out postgres://, which SQLAlchemy 2 no longer accepts; and SQLAlchemy
+    # 2.1 maps bare postgresql:// to psycopg 3, while memfit ships psycopg2: name the driver.
+    for scheme in ("postgres://", "postgresql://"):
+        if value.startswith(scheme):
+            value = "postgresql+psycopg2://" + value[len(scheme) :]
+    if not value.startswith(("sqlite:///", "postgresql+psycopg2://")):
+        raise ValueError("accepts a sqlite:/// or postgres(ql):// URL")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+
+# The single list of variables. ``default=None`` means "computed" (see Settings.from_env).
+FIELDS: tuple[Field, ...] = (
+    Field("APP_ENV", "development", _choice(*APP_ENVS),
+          "development, production or test; production refuses the development secret and debug."),
+    Field("SECRET_KEY", DEV_SECRET_KEY, _text,
+          "Flask secret key. The development default is refused when APP_ENV=production.", secret=True),
+    Field("DATABASE_URL", None, _database_url,
+          "SQLAlchemy URL; postgres:// is accepted. Default: SQLite file instance/memfit.sqlite3."),
+    Field("ENABLE_SEMANTIC_SEARCH", "true", _bool,
+          "Serve mode=semantic. false: semantic requests get 503 and torch/onnxruntime are never imported."),
+    Field("SEMANTIC_MODEL", DEFAULT_MODEL, _text,
+          "Hugging Face hub name or local path: a sentence-transformers folder, or an artifact "
+          "made by `flask --app app model prepare`."),
+    Field("SEMANTIC_MAX_SEQ_LENGTH", "128", _int(8, 512),
+          "Tokens kept per text; longer texts are truncated (caps activation memory)."),
+    Field("SEMANTIC_THREADS", "1", _int(1, 64),
+          "Intra-op threads of the model runtime per worker (1 keeps a 512 MB worker's arenas small)."),
+    Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
+          "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
+    Field("SEMANTIC_CATCHUP_LIMIT", "200", _int(0, 100000),
+          "Most missing embeddings a semantic request computes before searching (0: only `flask embed`)."),
+    Field("EMBEDDING_BATCH_SIZE", "10", _int(1, 256),
+          "Texts encoded per batch when computing tag and item embeddings."),
+    Field("SQLALCHEMY_POOL_SIZE", "2", _int(1, 50), "Database connections kept open per worker."),
+    Field("SQLALCHEMY_MAX_OVERFLOW", "3", _int(0, 50), "Extra connections allowed under load per worker."),
+    Field("SQLALCHEMY_POOL_RECYCLE", "300", _int(-1, 86400),
+          "Seconds before a pooled connection is replaced (-1: never)."),
+    Field("SQLALCHEMY_POOL_PRE_PING", "true", _bool,
+          "Test a pooled connection before use, so a restarted database is survived."),
+    Field("MAX_CONTENT_LENGTH", "65536", _int(1024, 10485760), "Largest request body in bytes (413 above)."),
+    Field("MAX_QUERY_LENGTH", "500", _int(1, 10000), "Longest search query in characters (400 above)."),
+    Field("MEMORY_TIER", "custom", _choice(*TIERS), "The deployment tier, reported in logs and alerts."),
+    Field("MAX_MEMORY_MB", "450", _int(16, 1048576),
+          "Memory alert threshold (MB) for the process and the container."),
+    Field("MAX_WORKER_MEMORY_MB", "0", _int(0, 1048576),
+          "A worker whose RSS passes this (MB) after a request exits gracefully and is replaced (0: off)."),
+    Field("MEMORY_CHECK_INTERVAL", "15", _float(0.05, 3600), "Seconds between memory watchdog samples."),
+    Field("MEMORY_ALERT_COOLDOWN", "600", _float(0, 86400), "Least seconds between two memory alerts."),
+    Field("MEMORY_REARM_RATIO", "0.9", _float(0.1, 1.0),
+          "After an alert, memory must fall below MAX_MEMORY_MB times this to re-arm it."),
+    Field("SERVICE_NAME", "memfit", _text, "Service name in logs, metrics and Sentry tags."),
+    Field("SENTRY_DSN", "", _text, "Sentry DSN; empty: monitoring only logs.", secret=True),
+    Field("SENTRY_ENVIRONMENT", "", _text, "Sentry environment; default APP_ENV."),
+    Field("SENTRY_RELEASE", "", _text, "Sentry release; default RENDER_GIT_COMMIT when set."),
+    Field("SENTRY_CRON_MONITOR", "", _text,
+          "Sentry Crons monitor slug; when set, each worker checks in so a dead instance shows as missed."),
+    Field("SENTRY_CRON_INTERVAL", "60", _float(5, 3600), "Seconds between Sentry Crons check-ins."),
+    Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
+          "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
+    Field("RENDER_GIT_COMMIT", "", _text, "Set by Render: the deployed commit (the default Sentry release)."),
+    Field("RENDER_SERVICE_NAME", "", _text, "Set by Render: the service name (the default SERVICE_NAME)."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    app_env: str
+    secret_key: str
+    database_url: str
+    enable_semantic_search: bool
+    semantic_model: str
+    semantic_max_seq_length: int
+    semantic_threads: int
+    semantic_index_max_mb: int
+    semantic_catchup_limit: int
+    embedding_batch_size: int
+    sqlalchemy_pool_size: int
+    sqlalchemy_max_overflow: int
+    sqlalchemy_pool_recycle: int
+    sqlalchemy_pool_pre_ping: bool
+    max_content_length: int
+    max_query_length: int
+    memory_tier: str
+    max_memory_mb: int
+    max_worker_memory_mb: int
+    memory_check_interval: float
+    memory_alert_cooldown: float
+    memory_rearm_ratio: float
+    service_name: str
+    sentry_dsn: str
+    sentry_environment: str
+    sentry_release: str
+    sentry_cron_monitor: str
+    sentry_cron_interval: float
+    prometheus_multiproc_dir: str
+    render_git_commit: str
+    render_service_name: str
+    instance_path: str = "instance"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, instance_path: str | None = None) -> "Settings":
+        """Parse every variable of FIELDS; the first bad one raises ConfigError naming it."""
+        environ = os.environ if environ is None else environ
+        instance = instance_path or str(Path(__file__).resolve().parent.parent / "instance")
+        values: dict[str, Any] = {}
+        for field in FIELDS:
+            raw = environ.get(field.env)
+            if raw is None or (raw.strip() == "" and field.default not in (None, "")):
+                raw = field.default
+            if raw is None:
+                continue
+            try:
+                values[field.env.lower()] = field.parse(raw)
+            except ValueError as exc:
+                shown = "(hidden)" if field.secret else repr(raw)
+                raise ConfigError(f"{field.env}={shown} is invalid: {exc}") from None
+        values.setdefault("database_url", f"sqlite:///{Path(instance) / 'memfit.sqlite3'}")
+        return cls(**values, instance_path=instance).validated()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> "Settings":
+        """Cross-field rules that no single parser can see."""
+        if self.app_env == "production" and self.secret_key in (DEV_SECRET_KEY, ""):
+            raise ConfigError("SECRET_KEY is the development default: set a real secret when APP_ENV=production")
+        if not self.semantic_model:
+            raise ConfigError("SEMANTIC_MODEL is empty: accepts a hub name or a local path")
+        if self.max_worker_memory_mb and self.max_worker_memory_mb > self.max_memory_mb * 4:
+            raise ConfigError("MAX_WORKER_MEMORY_MB is far above MAX_MEMORY_MB: accepts at most 4x MAX_MEMORY_MB")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    @property
+    def effective_service_name(self) -> str:
+        return self.render_service_name or self.service_name
+
+    @property
+    def effective_sentry_release(self) -> str | None:
+        return self.sentry_release or self.render_git_commit or None
+
+    @property
+    def effective_sentry_environment(self) -> str:
+        return self.sentry_environment or self.app_env
+
+
+# --- documentation, generated from FIELDS (make docs) -----------------------------------------
+
+def env_example() -> str:
+    """The text of .env.example: every variable with its meaning and default."""
+    lines = ["# memfit configuration. Generated from app/settings.py by `make docs`; edit there.",
+             "# Copy to .env (never committed) or set in the platform's environment.", ""]
+    for field in FIELDS:
+        lines.append(f"# {field.doc}")
+        default = field.default if field.default is not None else ""
+        lines.append(f"{'# ' if field.default is None else ''}{field.env}={default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for field in FIELDS:
+        default = "(computed)" if field.default is None else (f"`{field.default}`" if field.default else "(empty)")
+        rows.append(f"| `{field.env}` | {default} | {field.doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def update_readme(path: Path) -> None:
+    """Replace the README's table between its markers with the generated one."""
+    text = path.read_text(encoding="utf-8")
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    path.write_text(f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}", encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m app.settings env-example | readme
+    import sys
+
+    if sys.argv[1:] == ["env-example"]:
+        print(env_example())
+    elif sys.argv[1:] == ["readme"]:
+        update_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        raise SystemExit("usage: python -m app.settings env-example|readme")

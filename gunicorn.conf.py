@@ -1,0 +1,180 @@
+# gunicorn configuration for memfit, in the style of gunicorn's examples/example_config.py.
+#
+# Every value can be overridden from the environment (the variable is named beside it), so one file
+# serves the 512 MB and 1 GB tiers: deploy/tiers.yaml sets the per-tier values, and every manifest
+# generated from it passes them as environment variables. Run with:
+#
+#     gunicorn -c gunicorn.conf.py "app:create_app()"
+#
+# This file and app/settings.py are the only places that read the environment.
+
+import os
+import tempfile
+
+
+def _env_int(name, default):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is invalid: accepts a whole number") from None
+
+
+def _env_bool(name, default):
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name}={raw!r} is invalid: accepts true/false")
+
+
+#
+# Server socket
+#
+#   bind - Where to listen. Platforms (Render, Heroku, Fly) hand the port in $PORT and route to
+#       0.0.0.0 inside the container; 8000 for local runs.
+#
+bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{_env_int('PORT', 8000)}"
+
+#   backlog - Connections waiting to be accepted. Small: a 512 MB instance cannot serve a large queue
+#       quickly anyway, and the platform's proxy retries elsewhere.
+#
+backlog = _env_int("GUNICORN_BACKLOG", 64)
+
+#
+# Worker processes
+#
+#   workers - Worker processes. From WEB_CONCURRENCY (the variable Render and Heroku set), default 1.
+#       Each worker holds its own copy of the semantic model, so on the 512 MB tier one worker is all
+#       the memory allows; the 1 GB tier runs two (deploy/tiers.yaml).
+#
+workers = _env_int("WEB_CONCURRENCY", 1)
+
+#   worker_class - "sync": one request at a time per worker. Semantic search is CPU-bound (the model
+#       runs on the request's thread), so threads or greenlets would add no throughput on a shared
+#       CPU, only concurrent activations and allocator arenas: more memory for nothing. A sync
+#       worker's memory is bounded by one request's work. The platform's proxy buffers slow clients.
+#
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+
+#   max_requests / max_requests_jitter - Restart a worker after this many requests (plus 0..jitter,
+#       so that several workers do not restart together). Fragmentation in glibc's heap and Python's
+#       object pools makes a long-lived worker's RSS creep; a fresh worker starts lean. 100 requests
+#       keeps restarts cheap (the model loads lazily, from a memory-mapped artifact). 0 disables.
+#
+max_requests = _env_int("GUNICORN_MAX_REQUESTS", 100)
+max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 10)
+
+#   timeout - Seconds a worker may stay silent before the master kills and replaces it. 120 covers a
+#       cold model load plus a first batch of embeddings on a slow shared CPU.
+#
+timeout = _env_int("GUNICORN_TIMEOUT", 120)
+
+#   graceful_timeout - Seconds a worker gets to finish its request on restart or shutdown. Below
+#       Render's maxShutdownDelaySeconds (deploy/tiers.yaml), so requests finish before the platform
+#       kills the container.
+#
+graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 25)
+
+#   keepalive - Seconds to hold an idle connection. Sync workers close after each response anyway.
+#
+keepalive = _env_int("GUNICORN_KEEPALIVE", 2)
+
+#   preload_app - False. Preloading would import the app in the master before forking: the master
+#       would grow by the app's imports, and if anything in it ever loaded torch (or started a
+#       thread), fork would copy the state of those threads without the threads themselves (torch's
+#       OpenMP pool deadlocks in a forked child). Each worker imports the app after fork, and the
+#       model loads lazily on the first semantic request.
+#
+preload_app = _env_bool("GUNICORN_PRELOAD", False)
+
+#   worker_tmp_dir - The heartbeat file each worker touches for the master. On /dev/shm (memory)
+#       where it exists: on a disk-backed /tmp, a slow or full disk makes the master think healthy
+#       workers are stuck (gunicorn's docs on Docker).
+#
+worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+#
+# Logging: access and error logs to stdout, where the platform collects them.
+#
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
+errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
+#   logconfig_dict - Route the app's own loggers (memfit.*, app.*) through gunicorn's console handler,
+#       so watchdog alerts and recycle notices land in the same stream, with the same format.
+logconfig_dict = {
+    "root": {"level": loglevel.upper(), "handlers": ["console"]},
+    "loggers": {  # gunicorn's own loggers keep their handlers and stop there (no double lines via root)
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+
+#
+# Process naming
+#
+proc_name = os.environ.get("SERVICE_NAME", "memfit")
+
+#
+# Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files
+# here; it must be set before any worker imports prometheus_client. Emptied at start (on_starting).
+#
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                      os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                                   f"memfit-metrics-{os.getpid()}"))
+
+#
+# Protocol errors (malformed request lines, oversized headers) never reach Flask; gunicorn answers
+# them itself. memfit's errors are JSON everywhere, so gunicorn's HTML error writer is replaced.
+#
+from monitoring.hooks import install_json_protocol_errors  # noqa: E402
+
+install_json_protocol_errors()
+
+#
+# Server hooks: plain functions, the work is in monitoring/hooks.py (tested there).
+#
+#   on_starting - master, before workers: clear stale metric files; log the start-up report.
+#   post_worker_init - worker, after the app loaded: start the memory watchdog thread.
+#   post_request - worker, after each response: recycle the worker if its RSS passed
+#       MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
+#   worker_exit - worker, graceful exit: flush Sentry, mark the exit as graceful.
+#   child_exit - master: count the exit (graceful, recycled, or killed) and drop its live metrics.
+#
+
+
+def on_starting(server):
+    from monitoring import hooks
+
+    hooks.reset_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    hooks.startup_report(server, {"workers": workers, "worker_class": worker_class, "max_requests": max_requests})
+
+
+def post_worker_init(worker):
+    from monitoring import hooks
+
+    hooks.worker_started(worker)
+
+
+def post_request(worker, req, environ, resp):
+    from monitoring import hooks
+
+    hooks.after_request(worker)
+
+
+def worker_exit(server, worker):
+    from monitoring import hooks
+
+    hooks.worker_exiting(worker)
+
+
+def child_exit(server, worker):
+    from monitoring import hooks
+
+    hooks.child_exited(server, worker)

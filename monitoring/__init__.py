@@ -1,0 +1,43 @@
+"""Ops runtime: memory watchdog and alerts, memory-based worker recycling, Sentry, and metrics.
+
+``init_app`` attaches the request-side parts to the Flask app (Sentry, ``/metrics``, request
+counts). The process-side parts (watchdog thread, recycling, exit accounting) are started from
+gunicorn's hooks in ``gunicorn.conf.py`` through ``monitoring.hooks``.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, Response, request
+
+from app.settings import Settings
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    from . import metrics, sentry
+
+    sentry.init(settings)
+
+    @app.get("/metrics", endpoint="metrics")
+    def metrics_view():
+        semantic = app.extensions["memfit.semantic"]
+        metrics.model_loaded.set(1 if semantic.state == "loaded" else 0)
+        watchdog = app.extensions.get("memfit.watchdog")
+        if watchdog is None:
+            from .watchdog import MemoryWatchdog
+
+            watchdog = MemoryWatchdog(settings)
+        watchdog.check()  # fresh figures for this worker at scrape time (alerts follow the same rules)
+        body, content_type = metrics.render(settings.prometheus_multiproc_dir)
+        return Response(body, content_type=content_type)
+
+    @app.after_request
+    def _count(response):
+        try:
+            mode = request.args.get("mode", "text") if request.endpoint == "api.search_view" else (
+                request.endpoint or "unmatched")
+            if mode not in ("text", "tags", "semantic") and request.endpoint == "api.search_view":
+                mode = "invalid"
+            metrics.requests.labels(mode=mode, status=str(response.status_code)).inc()
+        except Exception:  # counting must never break a response
+            pass
+        return response

@@ -1,0 +1,91 @@
+"""Sentry: error reporting for the app, memory alerts, and a Crons heartbeat.
+
+Everything here is a no-op without SENTRY_DSN, and ``sentry_sdk`` is not even imported then.
+Sentry's transport sends from its own background thread, so a dead or slow Sentry never holds
+up a request; a recycled worker flushes with a bounded timeout before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+FLUSH_TIMEOUT = 2.0  # seconds a recycled worker waits for pending events, at most
+
+
+def init(settings: Settings) -> bool:
+    """Initialise the SDK once per process; returns whether Sentry is on."""
+    if not settings.sentry_dsn:
+        return False
+    import sentry_sdk
+    from sentry_sdk.integrations.flask import FlaskIntegration
+
+    if sentry_sdk.get_client().is_active():
+        return True
+    try:
+        sentry_sdk.init(
+            dsn=settings.sentry_dsn,
+            environment=settings.effective_sentry_environment,
+            release=settings.effective_sentry_release,
+            integrations=[FlaskIntegration()],
+            send_default_pii=False,  # no user IPs, cookies or request bodies unless asked for
+            traces_sample_rate=0.0,
+            shutdown_timeout=FLUSH_TIMEOUT,
+        )
+        sentry_sdk.set_tag("service", settings.effective_service_name)
+        sentry_sdk.set_tag("tier", settings.memory_tier)
+    except Exception as exc:  # a malformed DSN must not stop the app: report it and run without
+        log.error("Sentry is off: %s", exc)
+        return False
+    return True
+
+
+def active() -> bool:
+    try:
+        import sentry_sdk
+    except ImportError:
+        return False
+    return sentry_sdk.get_client().is_active()
+
+
+def capture_memory_alert(subject: str, message: str, figures: dict, settings: Settings, pid: int) -> bool:
+    """Send one warning event for a memory crossing; returns whether it was handed to Sentry."""
+    if not active():
+        return False
+    import sentry_sdk
+
+    with sentry_sdk.new_scope() as scope:
+        # One issue per subject and service, however the figures vary between alerts.
+        scope.fingerprint = ["memfit-memory-threshold", settings.effective_service_name, subject]
+        scope.set_tag("service", settings.effective_service_name)
+        scope.set_tag("tier", settings.memory_tier)
+        scope.set_tag("pid", str(pid))
+        scope.set_tag("memory.subject", subject)
+        scope.set_context("memory", figures)
+        sentry_sdk.capture_message(message, level="warning")
+    return True
+
+
+def cron_checkin(settings: Settings) -> None:
+    """Tell Sentry Crons this instance is alive; a missed check-in means it died (e.g. OOM-killed)."""
+    if not settings.sentry_cron_monitor or not active():
+        return
+    from sentry_sdk.crons import capture_checkin
+    from sentry_sdk.crons.consts import MonitorStatus
+
+    interval_minutes = max(1, round(settings.sentry_cron_interval / 60))
+    capture_checkin(
+        monitor_slug=settings.sentry_cron_monitor,
+        status=MonitorStatus.OK,
+        monitor_config={"schedule": {"type": "interval", "value": interval_minutes, "unit": "minute"},
+                        "checkin_margin": interval_minutes + 1, "max_runtime": 1},
+    )
+
+
+def flush() -> None:
+    if active():
+        import sentry_sdk
+
+        sentry_sdk.flush(timeout=FLUSH_TIMEOUT)

@@ -1,0 +1,146 @@
+"""The memory watchdog: a named daemon thread that samples memory and raises one alert per crossing.
+
+Started from a gunicorn hook in each worker (``post_worker_init``), never at import. It is
+fork-aware (a copy inherited through fork is not running: ``ensure_running`` starts a new one in
+the child) and it can never take its worker down: every sample is wrapped, and errors are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from app.settings import Settings
+
+from . import memory, sentry
+
+log = logging.getLogger("memfit.watchdog")
+MB = memory.MB
+
+
+@dataclass
+class Alarm:
+    """Hysteresis for one subject: fire once on crossing, re-arm below the lower mark, honour a cooldown."""
+
+    threshold: int
+    rearm_below: int
+    cooldown: float
+    armed: bool = True
+    last_fired: float = field(default=-1e18)
+
+    def update(self, value: int, now: float) -> bool:
+        """Feed one sample; returns True when this sample should raise an alert."""
+        if value < self.rearm_below:
+            self.armed = True
+            return False
+        if value > self.threshold and self.armed and now - self.last_fired >= self.cooldown:
+            self.armed = False
+            self.last_fired = now
+            return True
+        return False
+
+
+class MemoryWatchdog:
+    THREAD_NAME = "memfit-memory-watchdog"
+
+    def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup"):
+        self.settings = settings
+        self.cgroup_root = cgroup_root
+        threshold = settings.max_memory_mb * MB
+        rearm = int(threshold * settings.memory_rearm_ratio)
+        self.alarms = {
+            "process": Alarm(threshold, rearm, settings.memory_alert_cooldown),
+            "container": Alarm(threshold, rearm, settings.memory_alert_cooldown),
+        }
+        self.alerts_sent = 0
+        self.last_sample: dict | None = None
+        self._pid: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_checkin = 0.0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def ensure_running(self) -> None:
+        """Start the thread in this process if it is not running here (after fork it never is)."""
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check()
+            self._stop.wait(self.settings.memory_check_interval)
+
+    # --- one sample ------------------------------------------------------------------------------
+
+    def sample(self) -> dict:
+        cgroup = memory.read_cgroup(self.cgroup_root)
+        figures = {
+            "pid": os.getpid(),
+            "process_rss_mb": round(memory.process_rss() / MB, 1),
+            "threshold_mb": self.settings.max_memory_mb,
+            "effective_limit_mb": round(memory.effective_limit(cgroup) / MB, 1),
+        }
+        if cgroup is not None:
+            figures.update(
+                cgroup_version=cgroup.version,
+                container_usage_mb=round(cgroup.usage / MB, 1),
+                container_working_set_mb=round(cgroup.working_set / MB, 1),
+                container_limit_mb=round(cgroup.limit / MB, 1) if cgroup.limit else None,
+            )
+        return figures
+
+    def check(self, now: float | None = None) -> list[str]:
+        """Take a sample, update metrics, alert on crossings; never raises. Returns subjects alerted."""
+        try:
+            return self._check(time.monotonic() if now is None else now)
+        except Exception:  # the watchdog must outlive any surprise: log it and sample again later
+            log.exception("memory watchdog sample failed")
+            return []
+
+    def _check(self, now: float) -> list[str]:
+        figures = self.sample()
+        self.last_sample = figures
+        self._export(figures)
+        values = {"process": int(figures["process_rss_mb"] * MB)}
+        # Without a limit the cgroup is the host's or a sandbox's, not this instance's: nothing to alert on.
+        if figures.get("container_limit_mb"):
+            values["container"] = int(figures["container_working_set_mb"] * MB)
+        fired = [s for s, v in values.items() if self.alarms[s].update(v, now)]
+        for subject in fired:
+            self._alert(subject, figures)
+        if self.settings.sentry_cron_monitor and now - self._last_checkin >= self.settings.sentry_cron_interval:
+            self._last_checkin = now
+            sentry.cron_checkin(self.settings)
+        return fired
+
+    def _alert(self, subject: str, figures: dict) -> None:
+        value = figures["process_rss_mb"] if subject == "process" else figures["container_working_set_mb"]
+        message = (f"memory high: {subject} at {value:.0f} MB, over MAX_MEMORY_MB={self.settings.max_memory_mb} "
+                   f"({self.settings.effective_service_name}, tier {self.settings.memory_tier})")
+        log.warning("%s %s", message, figures)
+        self.alerts_sent += 1
+        from . import metrics
+
+        metrics.alerts.labels(subject=subject).inc()
+        sentry.capture_memory_alert(subject, message, figures, self.settings, figures["pid"])
+
+    @staticmethod
+    def _export(figures: dict) -> None:
+        from . import metrics
+
+        metrics.process_rss.set(figures["process_rss_mb"] * MB)
+        metrics.container_limit.set(figures["effective_limit_mb"] * MB)
+        if "container_usage_mb" in figures:
+            metrics.container_usage.set(figures["container_usage_mb"] * MB)
+            metrics.container_working_set.set(figures["container_working_set_mb"] * MB)

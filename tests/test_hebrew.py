@@ -1,0 +1,35 @@
+"""app/hebrew.py: normalisation and prefix-aware word matching."""
+
+import pytest
+
+from app import hebrew
+
+
+def test_niqqud_and_cantillation_are_removed():
+    assert hebrew.normalize("בְּרֵאשִׁ֖ית בָּרָ֣א") == "בראשית ברא"
+
+
+def test_maqaf_splits_and_abbreviation_quotes_vanish():
+    assert hebrew.words('בית־ספר צה"ל צה״ל') == ["בית", "ספר", "צהל", "צהל"]
+
+
+@pytest.mark.parametrize("word, stem", [("והספרים", "ספרים"), ("בבית", "בית"), ("לספר", "ספר"),
+                                        ("שהמורים", "מורים"), ("וכשהלכנו", "הלכנו")])
+def test_prefix_forms_include_the_stem(word, stem):
+    assert stem in hebrew.stems(word)
+
+
+def test_stems_keep_at_least_two_letters():
+    assert all(len(s) >= 2 for s in hebrew.stems("ולב"))
+    assert hebrew.stems("בו") == {"בו"}
+
+
+def test_word_score_orders_exact_prefix_substring():
+    assert hebrew.word_score("ספרים", "ספרים") == 1.0
+    assert hebrew.word_score("והספרים", "ספרים") == 0.8
+    assert hebrew.word_score("ספר", "ספרייה") == 0.4
+    assert hebrew.word_score("חתול", "כלב") == 0.0
+
+
+def test_like_wildcards_are_escaped():
+    assert hebrew.escape_like("100%_a\\b") == "100\\%\\_a\\\\b"

@@ -1,0 +1,86 @@
+"""The fully lazy model, checked in fresh processes (the test process itself has torch loaded)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT, free_port, venv_bin, wait_http
+
+HEAVY = ("torch", "transformers", "sentence_transformers", "onnxruntime", "numpy", "sklearn", "scipy")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {root!r})
+    from app import create_app
+    app = create_app()
+    client = app.test_client()
+    app.test_cli_runner().invoke(args=["seed"])
+    statuses = []
+    for q, mode in {requests!r}:
+        statuses.append(client.get("/search", query_string={{"q": q, "mode": mode}}).status_code)
+    loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))
+    print(json.dumps({{"statuses": statuses, "loaded": loaded,
+                      "semantic": client.get("/readyz").get_json()["semantic"]["state"]}}))
+""")
+
+
+def run_app(tmp_path, requests, **env):
+    full_env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'lazy.sqlite3'}", **env}
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), requests=requests, heavy=HEAVY)],
+                         env=full_env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_text_and_tag_search_import_no_model_library(tmp_path):
+    result = run_app(tmp_path, [("ספר", "text"), ("ספרים", "tags")])
+    assert result["statuses"] == [200, 200]
+    assert result["loaded"] == [], f"imported before any semantic request: {result['loaded']}"
+    assert result["semantic"] == "not_loaded"
+
+
+def test_disabled_semantic_search_is_503_and_never_imports_torch(tmp_path):
+    result = run_app(tmp_path, [("ספר", "semantic"), ("ספר", "text")], ENABLE_SEMANTIC_SEARCH="false")
+    assert result["statuses"] == [503, 200]
+    assert "torch" not in result["loaded"] and result["semantic"] == "disabled"
+
+
+def test_onnx_artifact_serves_without_torch(tmp_path, tiny_onnx):
+    result = run_app(tmp_path, [("ספר", "semantic")], SEMANTIC_MODEL=str(tiny_onnx))
+    assert result["statuses"] == [200] and result["semantic"] == "loaded"
+    assert "onnxruntime" in result["loaded"]
+    assert not {"torch", "transformers", "sentence_transformers"} & set(result["loaded"]), result["loaded"]
+
+
+def test_torch_folder_serves_without_sentence_transformers(tmp_path, tiny_model):
+    result = run_app(tmp_path, [("ספר", "semantic")], SEMANTIC_MODEL=str(tiny_model))
+    assert result["statuses"] == [200] and "torch" in result["loaded"]
+    assert not {"sentence_transformers", "sklearn"} & set(result["loaded"]), result["loaded"]
+
+
+def test_gunicorn_worker_after_text_and_tag_search_stays_small(tmp_path):
+    import psutil
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite3'}",
+           "WEB_CONCURRENCY": "1"}
+    subprocess.run([venv_bin("flask"), "--app", "app", "seed"], cwd=ROOT, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([venv_bin("gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+        for query in ("/search?q=%D7%A1%D7%A4%D7%A8&mode=text", "/search?q=%D7%A1%D7%A4%D7%A8%D7%99%D7%9D&mode=tags"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{query}") as response:
+                assert response.status == 200 and json.load(response)["count"] > 0
+        (worker,) = psutil.Process(proc.pid).children()
+        maps = open(f"/proc/{worker.pid}/maps").read()
+        assert "libtorch" not in maps and "onnxruntime" not in maps
+        assert worker.memory_info().rss < 100 * 1024 * 1024, worker.memory_info().rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

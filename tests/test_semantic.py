@@ -1,0 +1,184 @@
+"""app/semantic: the lazy service, the encoders (against sentence-transformers' own output), stored
+vectors reused across queries, and stale vectors of another model never mixed in."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from app.semantic import encoders
+from app.semantic.service import DISABLED, FAILED, LOADED, NOT_LOADED, SemanticService
+from conftest import make_settings
+
+TEXTS = ["שלום עולם", "ספרים טובים לילדים בקיץ", "טיול בגליל העליון עם נחלים " * 12, "x"]
+
+
+def reference(model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS, normalize_embeddings=True)
+
+
+def encode(model_dir, tmp_path):
+    encoder = encoders.load_encoder(make_settings(tmp_path, SEMANTIC_MODEL=str(model_dir)))
+    return encoder, encoder.encode(TEXTS, 2)
+
+
+def test_torch_path_equals_sentence_transformers(tiny_model, tmp_path):
+    encoder, vectors = encode(tiny_model, tmp_path)
+    assert encoder.backend == "torch"
+    np.testing.assert_allclose(vectors, reference(tiny_model), atol=1e-5)
+
+
+def test_onnx_artifact_matches_sentence_transformers(tiny_model, tiny_onnx, tmp_path):
+    encoder, vectors = encode(tiny_onnx, tmp_path)
+    assert encoder.backend == "onnxruntime" and encoder.describe()["precision"] == "q8"
+    cosines = (vectors * reference(tiny_model)).sum(axis=1)
+    assert cosines.min() > 0.999, cosines
+
+
+def test_vectors_are_unit_length_and_batch_independent(tiny_onnx, tmp_path):
+    encoder, vectors = encode(tiny_onnx, tmp_path)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.concatenate([encoder.encode([t], 1) for t in TEXTS])
+    np.testing.assert_allclose(one_by_one, vectors, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling, expected", [
+    ({"pooling_mode": "mean"}, "mean"),
+    ({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, "cls"),
+    ({"pooling_mode_mean_tokens": True}, "mean"),
+])
+def test_both_pooling_config_layouts_are_read(pooling, expected):
+    assert encoders._pooling_mode(pooling) == expected
+
+
+def test_unsupported_pooling_is_refused_by_name():
+    with pytest.raises(encoders.ModelError, match="weightedmean"):
+        encoders._pooling_mode({"pooling_mode": "weightedmean"})
+
+
+def test_concurrent_first_requests_load_once(tiny_onnx, tmp_path):
+    service = SemanticService(make_settings(tmp_path, SEMANTIC_MODEL=str(tiny_onnx)))
+    assert service.state == NOT_LOADED
+    barrier, got = threading.Barrier(8), []
+
+    def first_request():
+        barrier.wait()
+        got.append(service.encoder())
+
+    threads = [threading.Thread(target=first_request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert service.load_count == 1 and len({id(e) for e in got}) == 1 and service.state == LOADED
+
+
+def test_disabled_service_refuses_with_the_reason(tmp_path):
+    service = SemanticService(make_settings(tmp_path, ENABLE_SEMANTIC_SEARCH="false"))
+    assert service.state == DISABLED
+    with pytest.raises(Exception, match="ENABLE_SEMANTIC_SEARCH=false"):
+        service.encoder()
+
+
+def test_failed_load_is_reported_and_not_retried_per_request(make_app, tmp_path, monkeypatch):
+    calls = []
+    real = encoders.load_encoder
+    monkeypatch.setattr(encoders, "load_encoder", lambda s: calls.append(1) or real(s))
+    app = make_app(SEMANTIC_MODEL=str(tmp_path / "missing-model"))
+    client = app.test_client()
+    client.post("/items", json={"title": "ספר"})
+    for _ in range(3):
+        response = client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
+        assert response.status_code == 503
+        assert "neither a model folder nor a hub name" in response.get_json()["error"]["message"]
+    assert len(calls) == 1
+    assert app.extensions["memfit.semantic"].state == FAILED
+    assert client.get("/search", query_string={"q": "ספר"}).status_code == 200
+    assert client.get("/readyz").get_json()["semantic"]["state"] == "failed"
+
+
+def test_corrupt_model_files_give_503_with_reason(make_app, tiny_onnx, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_onnx, broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    client = make_app(SEMANTIC_MODEL=str(broken)).test_client()
+    response = client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    assert response.status_code == 503 and "model.onnx" in response.get_json()["error"]["message"]
+
+
+@pytest.fixture
+def semantic_app(make_app, tiny_onnx):
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7", SEMANTIC_CATCHUP_LIMIT="1000")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    return app
+
+
+def test_semantic_search_returns_ranked_results_with_matched_tags(semantic_app):
+    body = semantic_app.test_client().get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
+    assert body["count"] == 10
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+    assert any(r["matched_tags"] for r in body["results"])
+    for r in body["results"]:
+        assert {m["name"] for m in r["matched_tags"]} <= set(r["tags"])
+
+
+def test_embeddings_are_computed_once_and_reused(semantic_app):
+    from app.db import Embedding, Item, Tag, db
+
+    client = semantic_app.test_client()
+    client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    encoder = semantic_app.extensions["memfit.semantic"].encoder()
+    with semantic_app.app_context():
+        n_items, n_tags = db.session.query(Item).count(), db.session.query(Tag).count()
+        assert db.session.query(Embedding).count() == n_items + n_tags
+    seen = []
+    original = encoder.encode
+    encoder.encode = lambda texts, batch: seen.append(list(texts)) or original(texts, batch)
+    client.get("/search", query_string={"q": "טיול בצפון", "mode": "semantic"})
+    assert seen == [["טיול בצפון"]]  # only the query is encoded
+
+
+def test_catch_up_embeds_in_batches_of_the_setting(make_app, tiny_onnx):
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7")
+    app.test_cli_runner().invoke(args=["seed"])
+    encoder = app.extensions["memfit.semantic"].encoder()
+    sizes = []
+    original = encoder.encode
+    encoder.encode = lambda texts, batch: sizes.append(len(texts)) or original(texts, batch)
+    app.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    assert max(sizes[:-1]) == 7 and sizes[-1] == 1
+
+
+def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_path):
+    from app.db import Embedding, db
+    from app.semantic.prepare import prepare
+    from app.semantic.synthetic import build
+
+    other = prepare(str(build(tmp_path / "other", arch="tiny", seed=1)), tmp_path / "other-q8", force=True)
+    first = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000")
+    first.test_cli_runner().invoke(args=["seed"])
+    first.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    fp_first = first.extensions["memfit.semantic"].encoder().fingerprint
+
+    from app import create_app
+
+    app2 = create_app(first.extensions["memfit.settings"].replace(semantic_model=str(tmp_path / "other-q8")))
+    fp_second = app2.extensions["memfit.semantic"].encoder().fingerprint
+    assert fp_second != fp_first and other["fingerprint"]
+    with app2.app_context():
+        before = db.session.query(Embedding).filter_by(model_fp=fp_second).count()
+        assert before == 0  # nothing of the first model is reused
+    app2.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    with app2.app_context():
+        current = db.session.query(Embedding).filter_by(model_fp=fp_second).count()
+        stale = db.session.query(Embedding).filter(Embedding.model_fp != fp_second).count()
+        assert current == stale > 0
+    result = app2.test_cli_runner().invoke(args=["embed", "--prune"])
+    assert result.exit_code == 0, result.output
+    with app2.app_context():
+        assert db.session.query(Embedding).filter(Embedding.model_fp != fp_second).count() == 0

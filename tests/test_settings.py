@@ -1,0 +1,66 @@
+"""app/settings.py: one frozen settings object from the environment, with clear errors."""
+
+import dataclasses
+
+import pytest
+
+from app.settings import DEV_SECRET_KEY, FIELDS, ConfigError, Settings
+
+
+def test_defaults_match_the_documented_values(tmp_path):
+    s = Settings.from_env({}, instance_path=str(tmp_path))
+    assert (s.embedding_batch_size, s.sqlalchemy_pool_size, s.sqlalchemy_max_overflow) == (10, 2, 3)
+    assert (s.sqlalchemy_pool_recycle, s.sqlalchemy_pool_pre_ping, s.max_memory_mb) == (300, True, 450)
+    assert s.enable_semantic_search is True
+    assert s.semantic_model == "imvladikon/sentence-transformers-alephbert"
+    assert s.database_url == f"sqlite:///{tmp_path / 'memfit.sqlite3'}"
+
+
+def test_settings_are_frozen(tmp_path):
+    s = Settings.from_env({}, instance_path=str(tmp_path))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.max_memory_mb = 1
+
+
+@pytest.mark.parametrize("env, named, accepts", [
+    ({"MAX_MEMORY_MB": "abc"}, "MAX_MEMORY_MB", "whole number"),
+    ({"EMBEDDING_BATCH_SIZE": "0"}, "EMBEDDING_BATCH_SIZE", "from 1 to 256"),
+    ({"ENABLE_SEMANTIC_SEARCH": "maybe"}, "ENABLE_SEMANTIC_SEARCH", "true/false"),
+    ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", "postgres"),
+    ({"APP_ENV": "staging"}, "APP_ENV", "production"),
+    ({"MEMORY_CHECK_INTERVAL": "-1"}, "MEMORY_CHECK_INTERVAL", "number"),
+])
+def test_bad_value_names_the_variable_and_what_it_accepts(env, named, accepts, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env, instance_path=str(tmp_path))
+    message = str(err.value)
+    assert named in message and accepts in message and "\n" not in message
+
+
+def test_production_refuses_the_development_secret(tmp_path):
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        Settings.from_env({"APP_ENV": "production"}, instance_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        Settings.from_env({"APP_ENV": "production", "SECRET_KEY": DEV_SECRET_KEY}, instance_path=str(tmp_path))
+    ok = Settings.from_env({"APP_ENV": "production", "SECRET_KEY": "s3cret-from-the-platform"},
+                           instance_path=str(tmp_path))
+    assert ok.app_env == "production"
+
+
+def test_postgres_scheme_is_rewritten_for_sqlalchemy(tmp_path):
+    s = Settings.from_env({"DATABASE_URL": "postgres://u:p@h:5432/d"}, instance_path=str(tmp_path))
+    assert s.database_url == "postgresql+psycopg2://u:p@h:5432/d"
+    assert not s.is_sqlite
+
+
+def test_env_example_and_readme_table_are_generated_from_the_fields():
+    from pathlib import Path
+
+    from app.settings import env_example, markdown_table
+
+    root = Path(__file__).resolve().parent.parent
+    assert (root / ".env.example").read_text(encoding="utf-8") == env_example() + "\n", "run `make docs`"
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "the README's configuration table is stale: run `make docs`"
+    for field in FIELDS:
+        assert f"{field.env}=" in env_example()
