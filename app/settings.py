@@ -36,30 +36,27 @@ def _bool(raw: str) -> bool:
     raise ValueError("accepts true/false (also 1/0, yes/no, on/off)")
 
 
-def _int(low: int, high: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(raw: str):
         try:
-            value = int(raw.strip())
+            value = kind(raw.strip())
         except ValueError:
-            raise ValueError(f"accepts a whole number from {low} to {high}") from None
+            raise ValueError(f"accepts {what} from {low} to {high}") from None
         if not low <= value <= high:
-            raise ValueError(f"accepts a whole number from {low} to {high}")
+            raise ValueError(f"accepts {what} from {low} to {high}")
         return value
 
     return parse
+
+
+def _int(low: int, high: int) -> Callable[[str], int]:
+    return _number(int, low, high)
 
 
 def _float(low: float, high: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(f"accepts a number from {low} to {high}") from None
-        if not low <= value <= high:
-            raise ValueError(f"accepts a number from {low} to {high}")
-        return value
-
-    return parse
+    return _number(float, low, high)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
