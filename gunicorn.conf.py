@@ -128,6 +128,7 @@ proc_name = os.environ.get("SERVICE_NAME", "memfit")
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
                       os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                                    f"memfit-metrics-{os.getpid()}"))
+os.makedirs(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "exits"), exist_ok=True)
 
 #
 # Protocol errors (malformed request lines, oversized headers) never reach Flask; gunicorn answers

@@ -7,12 +7,17 @@ gunicorn's hooks in ``gunicorn.conf.py`` through ``monitoring.hooks``.
 
 from __future__ import annotations
 
+import os
+
 from flask import Flask, Response, request
 
 from app.settings import Settings
 
 
 def init_app(app: Flask, settings: Settings) -> None:
+    if settings.prometheus_multiproc_dir:
+        # prometheus_client writes its per-process files there from the first metric on.
+        os.makedirs(settings.prometheus_multiproc_dir, exist_ok=True)
     from . import metrics, sentry
 
     sentry.init(settings)

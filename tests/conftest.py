@@ -135,3 +135,66 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
 def venv_bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else shutil.which(name) or name
+
+
+class Gunicorn:
+    """A real gunicorn started with the project's gunicorn.conf.py on a free loopback port."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], seed: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.env = {**os.environ, "PORT": str(self.port), "WEB_CONCURRENCY": "1",
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'gunicorn.sqlite3'}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}"),
+                    "SEMANTIC_MODEL": str(tmp_path / "no-model"), **env}
+        if seed:
+            subprocess.run([venv_bin("flask"), "--app", "app", "seed"], cwd=ROOT, env=self.env, check=True,
+                           capture_output=True)
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Gunicorn":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([venv_bin("gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"],
+                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_http(self.url + "/healthz", timeout=60, proc=self.proc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def workers(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.proc.pid).children()]
+
+    def get(self, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of a Prometheus metric whose labels include the given ones."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -1,0 +1,177 @@
+"""gunicorn.conf.py and monitoring/hooks.py under real gunicorn: recycling by requests and by memory,
+Sentry alerts through a local stand-in for Sentry, metrics across workers, and killed workers."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, Gunicorn, metric, venv_bin
+from fake_sentry import FakeSentry
+
+SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"
+
+
+def test_check_config_passes():
+    out = subprocess.run([venv_bin("gunicorn"), "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def printed_config(**env):
+    out = subprocess.run([venv_bin("gunicorn"), "--print-config", "-c", "gunicorn.conf.py", "app:create_app()"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return {k.strip(): v.strip() for k, _, v in (line.partition(" = ") for line in out.stdout.splitlines()) if v}
+
+
+def test_defaults_and_environment_overrides():
+    defaults = printed_config()
+    assert (defaults["workers"], defaults["worker_class"], defaults["max_requests"]) == ("1", "sync", "100")
+    assert (defaults["max_requests_jitter"], defaults["timeout"], defaults["preload_app"]) == ("10", "120", "False")
+    assert defaults["bind"] == "['0.0.0.0:8000']"
+    assert defaults["worker_tmp_dir"] == "/dev/shm"
+    overridden = printed_config(PORT="9123", WEB_CONCURRENCY="3", GUNICORN_MAX_REQUESTS="7", GUNICORN_TIMEOUT="30")
+    assert (overridden["bind"], overridden["workers"]) == ("['0.0.0.0:9123']", "3")
+    assert (overridden["max_requests"], overridden["timeout"]) == ("7", "30")
+
+
+def test_bad_gunicorn_env_value_names_the_variable():
+    out = subprocess.run([venv_bin("gunicorn"), "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "GUNICORN_MAX_REQUESTS": "lots"})
+    assert out.returncode != 0 and "GUNICORN_MAX_REQUESTS='lots' is invalid" in out.stdout + out.stderr
+
+
+def test_bad_app_setting_stops_start_up_with_one_line(tmp_path):
+    out = subprocess.run([venv_bin("gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MAX_MEMORY_MB": "abc", "PORT": "0"})
+    assert out.returncode != 0
+    assert "MAX_MEMORY_MB='abc' is invalid: accepts a whole number" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_workers_are_replaced_after_max_requests_without_failures(tmp_path):
+    with Gunicorn(tmp_path, {"GUNICORN_MAX_REQUESTS": "5", "GUNICORN_MAX_REQUESTS_JITTER": "0"}) as g:
+        statuses = [g.get(SEARCH)[0] for _ in range(23)]
+        time.sleep(0.5)
+        log = g.log()
+    assert statuses == [200] * 23
+    assert log.count("Autorestarting worker after current request") >= 4
+    assert log.count("Booting worker with pid") >= 5
+
+
+def test_memory_recycle_after_the_request_that_crossed(tmp_path):
+    # Any worker is past 30 MB after its first request: each request is served, then the worker goes.
+    with Gunicorn(tmp_path, {"MAX_WORKER_MEMORY_MB": "30"}) as g:
+        first_worker = g.workers()
+        statuses = [g.get(SEARCH)[0] for _ in range(4)]
+        time.sleep(1.0)
+        status, body = g.get("/metrics")
+        log = g.log()
+    assert statuses == [200] * 4  # the crossing request itself succeeded, and so did the next ones
+    assert "memfit recycle: worker pid=%d" % first_worker[0] in log
+    assert "MAX_WORKER_MEMORY_MB=30" in log
+    text = body.decode()
+    assert metric(text, "memfit_worker_recycles_total") >= 3
+    assert metric(text, "memfit_worker_exits_total", cause="recycled") >= 3
+    assert metric(text, "memfit_worker_exits_total", cause="killed") == 0
+
+
+def test_metrics_merge_workers_and_count_requests_by_mode(tmp_path):
+    with Gunicorn(tmp_path, {"WEB_CONCURRENCY": "2"}) as g:
+        for _ in range(6):
+            g.get(SEARCH)
+        g.get("/search?q=%D7%A1%D7%A4%D7%A8%D7%99%D7%9D&mode=tags")
+        g.get("/search?q=x&mode=bogus")
+        time.sleep(0.3)
+        status, body = g.get("/metrics")
+    text = body.decode()
+    assert status == 200
+    assert metric(text, "memfit_requests_total", mode="text", status="200") == 6
+    assert metric(text, "memfit_requests_total", mode="tags", status="200") == 1
+    assert metric(text, "memfit_requests_total", mode="invalid", status="400") == 1
+    assert metric(text, "memfit_process_rss_bytes") > 20 * 1024 * 1024
+    assert metric(text, "memfit_container_memory_limit_bytes") > 0
+    assert "memfit_semantic_model_loaded" in text
+
+
+def test_a_killed_worker_is_replaced_and_counted(tmp_path):
+    with Gunicorn(tmp_path, {}) as g:
+        (victim,) = g.workers()
+        os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not g.workers() or g.workers() == [victim]):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert [g.get(SEARCH)[0] for _ in range(3)] == [200] * 3
+        _, body = g.get("/metrics")
+        log = g.log()
+    assert f"Worker (pid:{victim}) was sent SIGKILL" in log
+    assert f"worker pid={victim} died without a graceful exit" in log
+    assert metric(body.decode(), "memfit_worker_exits_total", cause="killed") == 1
+
+
+def sentry_env(fake, **extra):
+    return {"SENTRY_DSN": fake.dsn, "MEMORY_CHECK_INTERVAL": "0.2", "MEMORY_ALERT_COOLDOWN": "0",
+            "MEMORY_TIER": "512mb", "SERVICE_NAME": "memfit-test", **extra}
+
+
+def test_one_sentry_warning_per_crossing_with_the_figures(tmp_path):
+    with FakeSentry() as fake:
+        with Gunicorn(tmp_path, sentry_env(fake, MAX_MEMORY_MB="16")) as g:
+            g.get(SEARCH)
+            time.sleep(2.5)  # ~12 samples, all above the threshold: still one crossing
+            (worker,) = g.workers()
+        events = [e for e in fake.events("warning") if "memory high" in e.get("message", "")]
+    assert len(events) == 1, [e.get("message") for e in events]
+    event = events[0]
+    assert event["fingerprint"] == ["memfit-memory-threshold", "memfit-test", "process"]
+    assert event["tags"]["tier"] == "512mb" and event["tags"]["service"] == "memfit-test"
+    assert event["tags"]["pid"] == str(worker)
+    figures = event["contexts"]["memory"]
+    assert figures["threshold_mb"] == 16 and figures["process_rss_mb"] > 16
+    assert "user" not in event or not event["user"].get("ip_address")
+
+
+def test_no_alert_without_a_crossing(tmp_path):
+    with FakeSentry() as fake:
+        with Gunicorn(tmp_path, sentry_env(fake, MAX_MEMORY_MB="100000")) as g:
+            g.get(SEARCH)
+            time.sleep(1.5)
+        assert not [e for e in fake.events() if "memory high" in e.get("message", "")]
+
+
+def test_without_dsn_alerts_are_only_logged(tmp_path):
+    with Gunicorn(tmp_path, {"MAX_MEMORY_MB": "16", "MEMORY_CHECK_INTERVAL": "0.2"}) as g:
+        assert g.get(SEARCH)[0] == 200
+        time.sleep(1.0)
+        log = g.log()
+    assert "memory high: process at" in log
+    assert "Traceback" not in log and "Sentry" not in log
+
+
+def test_a_hanging_sentry_does_not_slow_requests(tmp_path):
+    with FakeSentry(mode="hang") as fake:
+        with Gunicorn(tmp_path, sentry_env(fake, MAX_MEMORY_MB="16")) as g:
+            time.sleep(1.0)  # the alert is now stuck in the transport, waiting on the hanging endpoint
+            started = time.monotonic()
+            statuses = [g.get(SEARCH, timeout=10)[0] for _ in range(5)]
+            elapsed = time.monotonic() - started
+            assert g.proc.poll() is None
+    assert statuses == [200] * 5
+    assert elapsed < 5, f"5 requests took {elapsed:.1f}s with a hanging Sentry"
+
+
+def test_crons_heartbeat_checks_in(tmp_path):
+    with FakeSentry() as fake:
+        with Gunicorn(tmp_path, sentry_env(fake, MAX_MEMORY_MB="100000", SENTRY_CRON_MONITOR="memfit-alive",
+                                           SENTRY_CRON_INTERVAL="5")) as g:
+            g.get(SEARCH)
+            time.sleep(1.0)
+        checkins = fake.checkins()
+    assert checkins and checkins[0]["monitor_slug"] == "memfit-alive" and checkins[0]["status"] == "ok"
