@@ -99,6 +99,12 @@ preload_app = _env_bool("GUNICORN_PRELOAD", False)
 #
 worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
 
+#   control_socket_disable - No runtime control socket (gunicornc). memfit is managed by the platform
+#       (signals, redeploys); the socket would need a writable home directory, which the non-root
+#       container user does not have. GUNICORN_CONTROL_SOCKET=true turns it back on.
+#
+control_socket_disable = not _env_bool("GUNICORN_CONTROL_SOCKET", False)
+
 #
 # Logging: access and error logs to stdout, where the platform collects them.
 #

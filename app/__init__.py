@@ -56,8 +56,12 @@ def create_app(settings: Settings | None = None) -> Flask:
 def register_database(app: Flask, settings: Settings) -> None:
     from . import db
 
-    if settings.is_sqlite:
-        os.makedirs(app.instance_path, exist_ok=True)
+    if settings.is_sqlite and settings.sqlite_path:
+        folder = os.path.dirname(settings.sqlite_path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"DATABASE_URL: cannot create the SQLite folder {folder} ({exc.strerror})") from None
     db.init_app(app, settings)
     schema = {"ready": False, "lock": threading.Lock()}
 

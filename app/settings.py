@@ -221,6 +221,14 @@ class Settings:
         return self.database_url.startswith("sqlite:")
 
     @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite file of DATABASE_URL (None for in-memory or a server database)."""
+        if not self.is_sqlite:
+            return None
+        path = self.database_url[len("sqlite:///"):]
+        return path if path and path != ":memory:" else None
+
+    @property
     def effective_service_name(self) -> str:
         return self.render_service_name or self.service_name
 

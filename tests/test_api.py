@@ -104,7 +104,7 @@ def test_readyz_reports_database_and_semantic_state(client):
 
 def test_database_unreachable_gives_503_but_live(tmp_path):
     from app import create_app
-    from conftest import make_settings
+    from support import make_settings
 
     broken = create_app(make_settings(tmp_path, DATABASE_URL="postgresql://nobody:x@127.0.0.1:9/none"))
     client = broken.test_client()

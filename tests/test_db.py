@@ -3,7 +3,7 @@
 from sqlalchemy import select
 
 from app.db import Item, Tag, db, engine_options
-from conftest import make_settings
+from support import make_settings
 
 
 def test_search_text_is_normalised_on_insert(app):

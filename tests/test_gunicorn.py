@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Gunicorn, metric, venv_bin
+from support import ROOT, Gunicorn, metric, venv_bin
 from fake_sentry import FakeSentry
 
 SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"

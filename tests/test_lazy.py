@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT, free_port, venv_bin, wait_http
+from support import ROOT, free_port, venv_bin, wait_http
 
 HEAVY = ("torch", "transformers", "sentence_transformers", "onnxruntime", "numpy", "sklearn", "scipy")
 

@@ -8,7 +8,7 @@ import pytest
 
 from app.semantic import encoders
 from app.semantic.service import DISABLED, FAILED, LOADED, NOT_LOADED, SemanticService
-from conftest import make_settings
+from support import make_settings
 
 TEXTS = ["שלום עולם", "ספרים טובים לילדים בקיץ", "טיול בגליל העליון עם נחלים " * 12, "x"]
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-from conftest import require
+from support import require
 
 pytestmark = pytest.mark.browser
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -1,0 +1,88 @@
+# memfit image: gunicorn + Flask + ONNX Runtime, with the semantic model prepared at build time and
+# baked in, so nothing is downloaded at run time. Three stages:
+#   deps    the serving virtualenv (no torch): copied into the runtime image
+#   model   torch + transformers, used once to prepare the model artifact, then discarded
+#   runtime the slim image that runs, as a fixed non-root uid
+#
+#   docker build -t memfit .                                   # CPU torch from PyTorch's CPU index
+#   docker build --build-arg OFFLINE=1 -t memfit .             # only from deploy/wheelhouse (CI)
+#   docker build --build-arg MODEL_SOURCE=synthetic:alephbert  # random weights, AlephBERT's shape (no hub)
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS deps
+# 1: install only from deploy/wheelhouse (filled by the host's pip: see .ci/run), no network.
+ARG OFFLINE=0
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY requirements.txt requirements-model.txt constraints.txt ./
+# The serving venv gets requirements.txt only: no torch, no transformers.
+RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
+    python3 -m venv /opt/memfit && \
+    if [ "$OFFLINE" = "1" ]; then set -- --no-index --find-links /wheels; else set --; fi && \
+    /opt/memfit/bin/pip install "$@" -r requirements.txt -c constraints.txt
+
+# ---------------------------------------------------------------------------------------------
+FROM deps AS model
+ARG OFFLINE=0
+# PyTorch's CPU-only wheels: the default index's torch pulls the CUDA build (several GB).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG MODEL_SOURCE=imvladikon/sentence-transformers-alephbert
+ARG MODEL_PRECISION=q8
+ENV MODEL_DIR=/models/semantic MODEL_SOURCE=${MODEL_SOURCE} MODEL_PRECISION=${MODEL_PRECISION}
+RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
+    python3 -m venv /opt/prep && \
+    if [ "$OFFLINE" = "1" ]; then set -- --no-index --find-links /wheels; \
+    else /opt/prep/bin/pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 && set --; fi && \
+    /opt/prep/bin/pip install "$@" -r requirements-model.txt -c constraints.txt
+COPY app ./app
+COPY monitoring ./monitoring
+COPY deploy/prepare-model.sh ./deploy/prepare-model.sh
+# The project's own CLI prepares the artifact (README "Memory"); its download cache stays in this stage.
+RUN PATH=/opt/prep/bin:$PATH HF_HOME=/tmp/hf sh deploy/prepare-model.sh && rm -rf /tmp/hf
+
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+# Fixed uid/gid: volume permissions and policies can name it; never root.
+RUN groupadd --gid 10001 memfit && \
+    useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin memfit && \
+    mkdir -p /data && chown 10001:10001 /data
+ENV PATH=/opt/memfit/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    # Nothing is fetched at run time: the model is in the image.
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    APP_ENV=production \
+    PORT=8000 \
+    SEMANTIC_MODEL=/models/semantic \
+    # The embedded default when no DATABASE_URL is given: SQLite on the /data volume.
+    DATABASE_URL=sqlite:////data/memfit.sqlite3 \
+    # 512mb tier defaults (deploy/tiers.yaml; tests/test_deploy.py checks they agree); platforms override.
+    MEMORY_TIER=512mb \
+    MAX_MEMORY_MB=450 \
+    MAX_WORKER_MEMORY_MB=400 \
+    WEB_CONCURRENCY=1 \
+    SEMANTIC_MAX_SEQ_LENGTH=128 \
+    SEMANTIC_THREADS=1 \
+    OMP_NUM_THREADS=1 \
+    # glibc: 2 malloc arenas instead of 8 per core, and big buffers through mmap so they go back to
+    # the OS when freed: keeps batch-embedding peaks flat (README "Memory").
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
+COPY --from=deps /opt/memfit /opt/memfit
+COPY --from=model /models/semantic /models/semantic
+WORKDIR /app
+# Code and model stay root-owned and read-only to the app user; it writes only /data and /tmp.
+COPY app ./app
+COPY monitoring ./monitoring
+COPY gunicorn.conf.py ./
+VOLUME ["/data"]
+USER 10001:10001
+EXPOSE 8000
+# slim has no curl: Python's urllib does the check. The start period covers boot, not the model
+# (it loads on the first semantic request, and /healthz never touches it).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

@@ -1,0 +1,52 @@
+"""Write measured results into the README between <!-- NAME:start --> and <!-- NAME:end --> markers,
+so the README shows the last run's figures and nothing typed by hand.
+
+    python -m bench.readme            # every section whose results file exists
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{body.strip()}\n{end}{tail}"
+
+
+def container_section(data: dict) -> str:
+    rows = ["| tier | limit | cgroup peak | sum of VmRSS | alert threshold | OOM kills | requests |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for tier, m in sorted(data.get("memory", {}).items(), key=lambda kv: kv[1]["limit_mb"]):
+        rows.append(f"| `{tier}` | {m['limit_mb']} MB | {m['cgroup_peak_mb']} MB | {m['processes_rss_mb']} MB | "
+                    f"{m['max_memory_mb']} MB | {m['oom_kills']} | {m['requests']} |")
+    rows.append("")
+    rows.append(f"Image size: {data.get('image_size_mb')} MB (test budget 800 MB).")
+    return "\n".join(rows)
+
+
+SECTIONS = {"container-results": ("container.json", container_section)}
+
+
+def main() -> int:
+    text = README.read_text(encoding="utf-8")
+    for name, (filename, render) in SECTIONS.items():
+        path = RESULTS / filename
+        if path.exists():
+            text = replace_section(text, name, render(json.loads(path.read_text())))
+    README.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Generate every deployment manifest from deploy/tiers.yaml (the one source of deployment facts).
+
+    python -m deploy.generate            # write the manifests (make manifests)
+    python -m deploy.generate --check    # exit 1 and name the files that drifted from tiers.yaml
+    python -m deploy.generate --schema ../shared/schemas/render.yaml.schema.json   # also validate Blueprints
+
+The 512mb tier's files sit where each platform's one-click flow looks for them (render.yaml and
+app.json at the root); the 1gb tier's beside them under deploy/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TIERS_FILE = ROOT / "deploy" / "tiers.yaml"
+HEADER = "Generated from deploy/tiers.yaml by `make manifests`: edit that file, not this one."
+SERVICE = "memfit"
+FLY_REGION = "fra"
+
+
+def load_tiers(path: Path = TIERS_FILE) -> dict:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for name, tier in data["tiers"].items():
+        bad = {k: v for k, v in tier["env"].items() if not isinstance(v, str)}
+        if bad:
+            raise SystemExit(f"{path}: tier {name}: env values must be quoted strings: {sorted(bad)}")
+        if tier["env"]["MEMORY_TIER"] != name:
+            raise SystemExit(f"{path}: tier {name}: MEMORY_TIER must be {name!r}")
+    return data
+
+
+def service_name(tier: str) -> str:
+    return SERVICE if tier == "512mb" else f"{SERVICE}-{tier}"
+
+
+def paths(tier: str) -> dict[str, str]:
+    """Where each manifest of a tier lives, relative to the repository root."""
+    first = tier == "512mb"
+    return {
+        "render": "render.yaml" if first else f"deploy/render/{tier}.yaml",
+        "heroku": "app.json" if first else f"deploy/heroku/{tier}/app.json",
+        "fly": f"deploy/fly/{tier}/fly.toml",
+        "env": f"deploy/env/{tier}.env",
+    }
+
+
+def render_blueprint(data: dict, tier: str) -> str:
+    spec, render = data["tiers"][tier], data["render"]
+    database = f"{service_name(tier)}-db"
+    env_vars = [
+        {"key": "APP_ENV", "value": "production"},
+        {"key": "DATABASE_URL", "fromDatabase": {"name": database, "property": "connectionString"}},
+        {"key": "SECRET_KEY", "generateValue": True},
+        {"key": "SENTRY_DSN", "sync": False},  # entered by the user in the dashboard, never committed
+        {"key": "SENTRY_CRON_MONITOR", "sync": False},
+    ] + [{"key": k, "value": v} for k, v in spec["env"].items()]
+    blueprint = {
+        "services": [{
+            "type": "web",
+            "name": service_name(tier),
+            "runtime": "docker",
+            "plan": spec["platforms"]["render"]["plan"],
+            "region": render["region"],
+            "dockerfilePath": "./Dockerfile",
+            "dockerContext": ".",
+            "healthCheckPath": "/healthz",
+            "maxShutdownDelaySeconds": render["max_shutdown_delay_seconds"],
+            "envVars": env_vars,
+        }],
+        "databases": [{
+            "name": database,
+            "plan": render["database_plan"],
+            "region": render["region"],
+            "postgresMajorVersion": render["postgres_major_version"],
+        }],
+    }
+    note = (f"# Tier {tier}: {spec['summary']}\n"
+            f"# Render plan {spec['platforms']['render']['plan']}")
+    if spec["memory_mb"] != 512:
+        note += (f" (Render has no {spec['memory_mb']} MB web plan; this is the smallest above it, and the app"
+                 f" keeps its {spec['memory_mb']} MB budget: MAX_MEMORY_MB and the tier settings below)")
+    return f"# {HEADER}\n{note}.\n" + yaml.safe_dump(blueprint, sort_keys=False, allow_unicode=True, width=120)
+
+
+def heroku_app(data: dict, tier: str) -> str:
+    spec = data["tiers"][tier]
+    env = {
+        "APP_ENV": {"value": "production"},
+        "SECRET_KEY": {"description": "Flask secret key", "generator": "secret"},
+        "SENTRY_DSN": {"description": "Sentry DSN for errors and memory alerts (optional)", "required": False},
+        "SENTRY_CRON_MONITOR": {"description": "Sentry Crons monitor slug (optional)", "required": False},
+    }
+    env.update({k: {"value": v} for k, v in spec["env"].items()})
+    app = {
+        "name": f"memfit ({tier})",
+        "description": f"Hebrew text, tag and semantic search. {spec['summary']}",
+        "stack": "container",  # built from the Dockerfile by heroku.yml, model baked in
+        "formation": {"web": {"quantity": 1, "size": spec["platforms"]["heroku"]["size"]}},
+        "addons": [{"plan": "heroku-postgresql:essential-0", "as": "DATABASE"}],
+        "env": env,
+        "_comment": HEADER,
+    }
+    return json.dumps(app, indent=2, ensure_ascii=False) + "\n"
+
+
+def fly_toml(data: dict, tier: str) -> str:
+    spec = data["tiers"][tier]
+    env = {"APP_ENV": "production", "PORT": "8000", **spec["env"]}
+    lines = [
+        f"# {HEADER}",
+        f"# Tier {tier}: {spec['summary']}",
+        "# Deploy from the repository root: fly deploy --config " + paths(tier)["fly"] + " --dockerfile Dockerfile",
+        "# Secrets (never here): fly secrets set SECRET_KEY=... DATABASE_URL=... SENTRY_DSN=...",
+        f'app = "{service_name(tier)}"',
+        f'primary_region = "{FLY_REGION}"',
+        'kill_signal = "SIGTERM"',
+        f"kill_timeout = {data['render']['max_shutdown_delay_seconds']}",
+        "",
+        "[env]",
+        *(f'  {k} = "{v}"' for k, v in env.items()),
+        "",
+        "[http_service]",
+        "  internal_port = 8000",
+        "  force_https = true",
+        '  auto_stop_machines = "off"',
+        "  min_machines_running = 1",
+        "",
+        "  [[http_service.checks]]",
+        '    grace_period = "60s"',
+        '    interval = "30s"',
+        '    method = "GET"',
+        '    timeout = "5s"',
+        '    path = "/healthz"',
+        "",
+        "[[vm]]",
+        f'  memory = "{spec["platforms"]["fly"]["memory"]}"',
+        '  cpu_kind = "shared"',
+        f"  cpus = {spec['platforms']['fly']['cpus']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def env_file(data: dict, tier: str) -> str:
+    spec = data["tiers"][tier]
+    lines = [f"# {HEADER}", f"# Tier {tier} ({spec['memory_mb']} MB): docker run --env-file {paths(tier)['env']} "
+             f"--memory {spec['memory_mb']}m ...", "APP_ENV=production"]
+    lines += [f"{k}={v}" for k, v in spec["env"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_all(data: dict | None = None) -> dict[str, str]:
+    """Every generated file: path relative to the root -> content."""
+    data = data or load_tiers()
+    files = {
+        "Procfile": ("# " + HEADER + "\n"
+                     "web: gunicorn -c gunicorn.conf.py \"app:create_app()\"\n"
+                     "release: flask --app app init-db\n"),
+        "heroku.yml": ("# " + HEADER + "\nbuild:\n  docker:\n    web: Dockerfile\n"
+                       "release:\n  image: web\n  command:\n    - flask --app app init-db\n"),
+    }
+    for tier in data["tiers"]:
+        where = paths(tier)
+        files[where["render"]] = render_blueprint(data, tier)
+        files[where["heroku"]] = heroku_app(data, tier)
+        files[where["fly"]] = fly_toml(data, tier)
+        files[where["env"]] = env_file(data, tier)
+    return files
+
+
+def blueprints(data: dict | None = None) -> list[str]:
+    data = data or load_tiers()
+    return [paths(tier)["render"] for tier in data["tiers"]]
+
+
+def validate_schema(schema_path: Path, data: dict | None = None) -> list[str]:
+    """Errors of every generated Blueprint against Render's JSON Schema (empty: all valid)."""
+    import jsonschema
+
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = []
+    for rel in blueprints(data):
+        document = yaml.safe_load((ROOT / rel).read_text(encoding="utf-8"))
+        for error in validator.iter_errors(document):
+            errors.append(f"{rel}: {'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail on drift instead of writing")
+    parser.add_argument("--schema", type=Path, help="validate every Blueprint against this JSON Schema")
+    args = parser.parse_args(argv)
+    files = render_all()
+    drifted = []
+    for rel, content in files.items():
+        target = ROOT / rel
+        current = target.read_text(encoding="utf-8") if target.exists() else None
+        if current == content:
+            continue
+        if args.check:
+            drifted.append(rel)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+            print(f"wrote {rel}")
+    if drifted:
+        print("out of date with deploy/tiers.yaml (run `make manifests`): " + ", ".join(drifted), file=sys.stderr)
+        return 1
+    if args.schema:
+        errors = validate_schema(args.schema)
+        for error in errors:
+            print(error, file=sys.stderr)
+        if errors:
+            return 1
+        print(f"{len(blueprints())} Blueprints valid against {args.schema}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Build stage helper: turn MODEL_SOURCE into the ONNX artifact at MODEL_DIR with the project's CLI.
+#   MODEL_SOURCE   hub name or folder (default AlephBERT), or synthetic:alephbert / synthetic:tiny for a
+#                  random-weight model of that architecture (offline builds and CI: the hub is unreachable)
+#   MODEL_PRECISION  fp32 | int8 | q8
+set -eu
+src="$MODEL_SOURCE"
+case "$src" in
+  synthetic:*)
+    flask --app app model build-synthetic /tmp/model-src --arch "${src#synthetic:}"
+    src=/tmp/model-src ;;
+esac
+flask --app app model prepare "$src" "$MODEL_DIR" --precision "$MODEL_PRECISION" --max-seq-length 512 --force
+rm -rf /tmp/model-src

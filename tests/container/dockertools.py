@@ -1,0 +1,50 @@
+"""Docker helpers and the run's report, shared by the container suite's conftest and tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+
+import yaml
+
+from support import ROOT
+
+DOCKER = os.environ.get("DOCKER") or shutil.which("docker") or "docker"
+IMAGE = os.environ.get("MEMFIT_TEST_IMAGE", "memfit:container-test")
+TIERS = yaml.safe_load((ROOT / "deploy" / "tiers.yaml").read_text())["tiers"]
+IMAGE_BUDGET_MB = 800
+REPORT = {}
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    out = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args[:3])} failed: {out.stderr.strip()[-1500:]}")
+    return out.stdout.strip()
+
+
+class Running:
+    def __init__(self, cid: str, tier: str):
+        self.cid, self.tier = cid, tier
+        self.port = docker("port", cid, "8000/tcp").splitlines()[0].rsplit(":", 1)[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.max_memory_mb = int(TIERS[tier]["env"]["MAX_MEMORY_MB"])
+
+    def request(self, path: str, data: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+        body = json.dumps(data).encode() if data is not None else None
+        req = urllib.request.Request(self.url + path, data=body,
+                                     headers={"Content-Type": "application/json"} if body else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def exec(self, *cmd: str) -> str:
+        return docker("exec", self.cid, *cmd)
+
+
