@@ -55,6 +55,7 @@ def seed_command(force: bool):
 @with_appcontext
 def embed_command(check_text: bool, prune: bool):
     """Compute the missing tag and item embeddings for the configured model, in batches."""
+    from .search import vector_index
     from .semantic import index
     from .semantic.service import SemanticUnavailable
 
@@ -67,7 +68,8 @@ def embed_command(check_text: bool, prune: bool):
     for kind in ("tag", "item"):
         rows = index.missing(kind, encoder.fingerprint, check_text=check_text)
         with click.progressbar(length=len(rows), label=f"embedding {len(rows)} {kind}s") as bar:
-            index.embed_rows(encoder, kind, rows, settings.embedding_batch_size, progress=bar.update)
+            index.embed_rows(encoder, kind, rows, settings.embedding_batch_size, progress=bar.update,
+                             vector_store=vector_index())
     if prune:
         click.echo(f"pruned {index.prune(encoder.fingerprint)} vectors of other models")
     click.echo(json.dumps(index.counts(encoder.fingerprint)))

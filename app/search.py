@@ -131,13 +131,18 @@ def semantic_search(query: str, limit: int) -> list[dict]:
 
 
 def vector_index():
-    """This worker's VectorIndex, made on first use (a race makes two; one is kept, both are correct)."""
+    """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the extension is
+    there, else the bounded in-process index (a race makes two; one is kept, both are correct)."""
     extensions = current_app.extensions
     if "memfit.vectors" not in extensions:
-        from .semantic.index import VectorIndex
+        from .semantic import index
 
-        max_mb = extensions["memfit.settings"].semantic_index_max_mb
-        extensions.setdefault("memfit.vectors", VectorIndex(max_mb * 1024 * 1024))
+        settings = extensions["memfit.settings"]
+        if not settings.is_sqlite and index.enable_pgvector():
+            store = index.PgVectorIndex()
+        else:
+            store = index.VectorIndex(settings.semantic_index_max_mb * 1024 * 1024)
+        extensions.setdefault("memfit.vectors", store)
     return extensions["memfit.vectors"]
 
 
@@ -150,7 +155,7 @@ def catch_up(encoder, limit: int, batch_size: int) -> int:
     done = 0
     for kind in ("tag", "item"):
         rows = index.missing(kind, encoder.fingerprint, limit - done)
-        done += index.embed_rows(encoder, kind, rows, batch_size)
+        done += index.embed_rows(encoder, kind, rows, batch_size, vector_store=vector_index())
         if done >= limit:
             break
     return done

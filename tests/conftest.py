@@ -84,3 +84,19 @@ def seeded(app):
     return app
 
 
+
+
+@pytest.fixture(scope="session")
+def pgvector_url(tmp_path_factory):
+    """A PostgreSQL 16 server with pgvector, from the pgserver package (started once per session)."""
+    import os
+
+    try:
+        import pgserver
+    except ImportError:
+        pgserver = None
+    require(pgserver is not None, "the pgserver package (PostgreSQL 16 + pgvector) is not installed")
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.getbasetemp()))
+    server = pgserver.get_server(str(tmp_path_factory.mktemp("pgvector")), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()

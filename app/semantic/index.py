@@ -3,9 +3,13 @@
 Imported only on the semantic path (it imports numpy at module level).
 
 Vectors live in the ``embeddings`` table as L2-normalised float16 under the model's fingerprint.
-Search reads them into a per-worker float16 matrix (half of fp32's bytes), refreshed when the
-table changes and bounded by SEMANTIC_INDEX_MAX_MB; past that bound, it streams the rows from the
-database in chunks instead, so a worker's memory does not grow with the corpus.
+Two stores search them (``store()`` picks one per app):
+
+* PostgreSQL with pgvector: the database does the search (``vec <=> query``); the web process
+  holds no vectors at all, whatever the corpus size.
+* Otherwise (SQLite, or PostgreSQL without the extension): a per-worker float16 matrix (half of
+  fp32's bytes), refreshed when the table changes and bounded by SEMANTIC_INDEX_MAX_MB; past that
+  bound it streams the rows from the database in chunks, so memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from ..db import Embedding, Item, Tag, db, text_hash
 from .encoders import Encoder
@@ -50,7 +55,7 @@ def missing(kind: str, fingerprint: str, limit: int | None = None, check_text: b
 
 
 def embed_rows(encoder: Encoder, kind: str, rows: Sequence, batch_size: int,
-               progress: Callable[[int], None] | None = None) -> int:
+               progress: Callable[[int], None] | None = None, vector_store=None) -> int:
     """Encode rows batch by batch and store their vectors, one commit per batch (a crash loses a batch)."""
     done = 0
     for start in range(0, len(rows), batch_size):
@@ -64,14 +69,16 @@ def embed_rows(encoder: Encoder, kind: str, rows: Sequence, batch_size: int,
                 Embedding.model_fp == encoder.fingerprint, Embedding.kind == kind, Embedding.ref_id.in_(ids)
             )
         )
-        db.session.add_all(
-            Embedding(model_fp=encoder.fingerprint, kind=kind, ref_id=row_id, text_hash=text_hash(text),
-                      dim=encoder.dim, vector=to_blob(vector))
-            for row_id, text, vector in zip(ids, texts, vectors)
-        )
+        stored = [Embedding(model_fp=encoder.fingerprint, kind=kind, ref_id=row_id, text_hash=text_hash(text),
+                            dim=encoder.dim, vector=to_blob(vector))
+                  for row_id, text, vector in zip(ids, texts, vectors)]
+        db.session.add_all(stored)
         try:
+            if vector_store is not None:
+                db.session.flush()
+                vector_store.write([e.id for e in stored], vectors)
             db.session.commit()
-        except Exception:
+        except IntegrityError:
             # Another worker stored the same vectors first: theirs are as good as ours.
             db.session.rollback()
             log.info("embedding batch of %d %ss already stored by another worker", len(batch), kind)
@@ -112,6 +119,11 @@ class _Matrix:
 
 class VectorIndex:
     """Per-worker nearest-neighbour search over one model's stored vectors."""
+
+    kind = "in-process"
+
+    def write(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Nothing to do: the matrix is rebuilt from the table when it changes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -207,3 +219,51 @@ def items_with_tags(tag_ids: Iterable[int]) -> dict[int, set[int]]:
     ):
         result.setdefault(item_id, set()).add(tag_id)
     return result
+
+
+def _literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.6g}" for x in np.asarray(vector, dtype=np.float32)) + "]"
+
+
+class PgVectorIndex:
+    """Nearest-neighbour search inside PostgreSQL with pgvector: no vectors in the web process."""
+
+    kind = "pgvector"
+
+    def write(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        if ids:
+            db.session.execute(text("UPDATE embeddings SET vec = CAST(:v AS vector) WHERE id = :id"),
+                               [{"id": i, "v": _literal(v)} for i, v in zip(ids, vectors)])
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        rows = db.session.execute(text(
+            "SELECT ref_id, 1 - (vec <=> CAST(:q AS vector)) AS score FROM embeddings "
+            "WHERE model_fp = :fp AND kind = :kind AND vec IS NOT NULL "
+            "ORDER BY vec <=> CAST(:q AS vector) LIMIT :k"), {"q": _literal(query), "fp": fingerprint, "kind": kind,
+                                                               "k": k})
+        return [(int(ref_id), float(score)) for ref_id, score in rows]
+
+
+def enable_pgvector() -> bool:
+    """Create the extension and the ``vec`` column where possible; backfill vectors stored before."""
+    try:
+        with db.session.begin_nested():
+            db.session.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
+            db.session.execute(text("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS vec vector"))
+        db.session.commit()
+    except Exception as exc:  # no extension on this server, or no right to create it: degrade, not break
+        db.session.rollback()
+        log.warning("pgvector unavailable (%s); semantic search uses the in-process index",
+                    str(exc).splitlines()[0][:160])
+        return False
+    store = PgVectorIndex()
+    while True:
+        rows = db.session.execute(select(Embedding.id, Embedding.vector, Embedding.dim).where(
+            text("vec IS NULL")).limit(STREAM_CHUNK)).all()
+        if not rows:
+            return True
+        store.write([r[0] for r in rows], np.stack([from_blobs([r[1]], r[2])[0] for r in rows]).astype(np.float32))
+        db.session.commit()

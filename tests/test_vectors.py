@@ -1,0 +1,111 @@
+"""app/semantic/index.py: the two vector stores agree, pgvector keeps vectors out of the web process,
+and the in-process index stays within SEMANTIC_INDEX_MAX_MB."""
+
+import numpy as np
+import pytest
+
+from app import create_app
+from app.db import Embedding, db
+from app.semantic import index
+from support import make_settings
+
+pytestmark = pytest.mark.postgres
+
+
+def fill(app, n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with app.app_context():
+        db.session.add_all(Embedding(model_fp="fp", kind="item", ref_id=i + 1, text_hash="h", dim=dim,
+                                     vector=index.to_blob(v)) for i, v in enumerate(vectors))
+        db.session.commit()
+    return vectors
+
+
+def expected_top(vectors, query, k):
+    scores = vectors.astype(np.float16).astype(np.float32) @ query
+    order = np.argsort(-scores)[:k]
+    return [int(i) + 1 for i in order]
+
+
+@pytest.fixture
+def pg_app(pgvector_url, tmp_path):
+    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url))
+    with app.app_context():
+        db.drop_all()
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_pgvector_search_matches_exact_search(pg_app):
+    vectors = fill(pg_app, 500)
+    query = vectors[17] * 0.7 + vectors[3] * 0.3
+    query /= np.linalg.norm(query)
+    with pg_app.app_context():
+        assert index.enable_pgvector()  # backfills the 500 vectors stored before the column existed
+        hits = index.PgVectorIndex().top("fp", "item", query, 10)
+    assert [ref for ref, _ in hits][:5] == expected_top(vectors, query, 5)
+    assert hits[0][1] == pytest.approx(float(max(vectors @ query)), abs=2e-3)
+
+
+def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
+    app = create_app(make_settings(tmp_path, DATABASE_URL=pg_app.extensions["memfit.settings"].database_url,
+                                   SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000"))
+    app.test_cli_runner().invoke(args=["seed"])
+    client = app.test_client()
+    body = client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
+    assert body["count"] == 10
+    store = app.extensions["memfit.vectors"]
+    assert store.kind == "pgvector" and store.memory_bytes() == 0
+    with app.app_context():
+        assert db.session.execute(db.text("SELECT count(*) FROM embeddings WHERE vec IS NULL")).scalar() == 0
+    # The same query through the in-process index on the same rows gives the same order.
+    local = index.VectorIndex(64 * 2**20)
+    encoder = app.extensions["memfit.semantic"].encoder()
+    query = encoder.encode(["ספרים לילדים"], 1)[0]
+    with app.app_context():
+        assert [r for r, _ in local.top(encoder.fingerprint, "item", query, 5)] == \
+               [r for r, _ in store.top(encoder.fingerprint, "item", query, 5)]
+
+
+def test_postgres_without_pgvector_falls_back(tmp_path):
+    from support import postgres_url, require
+
+    require(postgres_url() is not None, "TEST_DATABASE_URL is not set (Debian's PostgreSQL, without pgvector)")
+    app = create_app(make_settings(tmp_path, DATABASE_URL=postgres_url()))
+    with app.app_context():
+        db.create_all()
+        assert not index.enable_pgvector()  # Debian's PostgreSQL has no pgvector: degrade, not break
+        assert db.session.execute(db.text("SELECT 1")).scalar() == 1  # the session is still usable
+        db.engine.dispose()
+
+
+def test_in_process_index_streams_past_its_bound(app):
+    vectors = fill(app, 3000)
+    query = vectors[42]
+    small = index.VectorIndex(max_bytes=1000)  # far below 3000 x 32 x 2 bytes: must stream
+    large = index.VectorIndex(max_bytes=64 * 2**20)
+    with app.app_context():
+        streamed = small.top("fp", "item", query, 5)
+        cached = large.top("fp", "item", query, 5)
+    assert small.memory_bytes() == 0 and large.memory_bytes() >= 3000 * 32 * 2
+    assert [r for r, _ in streamed] == [r for r, _ in cached] == expected_top(vectors, query, 5)
+    assert streamed[0][0] == 43
+
+
+def test_matrix_refreshes_when_vectors_are_added(app):
+    fill(app, 10)
+    store = index.VectorIndex(64 * 2**20)
+    query = np.zeros(32, dtype=np.float32)
+    query[0] = 1
+    with app.app_context():
+        assert len(store.top("fp", "item", query, 100)) == 10
+        db.session.add(Embedding(model_fp="fp", kind="item", ref_id=999, text_hash="h", dim=32,
+                                 vector=index.to_blob(query)))
+        db.session.commit()
+        hits = store.top("fp", "item", query, 100)
+    assert len(hits) == 11 and hits[0][0] == 999
