@@ -51,7 +51,7 @@ class SemanticService:
         if self._error:
             status["error"] = self._error
         if self._encoder is not None:
-            status.update(self._encoder.describe())
+            status.update(self._encoder.describe(), load_seconds=round(self.load_seconds or 0.0, 3))
         return status
 
     def encoder(self) -> "Encoder":

@@ -1,0 +1,119 @@
+"""Turn a benchmark run into bench/results/bench.json, bench.md (the table) and memory.png (the plot),
+and copy the table into the README's Memory section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PHASES = ("startup", "load", "queries", "embedding")
+
+
+def _check(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def table(report: dict) -> str:
+    scenarios = report["scenarios"]
+    by_name = {s["name"]: s for s in scenarios}
+    naive = by_name.get("naive")
+    goals = report["goals"]
+    cols = [s["label"] for s in scenarios]
+    rows = [("", cols), ("workers", [str(s["workers"]) for s in scenarios]),
+            ("model", [f"{s['model'].get('backend')} {s['model'].get('precision')}, {s['model'].get('max_seq_length')} tokens"
+                       for s in scenarios]),
+            ("memory cgroup limit", [f"{s['memory_limit_mb']} MB" if s["cgroup"] else "none" for s in scenarios]),
+            ("idle worker RSS / USS (semantic on, unused)",
+             [f"{s['idle_worker_rss_mb']} / {s['idle_worker_uss_mb']} MB" for s in scenarios])]
+    for phase in PHASES:
+        rows.append((f"peak RSS / USS, {phase}",
+                     [f"{s['phases'].get(phase, {}).get('rss_mb', '-')} / {s['phases'].get(phase, {}).get('uss_mb', '-')} MB"
+                      for s in scenarios]))
+    rows += [
+        ("**peak RSS, whole process tree**", [f"**{s['peak_rss_mb']} MB**" for s in scenarios]),
+        ("cgroup peak (`memory.max_usage_in_bytes`, from load on)", [f"{s['cgroup_peak_mb']} MB" if s["cgroup_peak_mb"] else "-"
+                                                                     for s in scenarios]),
+        ("OOM kills", [str(s["oom_kills"]) for s in scenarios]),
+        ("model load (in the first request)", [f"{s['load_seconds']} s" for s in scenarios]),
+        ("first semantic query, incl. load", [f"{s['first_query_ms']:.0f} ms" for s in scenarios]),
+        ("semantic query p50 / p95 / p99 (8 clients)",
+         [f"{s['queries']['p50_ms']:.0f} / {s['queries']['p95_ms']:.0f} / {s['queries']['p99_ms']:.0f} ms" for s in scenarios]),
+        ("server time per query, median", [f"{s['queries']['server_p50_ms']} ms" for s in scenarios]),
+        ("throughput", [f"{s['queries']['throughput_qps']} q/s" for s in scenarios]),
+        ("errors", [str(s["queries"]["errors"]) for s in scenarios]),
+        ("embedding 1,000 new tags", [f"{s['embedding']['seconds']} s (batch {s['embedding']['batch_size']})" for s in scenarios]),
+        ("worker recycles (requests / memory)", [f"{s['recycles']['max_requests']} / {s['recycles']['memory']}" for s in scenarios]),
+        ("mean cosine to fp32 (200 Hebrew sentences)", [str(report["fidelity"].get(s["name"], "-")) for s in scenarios]),
+    ]
+    lines = ["| " + " | ".join([rows[0][0], *rows[0][1]]) + " |", "| --- " * (len(cols) + 1) + "|"]
+    lines += ["| " + " | ".join([name, *values]) + " |" for name, values in rows[1:]]
+    out = "\n".join(lines)
+    if naive and "512mb" in by_name:
+        tier = by_name["512mb"]
+        speedup = naive["queries"]["server_p50_ms"] / max(tier["queries"]["server_p50_ms"], 0.1)
+        checks = [
+            ("peak memory of the whole serving process ≤ 400 MB", f"{tier['peak_rss_mb']} MB",
+             tier["peak_rss_mb"] <= goals["peak_mb"]),
+            ("mean cosine to fp32 ≥ 0.99", str(report["fidelity"]["512mb"]), report["fidelity"]["512mb"] >= goals["cosine"]),
+            ("semantic query median ≥ 2.5× faster than fp32", f"{speedup:.1f}×", speedup >= goals["speedup"]),
+            ("idle worker ≤ 60 MB", f"{tier['idle_worker_rss_mb']} MB RSS", tier["idle_worker_rss_mb"] <= goals["idle_worker_mb"]),
+        ]
+        if "1gb" in by_name:
+            checks.append(("1gb tier peak ≤ 800 MB", f"{by_name['1gb']['peak_rss_mb']} MB",
+                           by_name["1gb"]["peak_rss_mb"] <= goals["peak_1gb_mb"]))
+        out += "\n\n| 512 MB goal | measured | met |\n| --- | --- | --- |\n" + "\n".join(
+            f"| {goal} | {value} | {_check(ok)} |" for goal, value, ok in checks)
+    real = report.get("real_weights", {})
+    if real.get("precisions"):
+        out += (f"\n\nCompression on real weights ({real['model']}, {real['queries']} queries over {real['corpus']} "
+                f"sentences): top-{real['k']} retrieval agreement with fp32 torch.\n\n"
+                "| precision | top-5 agreement | mean cosine | query | weights |\n| --- | --- | --- | --- | --- |\n")
+        out += "\n".join(f"| {name} | {p['top5_agreement']} | {p['mean_cosine']} | {p['query_ms']} ms | {p['weights_mb']} MB |"
+                         for name, p in real["precisions"].items())
+    return out + f"\n\nRun: {report['date']}, {report['machine']}.\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report["scenarios"]), figsize=(5 * len(report["scenarios"]), 4), sharey=True)
+    if len(report["scenarios"]) == 1:
+        axes = [axes]
+    colours = {"startup": "#eeeeee", "load": "#fde2c8", "queries": "#d5e8f7", "embedding": "#dcefd5"}
+    for ax, scenario in zip(axes, report["scenarios"]):
+        samples = scenario["samples"]
+        t = [s["t"] for s in samples]
+        for phase in PHASES:
+            times = [s["t"] for s in samples if s["phase"] == phase]
+            if times:
+                ax.axvspan(min(times), max(times), color=colours[phase], label=phase)
+        ax.plot(t, [s["rss_mb"] for s in samples], color="#c0392b", label="RSS (tree)")
+        ax.plot(t, [s["uss_mb"] for s in samples], color="#2c3e50", label="USS (tree)", linewidth=1)
+        if any(s["cgroup_mb"] for s in samples):
+            ax.plot(t, [s["cgroup_mb"] for s in samples], color="#8e44ad", label="cgroup usage", linewidth=1,
+                    linestyle="--")
+        if scenario["memory_limit_mb"] <= 1024:
+            ax.axhline(scenario["memory_limit_mb"], color="black", linestyle=":", label="tier limit")
+        ax.set_title(scenario["label"], fontsize=10)
+        ax.set_xlabel("seconds")
+    axes[0].set_ylabel("MB")
+    axes[-1].legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    markdown = table(report)
+    (RESULTS / "bench.md").write_text(markdown, encoding="utf-8")
+    plot(report, RESULTS / "memory.png")
+    from bench.readme import README, replace_section
+
+    README.write_text(replace_section(README.read_text(encoding="utf-8"), "bench-results", markdown), encoding="utf-8")
