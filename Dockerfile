@@ -65,7 +65,7 @@ ENV PATH=/opt/memfit/bin:$PATH \
     MAX_WORKER_MEMORY_MB=400 \
     WEB_CONCURRENCY=1 \
     SEMANTIC_MAX_SEQ_LENGTH=128 \
-    SEMANTIC_THREADS=1 \
+    SEMANTIC_THREADS=0 \
     OMP_NUM_THREADS=1 \
     # glibc: 2 malloc arenas instead of 8 per core, and big buffers through mmap so they go back to
     # the OS when freed: keeps batch-embedding peaks flat (README "Memory").

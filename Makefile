@@ -45,16 +45,19 @@ test: venv ## Run the test suite (PostgreSQL, browser and container suites where
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv ## Unit and integration tests only, no container or load suites
-	$(PY) -m pytest -m "not container and not load" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not container and not load" --ignore=tests/container $(PYTEST_ARGS)
 
 container-test: venv ## Build the image and prove it stays under each tier's budget (needs Docker)
 	$(PY) -m pytest -m container tests/container $(PYTEST_ARGS)
+	$(PY) -m bench.readme
 
-bench: venv ## Benchmark the naive set-up against both tiers; writes bench/results/ and the plot
+bench: venv ## Benchmark the naive set-up against both tiers, and the vector stores; writes bench/results/
 	$(PY) -m bench.run
+	$(PY) -m bench.vectors
 
 load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench/results/load.json
 	$(PY) -m bench.load --seconds 60
+	$(PY) -m bench.readme
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
 	$(PY) -m app.settings env-example > .env.example

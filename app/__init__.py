@@ -30,7 +30,8 @@ SECURITY_HEADERS = {
 
 
 # Endpoints that must answer without the database (liveness, readiness's own check, the page).
-NO_DATABASE_ENDPOINTS = {"api.healthz", "api.readyz", "web.index", "web.static", "static", "metrics"}
+NO_DATABASE_ENDPOINTS = {"api.healthz", "api.readyz", "web.index", "web.static", "static", "metrics",
+                         "openapi.openapi_json"}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -91,9 +92,11 @@ def register_errors(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     from .api import bp as api
+    from .openapi import bp as openapi
     from .web import bp as web
 
     app.register_blueprint(api)
+    app.register_blueprint(openapi)
     app.register_blueprint(web)
 
 

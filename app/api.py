@@ -16,7 +16,8 @@ from .errors import ApiError
 bp = Blueprint("api", __name__)
 
 LIMIT_DEFAULT, LIMIT_MAX = 10, 100
-QUERY_STRING_MAX = 4096  # bytes; the q parameter has its own, smaller limit
+QUERY_STRING_MAX = 4096
+ID_MAX = 2**31 - 1  # bytes; the q parameter has its own, smaller limit
 
 
 def _settings():
@@ -114,7 +115,8 @@ def create_item():
 
 @bp.get("/items/<int:item_id>")
 def get_item(item_id: int):
-    item = db.session.get(Item, item_id)
+    # Ids are 32-bit in the schema; a larger number cannot exist (and would overflow the driver).
+    item = db.session.get(Item, item_id) if item_id <= ID_MAX else None
     if item is None:
         raise ApiError(404, "not_found", f"no item with id {item_id}")
     return jsonify(item.to_dict())

@@ -20,12 +20,15 @@ _MARKS = re.compile("[\u0591-\u05af\u05b0-\u05bd\u05bf\u05c1\u05c2\u05c4\u05c5\u
 # Geresh/gershayim and ASCII quotes inside abbreviations (צה"ל, צה״ל) are dropped, not split on.
 _QUOTES = re.compile("[\u05f3\u05f4'\"`\u2019\u201d]")
 _WORD = re.compile(r"\w+")
+# Control characters and invisible formatting marks (NUL, RLM/LRM, bidi overrides) carry no text.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
 def normalize(text: str) -> str:
     """Lower-case text with Hebrew marks and abbreviation quotes removed and maqaf made a space."""
     text = unicodedata.normalize("NFC", text or "")
     text = _MARKS.sub("", text)
+    text = _INVISIBLE.sub(" ", text)
     text = _QUOTES.sub("", text)
     text = text.replace("\u05be", " ")  # maqaf joins words like a hyphen
     return text.lower()

@@ -4,7 +4,7 @@ reached through the SemanticService and only then imports the vector code."""
 from __future__ import annotations
 
 from flask import current_app
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from . import hebrew
 from .db import Item, Tag, db, item_tags
@@ -74,8 +74,9 @@ def tag_search(query: str, limit: int) -> list[dict]:
     tags = db.session.scalars(select(Tag).where(or_(*conditions))).all()
     weights: dict[int, tuple[str, float]] = {}
     for tag in tags:
-        best = max((1.0 if tag.norm == w else 0.5) for w in wanted if tag.norm.startswith(w))
-        weights[tag.id] = (tag.name, best)
+        best = max(((1.0 if tag.norm == w else 0.5) for w in wanted if tag.norm.startswith(w)), default=0.0)
+        if best:  # the database's LIKE may be looser than startswith (collation): Python decides
+            weights[tag.id] = (tag.name, best)
     if not weights:
         return []
     item_scores: dict[int, dict[str, float]] = {}
@@ -117,17 +118,23 @@ def semantic_search(query: str, limit: int) -> list[dict]:
     if not candidates:
         return []
     floor = min(item_hits.values()) if item_hits else 0.0
-    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_(candidates)))}
+    # Score from ids alone, then load only the items that are returned.
     scored = []
-    for item_id, item in items.items():
+    for item_id in candidates:
         own = item_hits.get(item_id, floor)
+        carried = tagged.get(item_id, set())
+        best_tag = max((tag_hits[t] for t in carried), default=None)
+        scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
+    scored.sort(key=lambda entry: (-entry[0], -entry[1]))
+    top = scored[:limit]
+    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for _, i in top])))}
+    results = []
+    for score, item_id in top:
+        item = items[item_id]
         matched = sorted(({"name": t.name, "score": round(tag_hits[t.id], 4)} for t in item.tags
-                          if t.id in tag_hits and t.id in top_tags), key=lambda m: -m["score"])
-        best_tag = matched[0]["score"] if matched else None
-        score = own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own)
-        scored.append((score, item, matched))
-    scored.sort(key=lambda entry: (-entry[0], -entry[1].id))
-    return [_result(item, score, matched) for score, item, matched in scored[:limit]]
+                          if t.id in tagged.get(item_id, ())), key=lambda m: -m["score"])
+        results.append(_result(item, score, matched))
+    return results
 
 
 def vector_index():
@@ -147,17 +154,27 @@ def vector_index():
 
 
 def catch_up(encoder, limit: int, batch_size: int) -> int:
-    """Embed up to ``limit`` tags and items that have no vector for this model yet."""
+    """Embed up to ``limit`` tags and items that have no vector for this model yet.
+
+    The search for missing rows is skipped while the newest tag and item ids are those this worker
+    saw when it last found nothing missing (one cheap query instead of two anti-joins per request).
+    """
     if limit <= 0:
         return 0
     from .semantic import index
 
+    newest = (encoder.fingerprint, *db.session.execute(
+        select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one())
+    memo = current_app.extensions.setdefault("memfit.caught_up", {})
+    if memo.get("newest") == newest:
+        return 0
     done = 0
     for kind in ("tag", "item"):
         rows = index.missing(kind, encoder.fingerprint, limit - done)
         done += index.embed_rows(encoder, kind, rows, batch_size, vector_store=vector_index())
         if done >= limit:
-            break
+            return done
+    memo["newest"] = newest  # nothing was left missing up to these ids
     return done
 
 

@@ -109,8 +109,9 @@ FIELDS: tuple[Field, ...] = (
           "made by `flask --app app model prepare`."),
     Field("SEMANTIC_MAX_SEQ_LENGTH", "128", _int(8, 512),
           "Tokens kept per text; longer texts are truncated (caps activation memory)."),
-    Field("SEMANTIC_THREADS", "1", _int(1, 64),
-          "Intra-op threads of the model runtime per worker (1 keeps a 512 MB worker's arenas small)."),
+    Field("SEMANTIC_THREADS", "0", _int(0, 64),
+          "Intra-op threads of the model runtime per worker; 0: one per CPU the instance really has "
+          "(affinity and cgroup quota), at most 4."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
           "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
     Field("SEMANTIC_CATCHUP_LIMIT", "200", _int(0, 100000),

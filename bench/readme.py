@@ -35,7 +35,23 @@ def container_section(data: dict) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = {"container-results": ("container.json", container_section)}
+def load_section(data: dict) -> str:
+    cgroup = (f"{data['cgroup_peak_mb']} MB cgroup peak in a 512 MB memory cgroup, {data['oom_kills']} OOM kills"
+              if data.get("cgroup") else "no cgroup available")
+    modes = ", ".join(f"{k} {v} ms" for k, v in sorted(data["by_mode_p50_ms"].items()))
+    return "\n".join([
+        "| figure | last run |", "| --- | --- |",
+        f"| load held | {data['requests']} requests in {data['seconds']:.0f} s from {data['clients']} clients "
+        f"({data['throughput_rps']} req/s), **{data['failed']} failed** (5xx or connection errors) |",
+        f"| latency | p50 {data['p50_ms']} ms, p99 {data['p99_ms']} ms; p50 by kind: {modes} |",
+        f"| workers recycled during the run | {data['recycles']} (max_requests={data['max_requests']}), "
+        f"{data['killed']} killed |",
+        f"| memory | {data['peak_rss_mb']} MB peak RSS of the process tree; {cgroup}; threshold {data['max_memory_mb']} MB |",
+        f"| data lost | **{data['created_missing']}** of {data['created']} created items unreadable afterwards |",
+    ])
+
+
+SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section)}
 
 
 def main() -> int:

@@ -172,6 +172,7 @@ class Sampler(threading.Thread):
                 if proc.pid != self.root.pid:
                     workers.append(info.rss)
             self.samples.append({"t": round(time.monotonic() - self.started, 3), "phase": self.phase,
+                                 "procs": [(p.pid, p.name()) for p in procs],
                                  "rss_mb": round(rss / MB, 1), "uss_mb": round(uss / MB, 1),
                                  "worker_max_mb": round(max(workers, default=0) / MB, 1),
                                  "cgroup_mb": round((self.cgroup.read("memory.usage_in_bytes") or 0) / MB, 1)})

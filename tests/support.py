@@ -128,3 +128,33 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+class PgServerProcess:
+    """A PostgreSQL (pgserver: 16 + pgvector) owned by a helper process, so a test can stop and
+    restart it at will: closing the helper's stdin stops the server, start() brings it back."""
+
+    SCRIPT = ("import sys, pgserver\n"
+              "server = pgserver.get_server(sys.argv[1], cleanup_mode='stop')\n"
+              "print(server.get_uri(), flush=True)\n"
+              "sys.stdin.read()\n")
+
+    def __init__(self, pgdata: Path):
+        self.pgdata = pgdata
+        self.proc: subprocess.Popen | None = None
+        self.uri: str | None = None
+
+    def start(self) -> str:
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(self.pgdata.parent)}
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(self.pgdata)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("postgresql://"):
+            raise RuntimeError(f"pgserver did not start: {line!r}")
+        self.uri = line
+        return line
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)

@@ -33,3 +33,7 @@ def test_word_score_orders_exact_prefix_substring():
 
 def test_like_wildcards_are_escaped():
     assert hebrew.escape_like("100%_a\\b") == "100\\%\\_a\\\\b"
+
+
+def test_invisible_and_control_characters_are_dropped():
+    assert hebrew.words("\u202eשלום\u200f\x00עולם") == ["שלום", "עולם"]

@@ -142,6 +142,30 @@ def _weights_files(root: Path) -> list[Path]:
     return files
 
 
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota (0.5 CPU -> 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2: "max 100000" or "50000 100000"
+        limit, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+            quota = limit / period if limit > 0 else None
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def runtime_threads(settings: Settings) -> int:
+    """SEMANTIC_THREADS, or with 0 ("auto") one per available CPU, at most 4."""
+    return settings.semantic_threads or min(4, available_cpus())
+
+
 def _batches(texts: Sequence[str], size: int):
     for start in range(0, len(texts), size):
         yield texts[start : start + size]
@@ -156,7 +180,7 @@ class TorchEncoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        torch.set_num_threads(settings.semantic_threads)
+        torch.set_num_threads(runtime_threads(settings))
         layout = read_layout(root)
         self.layout = layout
         self.max_seq_length = min(filter(None, (layout.max_seq_length, settings.semantic_max_seq_length)))
@@ -189,8 +213,12 @@ class TorchEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "precision": "fp32", "dim": self.dim,
+        return {"backend": self.backend, "precision": "fp32", "dim": self.dim, "threads": torch_threads(self._torch),
                 "max_seq_length": self.max_seq_length, "fingerprint": self.fingerprint[:12]}
+
+
+def torch_threads(torch) -> int:
+    return int(torch.get_num_threads())
 
 
 def pool(hidden, mask, mode: str):
@@ -234,7 +262,7 @@ class OnnxEncoder:
         self.tokenizer.enable_truncation(self.max_seq_length)
         self.tokenizer.enable_padding(pad_id=int(manifest.get("pad_id", 0)))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.semantic_threads
+        options.intra_op_num_threads = runtime_threads(settings)
         options.inter_op_num_threads = 1
         # The CPU arena keeps the largest batch's buffers for ever; without it peaks fall back.
         options.enable_cpu_mem_arena = False
@@ -244,6 +272,7 @@ class OnnxEncoder:
         except Exception as exc:
             raise ModelError(f"cannot load {root / 'model.onnx'}: {type(exc).__name__}: {exc}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
+        self.threads = options.intra_op_num_threads
 
     def encode(self, texts: Sequence[str], batch_size: int):
         import numpy as np
@@ -262,6 +291,7 @@ class OnnxEncoder:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "precision": self.manifest.get("precision"), "dim": self.dim,
+                "threads": self.threads,
                 "max_seq_length": self.max_seq_length, "fingerprint": self.fingerprint[:12]}
 
 

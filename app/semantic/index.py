@@ -135,13 +135,14 @@ class VectorIndex:
 
     def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The k most similar (ref_id, cosine) of kind, best first."""
+        # count and max(id) come from the (model_fp, kind) index alone: cheap enough for every query.
         version = tuple(db.session.execute(
-            select(func.count(), func.max(Embedding.id), func.max(Embedding.dim)).where(
-                Embedding.model_fp == fingerprint, Embedding.kind == kind)
+            select(func.count(), func.max(Embedding.id)).where(Embedding.model_fp == fingerprint, Embedding.kind == kind)
         ).one())
-        n, _, dim = version
+        n = version[0]
         if not n:
             return []
+        dim = query.shape[0]
         query = np.asarray(query, dtype=np.float32)
         if n * (dim * 2 + 8) > self.max_bytes:
             self._matrices.pop((fingerprint, kind), None)
@@ -165,7 +166,7 @@ class VectorIndex:
             ):
                 ids.append(ref_id)
                 blobs.append(blob)
-            matrix = _Matrix(version, np.asarray(ids, dtype=np.int64), from_blobs(blobs, version[2]))
+            matrix = _Matrix(version, np.asarray(ids, dtype=np.int64), from_blobs(blobs, len(blobs[0]) // 2))
             self._matrices[key] = matrix
             return matrix
 

@@ -1,0 +1,82 @@
+"""The OpenAPI 3.0 description of the API, served at /openapi.json; the fuzz tests generate requests from it."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from . import search
+from .db import BODY_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX
+
+bp = Blueprint("openapi", __name__)
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _responses(ok: dict, *errors: int) -> dict:
+    out = {"200": ok} if "description" in ok else ok
+    for status in errors:
+        out[str(status)] = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
+    return out
+
+
+def spec() -> dict:
+    json_of = lambda ref: {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}  # noqa: E731
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "memfit", "version": "1.0.0",
+                 "description": "Hebrew text, tag and semantic search. Every error is JSON {error: {code, message}}."},
+        "paths": {
+            "/search": {"get": {
+                "operationId": "search",
+                "parameters": [
+                    {"name": "q", "in": "query", "required": True,
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 500}},
+                    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(search.MODES)}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                ],
+                "responses": _responses({"description": "results", "content": json_of("SearchResults")},
+                                        400, 414, 503),
+            }},
+            "/items": {"post": {
+                "operationId": "createItem",
+                "requestBody": {"required": True, "content": json_of("NewItem")},
+                "responses": {"201": {"description": "created", "content": json_of("Item")},
+                              **_responses({}, 400, 409, 413, 503)},
+            }},
+            "/items/{item_id}": {"get": {
+                "operationId": "getItem",
+                "parameters": [{"name": "item_id", "in": "path", "required": True,
+                                "schema": {"type": "integer", "minimum": 0}}],
+                "responses": _responses({"description": "the item", "content": json_of("Item")}, 404, 503),
+            }},
+            "/healthz": {"get": {"operationId": "healthz", "responses": {"200": {"description": "alive"}}}},
+            "/readyz": {"get": {"operationId": "readyz", "responses": {
+                "200": {"description": "ready"}, "503": {"description": "database unavailable"}}}},
+        },
+        "components": {"schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "NewItem": {"type": "object", "required": ["title"], "additionalProperties": False, "properties": {
+                "title": {"type": "string", "minLength": 1, "maxLength": TITLE_MAX},
+                "body": {"type": "string", "maxLength": BODY_MAX},
+                "tags": {"type": "array", "maxItems": TAGS_PER_ITEM_MAX,
+                         "items": {"type": "string", "minLength": 1, "maxLength": TAG_MAX}}}},
+            "Item": {"type": "object", "required": ["id", "title", "body", "tags"], "properties": {
+                "id": {"type": "integer"}, "title": {"type": "string"}, "body": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
+            "SearchResults": {"type": "object", "required": ["query", "mode", "count", "results"], "properties": {
+                "query": {"type": "string"}, "mode": {"type": "string"}, "count": {"type": "integer"},
+                "took_ms": {"type": "number"},
+                "results": {"type": "array", "items": {"type": "object", "required": ["id", "title", "score"],
+                                                        "properties": {"id": {"type": "integer"},
+                                                                       "title": {"type": "string"},
+                                                                       "score": {"type": "number"}}}}}},
+        }},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json():
+    return jsonify(spec())

@@ -1,0 +1,153 @@
+"""Load test: real gunicorn with the 512mb tier's settings, in a 512 MB memory cgroup where the
+machine allows it, under 16 concurrent clients mixing text, tag and semantic search with item
+creation, with max_requests set low so workers recycle during the run. Loopback only; bounded in
+time and stops by itself.
+
+    python -m bench.load --seconds 60      # make load: the full run, figures to bench/results/load.json
+
+Afterwards every created item is read back. A short run of this is tests/test_load.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def client_loop(client, deadline: float, rng: random.Random, stats: dict) -> None:
+    while time.monotonic() < deadline:
+        kind = rng.choices(["text", "tags", "semantic", "create"], weights=[3, 2, 3, 2])[0]
+        started = time.perf_counter()
+        try:
+            if kind == "create":
+                title = f"פריט עומס {rng.randrange(10**9)}"
+                response = await client.post("/items", json={"title": title, "body": rng.choice(QUERIES) * 3,
+                                                              "tags": rng.sample(QUERIES, 2)})
+                if response.status_code == 201:
+                    stats["created"].append((response.json()["id"], title))
+            else:
+                response = await client.get("/search", params={"q": rng.choice(QUERIES), "mode": kind})
+            status = response.status_code
+        except Exception as exc:  # connection refused/reset, timeout: all count as failures
+            stats["errors"].append(f"{kind}: {type(exc).__name__}")
+            continue
+        stats["latency"].setdefault(kind, []).append((time.perf_counter() - started) * 1000)
+        stats["status"][status] = stats["status"].get(status, 0) + 1
+        if status >= 500:
+            stats["errors"].append(f"{kind}: HTTP {status}")
+
+
+async def drive(url: str, seconds: float, clients: int) -> dict:
+    import httpx
+
+    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}}
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client, deadline, random.Random(i), stats) for i in range(clients)))
+        missing = []
+        for item_id, title in stats["created"]:
+            response = await client.get(f"/items/{item_id}")
+            if response.status_code != 200 or response.json()["title"] != title:
+                missing.append(item_id)
+    stats["missing"] = missing
+    return stats
+
+
+def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | None = None) -> dict:
+    from bench.run import WORK, Cgroup, Sampler, flask, models, tier_env
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model = model or str(models()["q8"])
+    db_path = WORK / "load.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    port = free_port()
+    env = {**os.environ, **tier_env("512mb"), "SEMANTIC_MODEL": model, "DATABASE_URL": f"sqlite:///{db_path}",
+           "PORT": str(port), "SECRET_KEY": "load-test", "APP_ENV": "production",
+           "GUNICORN_MAX_REQUESTS": str(max_requests), "GUNICORN_MAX_REQUESTS_JITTER": "5",
+           "GUNICORN_BACKLOG": "256", "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-load-{port}")}
+    flask("seed", env=env)
+    flask("embed", env=env)
+    max_memory = int(env["MAX_MEMORY_MB"])
+    cgroup = Cgroup("load", 512)
+    log = open(WORK / "load-gunicorn.log", "wb")
+    proc = subprocess.Popen(cgroup.wrap([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]),
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    sampler = Sampler(proc.pid, cgroup)
+    sampler.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.1)
+        sampler.phase = "load"
+        started = time.monotonic()
+        stats = asyncio.run(drive(url, seconds, clients))
+        wall = time.monotonic() - started
+    finally:
+        cgroup_peak = cgroup.read("memory.max_usage_in_bytes")
+        oom = cgroup.oom_kills()
+        proc.terminate()
+        proc.wait(timeout=60)
+        sampler.stop.set()
+        sampler.join()
+        log.close()
+        cgroup.remove()
+    text = (WORK / "load-gunicorn.log").read_text(errors="replace")
+    all_latency = sorted(x for values in stats["latency"].values() for x in values)
+    q = statistics.quantiles(all_latency, n=100) if len(all_latency) > 2 else [0] * 99
+    requests = sum(stats["status"].values())
+    return {
+        "seconds": seconds, "clients": clients, "max_requests": max_requests, "requests": requests,
+        "throughput_rps": round(requests / wall, 1), "p50_ms": round(q[49], 1), "p99_ms": round(q[98], 1),
+        "by_mode_p50_ms": {k: round(statistics.median(v), 1) for k, v in stats["latency"].items()},
+        "status": {str(k): v for k, v in sorted(stats["status"].items())},
+        "failed": len(stats["errors"]), "failures": stats["errors"][:20],
+        "created": len(stats["created"]), "created_missing": len(stats["missing"]),
+        "recycles": text.count("Autorestarting worker") + text.count("memfit recycle:"),
+        "killed": text.count("SIGKILL"),
+        "peak_rss_mb": max((s["rss_mb"] for s in sampler.samples), default=0),
+        "cgroup": cgroup.enabled, "cgroup_peak_mb": round(cgroup_peak / 2**20, 1) if cgroup_peak else None,
+        "oom_kills": oom, "max_memory_mb": max_memory,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    result = run(args.seconds, args.clients)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+    return 0 if result["failed"] == 0 and result["created_missing"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
