@@ -110,8 +110,10 @@ FIELDS: tuple[Field, ...] = (
     Field("SEMANTIC_MAX_SEQ_LENGTH", "128", _int(8, 512),
           "Tokens kept per text; longer texts are truncated (caps activation memory)."),
     Field("SEMANTIC_THREADS", "0", _int(0, 64),
-          "Intra-op threads of the model runtime per worker; 0: one per CPU the instance really has "
-          "(affinity and cgroup quota), at most 4."),
+          "Intra-op threads of the model runtime per worker; 0: the CPUs the instance really has "
+          "(affinity and cgroup quota) shared among WEB_CONCURRENCY workers, at least 1, at most 4."),
+    Field("WEB_CONCURRENCY", "1", _int(1, 64),
+          "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
           "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
     Field("SEMANTIC_CATCHUP_LIMIT", "200", _int(0, 100000),
@@ -158,6 +160,7 @@ class Settings:
     semantic_model: str
     semantic_max_seq_length: int
     semantic_threads: int
+    web_concurrency: int
     semantic_index_max_mb: int
     semantic_catchup_limit: int
     embedding_batch_size: int

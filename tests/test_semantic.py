@@ -182,3 +182,17 @@ def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_pat
     assert result.exit_code == 0, result.output
     with app2.app_context():
         assert db.session.query(Embedding).filter(Embedding.model_fp != fp_second).count() == 0
+
+
+@pytest.mark.parametrize("threads, workers, cpus, expected", [
+    ("0", "1", 2, 2), ("0", "2", 2, 1), ("0", "1", 8, 4), ("0", "4", 2, 1), ("3", "2", 2, 3)])
+def test_runtime_threads_share_the_cpus_among_workers(tmp_path, monkeypatch, threads, workers, cpus, expected):
+    monkeypatch.setattr(encoders, "available_cpus", lambda: cpus)
+    settings = make_settings(tmp_path, SEMANTIC_THREADS=threads, WEB_CONCURRENCY=workers)
+    assert encoders.runtime_threads(settings) == expected
+
+
+def test_available_cpus_is_at_least_one_and_at_most_the_affinity():
+    import os
+
+    assert 1 <= encoders.available_cpus() <= len(os.sched_getaffinity(0))

@@ -162,8 +162,9 @@ def available_cpus() -> int:
 
 
 def runtime_threads(settings: Settings) -> int:
-    """SEMANTIC_THREADS, or with 0 ("auto") one per available CPU, at most 4."""
-    return settings.semantic_threads or min(4, available_cpus())
+    """SEMANTIC_THREADS, or with 0 ("auto") the available CPUs shared among the workers (1 to 4):
+    two workers with two threads each on two cores would only fight over them."""
+    return settings.semantic_threads or max(1, min(4, available_cpus() // settings.web_concurrency))
 
 
 def _batches(texts: Sequence[str], size: int):

@@ -8,7 +8,7 @@ torch, transformers and onnxruntime's quantisation tools. The artifact holds
 * ``tokenizer.json``: the fast tokenizer, read by the Rust ``tokenizers`` library;
 * ``memfit_model.json``: the manifest (format, precision, dim, fingerprint).
 
-Precisions, judged by top-5 retrieval agreement with fp32 on real weights (README "Memory"):
+Precisions, judged by top-5 retrieval agreement with fp32 on real weights (README "Performance"):
 ``q8`` (8-bit block-quantised weights, int8 compute via MatMulNBits accuracy_level 4, and an
 8-bit embedding table via GatherBlockQuantized) is the 512 MB tier's choice; ``int8`` (dynamic,
 per-channel) is faster to build but less faithful; ``fp32`` is exact.
