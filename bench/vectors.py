@@ -28,8 +28,9 @@ DIM = 768
 MB = 1024 * 1024
 
 
-def one(backend: str, n: int, url: str) -> dict:
-    """Fill a fresh database with n vectors and time the search (runs in its own process)."""
+def one(backend: str, n: int, url: str, step: str) -> dict:
+    """step "fill": a fresh database with n vectors; step "search": time the search in a fresh
+    process, so its RSS is a worker's that has done nothing else."""
     import numpy as np
     import psutil
     from sqlalchemy import text
@@ -42,6 +43,8 @@ def one(backend: str, n: int, url: str) -> dict:
 
     app = create_app(Settings.from_env({"DATABASE_URL": url, "MEMORY_CHECK_INTERVAL": "3600"}))
     rng = np.random.default_rng(0)
+    if step == "search":
+        return search(app, backend, n, rng)
     with app.app_context():
         db.drop_all()
         db.create_all()
@@ -51,9 +54,8 @@ def one(backend: str, n: int, url: str) -> dict:
             db.session.execute(text(
                 "INSERT INTO embeddings (model_fp, kind, ref_id, text_hash, dim, vector, created_at, vec) "
                 "SELECT 'bench', 'item', g, 'h', :dim, '\\x00'::bytea, now(), "
-                "(SELECT array_agg(random() - 0.5 + g * 0) FROM generate_series(1, :dim))::vector "
+                "(SELECT array_agg(random() - 0.5) FROM generate_series(1, :dim) d WHERE g > 0)::vector "
                 "FROM generate_series(1, :n) g"), {"n": n, "dim": DIM})
-            store = index.PgVectorIndex()
         else:
             for start in range(0, n, 10_000):
                 block = rng.standard_normal((min(10_000, n - start), DIM)).astype(np.float32)
@@ -61,8 +63,18 @@ def one(backend: str, n: int, url: str) -> dict:
                 db.session.execute(index.Embedding.__table__.insert(), [
                     {"model_fp": "bench", "kind": "item", "ref_id": start + i + 1, "text_hash": "h", "dim": DIM,
                      "vector": index.to_blob(v)} for i, v in enumerate(block)])
-            store = index.VectorIndex(64 * MB)
         db.session.commit()
+    return {}
+
+
+def search(app, backend: str, n: int, rng) -> dict:
+    import numpy as np
+    import psutil
+
+    from app.semantic import index
+
+    store = index.PgVectorIndex() if backend == "pgvector" else index.VectorIndex(64 * MB)
+    with app.app_context():
         process = psutil.Process()
         before = process.memory_info().rss
         timings = []
@@ -81,8 +93,8 @@ def one(backend: str, n: int, url: str) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] in ("sqlite", "pgvector"):
-        print(json.dumps(one(sys.argv[1], int(sys.argv[2]), sys.argv[3])))
+    if len(sys.argv) == 5 and sys.argv[1] in ("sqlite", "pgvector"):
+        print(json.dumps(one(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])))
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(WORK))
@@ -94,17 +106,18 @@ def main() -> int:
         for backend in ("sqlite", "pgvector"):
             for n in SIZES:
                 url = f"sqlite:///{WORK / f'v{n}.sqlite3'}" if backend == "sqlite" else server.get_uri()
-                out = subprocess.run([sys.executable, "-m", "bench.vectors", backend, str(n), url], cwd=ROOT,
-                                     capture_output=True, text=True, timeout=1200)
-                if out.returncode != 0:
-                    raise SystemExit(out.stderr[-3000:])
+                for step in ("fill", "search"):
+                    out = subprocess.run([sys.executable, "-m", "bench.vectors", backend, str(n), url, step],
+                                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                    if out.returncode != 0:
+                        raise SystemExit(out.stderr[-3000:])
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(rows[-1], flush=True)
     finally:
         server.cleanup()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "vectors.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| back end | vectors | search | top-50 median | worker RSS | RSS growth for the search | index held |",
+    lines = ["| back end | vectors | search | top-50 median | worker RSS after 21 searches | RSS growth for the searches | index held |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['backend']} | {r['vectors']:,} | {r['mode']} | {r['median_ms']} ms | {r['rss_mb']} MB | "
               f"{r['rss_growth_mb']} MB | {r['index_mb']} MB |" for r in rows]

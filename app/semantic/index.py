@@ -147,10 +147,10 @@ class VectorIndex:
         if n * (dim * 2 + 8) > self.max_bytes:
             self._matrices.pop((fingerprint, kind), None)
             return self._stream_top(fingerprint, kind, query, k)
-        matrix = self._matrix(fingerprint, kind, version)
+        matrix = self._matrix(fingerprint, kind, version, dim)
         return _top_k(matrix.ids, _scores(matrix.vectors, query), k)
 
-    def _matrix(self, fingerprint: str, kind: str, version: tuple) -> _Matrix:
+    def _matrix(self, fingerprint: str, kind: str, version: tuple, query_dim: int) -> _Matrix:
         key = (fingerprint, kind)
         cached = self._matrices.get(key)
         if cached is not None and cached.version == version:
@@ -159,14 +159,24 @@ class VectorIndex:
             cached = self._matrices.get(key)
             if cached is not None and cached.version == version:
                 return cached
-            ids, blobs = [], []
-            for ref_id, blob in db.session.execute(
+            # Rows are copied one by one into a preallocated float16 array: no list of blobs and no
+            # joined copy, so building the matrix costs the matrix and nothing more.
+            n, dim = version[0], query_dim
+            ids = np.empty(n, dtype=np.int64)
+            vectors = np.empty((n, dim), dtype="<f2")
+            rows = db.session.execute(
                 select(Embedding.ref_id, Embedding.vector).where(
-                    Embedding.model_fp == fingerprint, Embedding.kind == kind).order_by(Embedding.ref_id)
-            ):
-                ids.append(ref_id)
-                blobs.append(blob)
-            matrix = _Matrix(version, np.asarray(ids, dtype=np.int64), from_blobs(blobs, len(blobs[0]) // 2))
+                    Embedding.model_fp == fingerprint, Embedding.kind == kind).order_by(Embedding.id)
+                .execution_options(yield_per=STREAM_CHUNK))
+            count = 0
+            for ref_id, blob in rows:
+                if count == n:  # rows added since the version was read: the next query refreshes
+                    break
+                ids[count] = ref_id
+                vectors[count] = np.frombuffer(blob, dtype="<f2")
+                count += 1
+            rows.close()
+            matrix = _Matrix(version, ids[:count], vectors[:count])
             self._matrices[key] = matrix
             return matrix
 
@@ -240,11 +250,14 @@ class PgVectorIndex:
         return 0
 
     def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        # The typed expression vec::vector(<dim>) is what an HNSW index is built on (README
+        # "Performance"): with the index the search is approximate and fast, without it exact.
+        dim = int(query.shape[0])
         rows = db.session.execute(text(
-            "SELECT ref_id, 1 - (vec <=> CAST(:q AS vector)) AS score FROM embeddings "
-            "WHERE model_fp = :fp AND kind = :kind AND vec IS NOT NULL "
-            "ORDER BY vec <=> CAST(:q AS vector) LIMIT :k"), {"q": _literal(query), "fp": fingerprint, "kind": kind,
-                                                               "k": k})
+            f"SELECT ref_id, 1 - (vec::vector({dim}) <=> CAST(:q AS vector({dim}))) AS score FROM embeddings "
+            "WHERE model_fp = :fp AND kind = :kind AND dim = :dim AND vec IS NOT NULL "
+            f"ORDER BY vec::vector({dim}) <=> CAST(:q AS vector({dim})) LIMIT :k"),
+            {"q": _literal(query), "fp": fingerprint, "kind": kind, "k": k, "dim": dim})
         return [(int(ref_id), float(score)) for ref_id, score in rows]
 
 
