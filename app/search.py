@@ -130,7 +130,9 @@ def semantic_search(query: str, limit: int) -> list[dict]:
     items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for _, i in top])))}
     results = []
     for score, item_id in top:
-        item = items[item_id]
+        item = items.get(item_id)
+        if item is None:  # removed since its vector was read
+            continue
         matched = sorted(({"name": t.name, "score": round(tag_hits[t.id], 4)} for t in item.tags
                           if t.id in tagged.get(item_id, ())), key=lambda m: -m["score"])
         results.append(_result(item, score, matched))

@@ -37,7 +37,7 @@ def no_stack_trace(ctx, response, case):
 
 
 @schema.parametrize()
-@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_never_crash(case):
     response = case.call()
     assert response.status_code < 500 or response.status_code == 503, (case.method, case.path, response.text[:300])
