@@ -35,7 +35,12 @@ NO_DATABASE_ENDPOINTS = {"api.healthz", "api.readyz", "web.index", "web.static",
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    settings = settings or Settings.from_env()
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:
+            # Entry points (flask CLI, any WSGI server) stop with the one line, not a traceback.
+            raise SystemExit(f"configuration error: {exc}") from None
     app = Flask(__name__, instance_path=settings.instance_path)
     app.config.update(
         SECRET_KEY=settings.secret_key,

@@ -64,3 +64,17 @@ def test_env_example_and_readme_table_are_generated_from_the_fields():
     assert markdown_table() in readme, "the README's configuration table is stale: run `make docs`"
     for field in FIELDS:
         assert f"{field.env}=" in env_example()
+
+
+def test_cli_start_up_with_a_bad_value_prints_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "seed"], cwd=root, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "EMBEDDING_BATCH_SIZE": "0"})
+    assert out.returncode != 0
+    assert out.stderr.strip() == ("configuration error: EMBEDDING_BATCH_SIZE='0' is invalid: "
+                                  "accepts a whole number from 1 to 256")
