@@ -7,7 +7,6 @@ request (see ``app/semantic/service.py``).
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
@@ -16,8 +15,6 @@ from flask import Flask, request
 from .settings import ConfigError, Settings
 
 __all__ = ["create_app", "ConfigError", "Settings"]
-
-log = logging.getLogger(__name__)
 
 SECURITY_HEADERS = {
     # The page loads only its own script and style; nothing inline, nothing third-party.

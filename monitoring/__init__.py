@@ -22,16 +22,19 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     sentry.init(settings)
 
+    from .watchdog import MemoryWatchdog
+
+    # Used only for its sample(): alerting stays with the watchdog thread, so a scrape never alerts.
+    sampler = MemoryWatchdog(settings)
+
     @app.get("/metrics", endpoint="metrics")
     def metrics_view():
         semantic = app.extensions["memfit.semantic"]
         metrics.model_loaded.set(1 if semantic.state == "loaded" else 0)
-        watchdog = app.extensions.get("memfit.watchdog")
-        if watchdog is None:
-            from .watchdog import MemoryWatchdog
-
-            watchdog = MemoryWatchdog(settings)
-        watchdog.check()  # fresh figures for this worker at scrape time (alerts follow the same rules)
+        try:
+            MemoryWatchdog.export(sampler.sample())  # this worker's figures as of the scrape
+        except Exception:  # a failed sample leaves the last exported figures; the scrape still answers
+            pass
         body, content_type = metrics.render(settings.prometheus_multiproc_dir)
         return Response(body, content_type=content_type)
 

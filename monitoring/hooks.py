@@ -68,9 +68,6 @@ def worker_started(worker) -> None:
     watchdog = MemoryWatchdog(settings())
     watchdog.ensure_running()
     _state["watchdog"] = watchdog
-    app = getattr(getattr(worker, "wsgi", None), "extensions", None)
-    if isinstance(app, dict):
-        app["memfit.watchdog"] = watchdog
 
 
 def after_request(worker) -> None:

@@ -111,7 +111,7 @@ class MemoryWatchdog:
     def _check(self, now: float) -> list[str]:
         figures = self.sample()
         self.last_sample = figures
-        self._export(figures)
+        self.export(figures)
         values = {"process": int(figures["process_rss_mb"] * MB)}
         # Without a limit the cgroup is the host's or a sandbox's, not this instance's: nothing to alert on.
         if figures.get("container_limit_mb"):
@@ -136,7 +136,8 @@ class MemoryWatchdog:
         sentry.capture_memory_alert(subject, message, figures, self.settings, figures["pid"])
 
     @staticmethod
-    def _export(figures: dict) -> None:
+    def export(figures: dict) -> None:
+        """Publish one sample's figures as the process's gauges."""
         from . import metrics
 
         metrics.process_rss.set(figures["process_rss_mb"] * MB)

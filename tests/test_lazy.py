@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from support import ROOT, free_port, venv_bin, wait_http
+from support import ROOT, Gunicorn
 
 HEAVY = ("torch", "transformers", "sentence_transformers", "onnxruntime", "numpy", "sklearn", "scipy")
 
@@ -64,23 +64,13 @@ def test_torch_folder_serves_without_sentence_transformers(tmp_path, tiny_model)
 
 def test_gunicorn_worker_after_text_and_tag_search_stays_small(tmp_path):
     import psutil
-    import urllib.request
 
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite3'}",
-           "WEB_CONCURRENCY": "1"}
-    subprocess.run([venv_bin("flask"), "--app", "app", "seed"], cwd=ROOT, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen([venv_bin("gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+    with Gunicorn(tmp_path, {}) as g:
         for query in ("/search?q=%D7%A1%D7%A4%D7%A8&mode=text", "/search?q=%D7%A1%D7%A4%D7%A8%D7%99%D7%9D&mode=tags"):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{query}") as response:
-                assert response.status == 200 and json.load(response)["count"] > 0
-        (worker,) = psutil.Process(proc.pid).children()
-        maps = open(f"/proc/{worker.pid}/maps").read()
-        assert "libtorch" not in maps and "onnxruntime" not in maps
-        assert worker.memory_info().rss < 100 * 1024 * 1024, worker.memory_info().rss
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            status, body = g.get(query)
+            assert status == 200 and json.loads(body)["count"] > 0
+        (worker,) = g.workers()
+        maps = open(f"/proc/{worker}/maps").read()
+        rss = psutil.Process(worker).memory_info().rss
+    assert "libtorch" not in maps and "onnxruntime" not in maps
+    assert rss < 100 * 1024 * 1024, rss

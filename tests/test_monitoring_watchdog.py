@@ -1,7 +1,5 @@
 """monitoring/watchdog.py: one alert per crossing, re-arming, cooldown, and never raising."""
 
-import threading
-
 from monitoring.watchdog import Alarm, MemoryWatchdog
 from support import make_settings
 from test_monitoring_memory import write
@@ -69,5 +67,16 @@ def test_thread_is_named_daemon_and_restarts_after_fork(tmp_path):
     assert watchdog._thread is not thread and watchdog._thread.is_alive()
     watchdog.stop()
     watchdog._thread.join(timeout=5)
-    assert not any(t.name == MemoryWatchdog.THREAD_NAME and t.is_alive() and t is watchdog._thread
-                   for t in threading.enumerate())
+    assert not watchdog._thread.is_alive()
+
+
+def test_metrics_scrapes_export_figures_but_never_alert(tmp_path):
+    from app import create_app
+    from monitoring import metrics
+    from support import metric
+
+    app = create_app(make_settings(tmp_path, MAX_MEMORY_MB="16", MEMORY_ALERT_COOLDOWN="0"))
+    before = metrics.alerts.labels(subject="process")._value.get()
+    bodies = [app.test_client().get("/metrics").get_data(as_text=True) for _ in range(3)]
+    assert metrics.alerts.labels(subject="process")._value.get() == before
+    assert metric(bodies[-1], "memfit_process_rss_bytes") > 16 * MB  # over the threshold, yet no alert
