@@ -1,7 +1,7 @@
 """The search modes, one module each, behind one ``run(mode, query, limit)``.
 
-``MODES`` and the limits are written here once; the API, the OpenAPI description and monitoring
-take them from here. Semantic search imports the vector code only when it runs (see its module).
+``MODES`` and the limits are written here once; the API and the OpenAPI description take them from
+here. Semantic search reaches the vector code (numpy) only when it runs, through the semantic service.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DISABLED, NOT_LOADED, LOADING, LOADED, FAILED = "disabled", "not_loaded", "loading", "loaded", "failed"
 # A failed load is retried at most this often, so a bad model name does not cost a load per request.
 RETRY_AFTER_SECONDS = 300.0
-KINDS = ("tag", "item")  # tags first: an item's score uses its tags' vectors
+KINDS = ("tag", "item")  # tags first: they are few, and every item's score reads them
 TAG_CANDIDATES = 50  # closest tags read per query
 CARRYING_TAGS = 10  # items carrying one of this many closest tags are candidates too
 
@@ -46,6 +46,8 @@ class SemanticHits:
 
 
 class SemanticService:
+    """One per app: loads the model once, keeps the vectors current and answers nearest-neighbour queries."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
