@@ -45,15 +45,22 @@ def create_app(settings: Settings | None = None) -> Flask:
         DEBUG=False if settings.app_env == "production" else app.config["DEBUG"],
     )
     app.json.ensure_ascii = False  # Hebrew as Hebrew, not \u05e1 escapes
-    app.extensions["memfit.settings"] = settings
+    register_state(app, settings)
     register_database(app, settings)
-    register_semantic(app, settings)
     register_errors(app)
     register_blueprints(app)
     register_headers(app)
     register_cli(app)
     register_monitoring(app, settings)
     return app
+
+
+def register_state(app: Flask, settings: Settings) -> None:
+    from .state import init_app
+
+    # Settings and the semantic service, reached through app.state.get_state(). The service creates
+    # its vector store (numpy) on the first semantic search, not here.
+    init_app(app, settings)
 
 
 def register_database(app: Flask, settings: Settings) -> None:
@@ -77,13 +84,6 @@ def register_database(app: Flask, settings: Settings) -> None:
             if not schema["ready"]:
                 db.create_schema()
                 schema["ready"] = True
-
-
-def register_semantic(app: Flask, settings: Settings) -> None:
-    from .semantic.service import SemanticService
-
-    # The vector index (numpy) is created by the first semantic search: see search.vector_index().
-    app.extensions["memfit.semantic"] = SemanticService(settings)
 
 
 def register_errors(app: Flask) -> None:

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, current_app, jsonify, request
-from sqlalchemy import select, text
+from flask import Blueprint, jsonify, request
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from . import search
-from .db import BODY_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX, Item, Tag, db
-from . import hebrew
+from .db import BODY_MAX, ID_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX, Item, db, tags_by_name
 from .errors import ApiError
+from .search import LIMIT_DEFAULT, LIMIT_MAX
+from .state import get_service, get_settings
 
 bp = Blueprint("api", __name__)
 
-LIMIT_DEFAULT, LIMIT_MAX = 10, 100
-QUERY_STRING_MAX = 4096
-ID_MAX = 2**31 - 1  # bytes; the q parameter has its own, smaller limit
-
-
-def _settings():
-    return current_app.extensions["memfit.settings"]
+QUERY_STRING_MAX = 4096  # bytes; the q parameter has its own, smaller limit (MAX_QUERY_LENGTH)
 
 
 @bp.before_app_request
@@ -39,8 +34,9 @@ def search_view():
     query = args.get("q", "").strip()
     if not query:
         raise ApiError(400, "bad_query", "q is required: the text to search for")
-    if len(query) > _settings().max_query_length:
-        raise ApiError(400, "bad_query", f"q is too long: at most {_settings().max_query_length} characters")
+    max_length = get_settings().max_query_length
+    if len(query) > max_length:
+        raise ApiError(400, "bad_query", f"q is too long: at most {max_length} characters")
     mode = args.get("mode", "text")
     if mode not in search.MODES:
         raise ApiError(400, "bad_mode", f"mode {mode[:20]!r} is unknown; accepts {', '.join(search.MODES)}")
@@ -80,18 +76,6 @@ def _item_payload() -> dict:
     return {"title": title.strip(), "body": body.strip(), "tags": list(dict.fromkeys(clean))}
 
 
-def tags_by_name(names: list[str]) -> list[Tag]:
-    """The Tag rows for names, creating the missing ones in the current transaction."""
-    if not names:
-        return []
-    found = {t.name: t for t in db.session.scalars(select(Tag).where(Tag.name.in_(names)))}
-    for name in names:
-        if name not in found:
-            found[name] = Tag(name=name, norm=hebrew.normalize(name))
-            db.session.add(found[name])
-    return [found[name] for name in names]
-
-
 @bp.post("/items")
 def create_item():
     payload = _item_payload()
@@ -115,7 +99,7 @@ def create_item():
 
 @bp.get("/items/<int:item_id>")
 def get_item(item_id: int):
-    # Ids are 32-bit in the schema; a larger number cannot exist (and would overflow the driver).
+    # A number past ID_MAX cannot exist (and would overflow the driver): not found, not a 500.
     item = db.session.get(Item, item_id) if item_id <= ID_MAX else None
     if item is None:
         raise ApiError(404, "not_found", f"no item with id {item_id}")
@@ -130,7 +114,7 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    semantic = current_app.extensions["memfit.semantic"].status()
+    semantic = get_service().status()
     try:
         db.session.execute(text("SELECT 1"))
         database = "ok"

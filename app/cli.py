@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from flask.cli import with_appcontext
 from sqlalchemy import func, select
 
-from .db import Item, create_schema, db
-
-SAMPLE = "sample_items.json"
-
-
-def load_sample() -> list[dict]:
-    """The bundled Hebrew dataset: a JSON list of {title, body, tags}."""
-    return json.loads(resources.files("app.data").joinpath(SAMPLE).read_text(encoding="utf-8"))
+from .data import load_sample
+from .db import Item, create_schema, db, tags_by_name
+from .semantic.service import KINDS, SemanticUnavailable
+from .state import get_service
 
 
 @click.command("init-db")
@@ -34,8 +29,6 @@ def init_db_command():
 @with_appcontext
 def seed_command(force: bool):
     """Load the bundled sample of Hebrew items and tags (skipped when items exist)."""
-    from .api import tags_by_name
-
     create_schema()
     existing = db.session.scalar(select(func.count()).select_from(Item))
     if existing and not force:
@@ -55,24 +48,19 @@ def seed_command(force: bool):
 @with_appcontext
 def embed_command(check_text: bool, prune: bool):
     """Compute the missing tag and item embeddings for the configured model, in batches."""
-    from .search import vector_index
-    from .semantic import index
-    from .semantic.service import SemanticUnavailable
-
     create_schema()
-    settings = current_app.extensions["memfit.settings"]
+    service = get_service()
     try:
-        encoder = current_app.extensions["memfit.semantic"].encoder()
+        service.encoder()  # load first, so a missing model is one clear line
     except SemanticUnavailable as exc:
         raise click.ClickException(str(exc)) from None
-    for kind in ("tag", "item"):
-        rows = index.missing(kind, encoder.fingerprint, check_text=check_text)
+    for kind in KINDS:
+        rows = service.pending(kind, check_text=check_text)
         with click.progressbar(length=len(rows), label=f"embedding {len(rows)} {kind}s") as bar:
-            index.embed_rows(encoder, kind, rows, settings.embedding_batch_size, progress=bar.update,
-                             vector_store=vector_index())
+            service.embed(kind, rows, progress=bar.update)
     if prune:
-        click.echo(f"pruned {index.prune(encoder.fingerprint)} vectors of other models")
-    click.echo(json.dumps(index.counts(encoder.fingerprint)))
+        click.echo(f"pruned {service.prune()} vectors of other models")
+    click.echo(json.dumps(service.counts()))
 
 
 @click.group("model")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -29,6 +30,7 @@ TITLE_MAX = 200
 BODY_MAX = 5000
 TAG_MAX = 64
 TAGS_PER_ITEM_MAX = 20
+ID_MAX = 2**31 - 1  # ids are 32-bit integers in the schema: a larger one cannot exist
 
 
 class Base(DeclarativeBase):
@@ -118,6 +120,18 @@ class Embedding(Base):
     # L2-normalised float16 little-endian: half the bytes of fp32, cosine error ~1e-3.
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, nullable=False)
+
+
+def tags_by_name(names: list[str]) -> list[Tag]:
+    """The Tag rows for names, creating the missing ones in the current transaction."""
+    if not names:
+        return []
+    found = {t.name: t for t in db.session.scalars(select(Tag).where(Tag.name.in_(names)))}
+    for name in names:
+        if name not in found:
+            found[name] = Tag(name=name, norm=hebrew.normalize(name))
+            db.session.add(found[name])
+    return [found[name] for name in names]
 
 
 def text_hash(text: str) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify
 
-from . import search
 from .db import BODY_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX
+from .search import LIMIT_MAX, MODES
+from .state import get_settings
 
 bp = Blueprint("openapi", __name__)
 
@@ -20,6 +21,7 @@ def _responses(ok: dict, *errors: int) -> dict:
 
 
 def spec() -> dict:
+    """The description of the running app: its limits come from its settings and the search package."""
     json_of = lambda ref: {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}  # noqa: E731
     return {
         "openapi": "3.0.3",
@@ -30,9 +32,9 @@ def spec() -> dict:
                 "operationId": "search",
                 "parameters": [
                     {"name": "q", "in": "query", "required": True,
-                     "schema": {"type": "string", "minLength": 1, "maxLength": 500}},
-                    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(search.MODES)}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                     "schema": {"type": "string", "minLength": 1, "maxLength": get_settings().max_query_length}},
+                    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX}},
                 ],
                 "responses": _responses({"description": "results", "content": json_of("SearchResults")},
                                         400, 414, 503),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, render_template
+
+from .state import get_settings
 
 bp = Blueprint("web", __name__, static_folder="static", template_folder="templates")
 
 
 @bp.get("/")
 def index():
-    settings = current_app.extensions["memfit.settings"]
-    return render_template("index.html", semantic_enabled=settings.enable_semantic_search)
+    return render_template("index.html", semantic_enabled=get_settings().enable_semantic_search)

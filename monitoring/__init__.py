@@ -29,7 +29,9 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     @app.get("/metrics", endpoint="metrics")
     def metrics_view():
-        semantic = app.extensions["memfit.semantic"]
+        from app.state import get_service
+
+        semantic = get_service(app)
         metrics.model_loaded.set(1 if semantic.state == "loaded" else 0)
         try:
             MemoryWatchdog.export(sampler.sample())  # this worker's figures as of the scrape

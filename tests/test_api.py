@@ -111,3 +111,16 @@ def test_security_headers_on_the_page_and_api(client):
         headers = client.get(path).headers
         assert "default-src 'self'" in headers["Content-Security-Policy"]
         assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_openapi_limits_are_the_apps_own(make_app):
+    from app.search import LIMIT_MAX, MODES
+
+    client = make_app(MAX_QUERY_LENGTH="37").test_client()
+    params = {p["name"]: p["schema"] for p in
+              client.get("/openapi.json").get_json()["paths"]["/search"]["get"]["parameters"]}
+    assert params["q"]["maxLength"] == 37
+    assert params["limit"]["maximum"] == LIMIT_MAX and params["mode"]["enum"] == list(MODES)
+    # The API enforces the same figure the description announces.
+    assert client.get("/search", query_string={"q": "א" * 38}).status_code == 400
+    assert client.get("/search", query_string={"q": "א" * 37}).status_code == 200

@@ -5,7 +5,7 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from app.cli import load_sample
+from app.data import load_sample
 
 
 def test_sample_has_200_hebrew_items_with_tags():

@@ -1,4 +1,4 @@
-"""app/search.py: text and tag search over the seeded sample (semantic search: test_semantic.py)."""
+"""app/search/ (text.py, tags.py): text and tag search over the seeded sample (semantic search: test_semantic.py)."""
 
 import pytest
 

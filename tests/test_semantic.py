@@ -8,6 +8,7 @@ import pytest
 
 from app.semantic import encoders
 from app.semantic.service import DISABLED, FAILED, LOADED, NOT_LOADED, SemanticService
+from app.state import get_service, get_settings
 from support import make_settings
 
 TEXTS = ["שלום עולם", "ספרים טובים לילדים בקיץ", "טיול בגליל העליון עם נחלים " * 12, "x"]
@@ -94,7 +95,7 @@ def test_failed_load_is_reported_and_not_retried_per_request(make_app, tmp_path,
         assert response.status_code == 503
         assert "neither a model folder nor a hub name" in response.get_json()["error"]["message"]
     assert len(calls) == 1
-    assert app.extensions["memfit.semantic"].state == FAILED
+    assert get_service(app).state == FAILED
     assert client.get("/search", query_string={"q": "ספר"}).status_code == 200
     assert client.get("/readyz").get_json()["semantic"]["state"] == "failed"
 
@@ -127,12 +128,23 @@ def test_semantic_search_returns_ranked_results_with_matched_tags(semantic_app):
         assert {m["name"] for m in r["matched_tags"]} <= set(r["tags"])
 
 
+def test_the_service_answers_with_ids_and_the_endpoint_keeps_its_order(semantic_app):
+    with semantic_app.app_context():
+        hits = get_service(semantic_app).search("ספרים לילדים", 5)
+    scores = [score for score, _ in hits.scored]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True), hits.scored
+    assert hits.tag_scores and all(tags <= set(hits.tag_scores) for tags in hits.item_tags.values())
+    body = semantic_app.test_client().get(
+        "/search", query_string={"q": "ספרים לילדים", "mode": "semantic", "limit": 5}).get_json()
+    assert [r["id"] for r in body["results"]] == [item_id for _, item_id in hits.scored]
+
+
 def test_embeddings_are_computed_once_and_reused(semantic_app):
     from app.db import Embedding, Item, Tag, db
 
     client = semantic_app.test_client()
     client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
-    encoder = semantic_app.extensions["memfit.semantic"].encoder()
+    encoder = get_service(semantic_app).encoder()
     with semantic_app.app_context():
         n_items, n_tags = db.session.query(Item).count(), db.session.query(Tag).count()
         assert db.session.query(Embedding).count() == n_items + n_tags
@@ -146,7 +158,7 @@ def test_embeddings_are_computed_once_and_reused(semantic_app):
 def test_catch_up_embeds_in_batches_of_the_setting(make_app, tiny_onnx):
     app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7")
     app.test_cli_runner().invoke(args=["seed"])
-    encoder = app.extensions["memfit.semantic"].encoder()
+    encoder = get_service(app).encoder()
     sizes = []
     original = encoder.encode
     encoder.encode = lambda texts, batch: sizes.append(len(texts)) or original(texts, batch)
@@ -163,12 +175,12 @@ def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_pat
     first = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000")
     first.test_cli_runner().invoke(args=["seed"])
     first.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
-    fp_first = first.extensions["memfit.semantic"].encoder().fingerprint
+    fp_first = get_service(first).encoder().fingerprint
 
     from app import create_app
 
-    app2 = create_app(first.extensions["memfit.settings"].replace(semantic_model=str(tmp_path / "other-q8")))
-    fp_second = app2.extensions["memfit.semantic"].encoder().fingerprint
+    app2 = create_app(get_settings(first).replace(semantic_model=str(tmp_path / "other-q8")))
+    fp_second = get_service(app2).encoder().fingerprint
     assert fp_second != fp_first and other["fingerprint"]
     with app2.app_context():
         before = db.session.query(Embedding).filter_by(model_fp=fp_second).count()

@@ -7,6 +7,7 @@ import pytest
 from app import create_app
 from app.db import Embedding, db
 from app.semantic import index
+from app.state import get_service, get_settings
 from support import make_settings
 
 pytestmark = pytest.mark.postgres
@@ -53,19 +54,19 @@ def test_pgvector_search_matches_exact_search(pg_app):
 
 
 def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
-    app = create_app(make_settings(tmp_path, DATABASE_URL=pg_app.extensions["memfit.settings"].database_url,
+    app = create_app(make_settings(tmp_path, DATABASE_URL=get_settings(pg_app).database_url,
                                    SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000"))
     app.test_cli_runner().invoke(args=["seed"])
     client = app.test_client()
     body = client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
     assert body["count"] == 10
-    store = app.extensions["memfit.vectors"]
+    store = get_service(app).vector_store()
     assert store.kind == "pgvector" and store.memory_bytes() == 0
     with app.app_context():
         assert db.session.execute(db.text("SELECT count(*) FROM embeddings WHERE vec IS NULL")).scalar() == 0
     # The same query through the in-process index on the same rows gives the same order.
     local = index.VectorIndex(64 * 2**20)
-    encoder = app.extensions["memfit.semantic"].encoder()
+    encoder = get_service(app).encoder()
     query = encoder.encode(["ספרים לילדים"], 1)[0]
     with app.app_context():
         assert [r for r, _ in local.top(encoder.fingerprint, "item", query, 5)] == \

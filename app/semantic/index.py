@@ -1,9 +1,10 @@
 """Stored embeddings: computing the missing ones in batches, and nearest-neighbour search over them.
 
-Imported only on the semantic path (it imports numpy at module level).
+Imported only inside ``SemanticService``'s methods, the semantic path (it imports numpy at module
+level), and by tests and benchmarks.
 
 Vectors live in the ``embeddings`` table as L2-normalised float16 under the model's fingerprint.
-Two stores search them (``store()`` picks one per app):
+Two stores search them (``SemanticService.vector_store()`` picks one per app):
 
 * PostgreSQL with pgvector: the database does the search (``vec <=> query``); the web process
   holds no vectors at all, whatever the corpus size.
@@ -24,7 +25,7 @@ import numpy as np
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from ..db import Embedding, Item, Tag, db, text_hash
+from ..db import Embedding, Item, Tag, db, item_tags, text_hash
 from .encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,7 @@ def _push(heap: list, entry: tuple, k: int) -> None:
 
 
 def items_with_tags(tag_ids: Iterable[int]) -> dict[int, set[int]]:
-    from ..db import item_tags
-
+    """item id -> the ids among tag_ids that the item carries."""
     result: dict[int, set[int]] = {}
     ids = list(tag_ids)
     if not ids:

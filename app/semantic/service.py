@@ -1,5 +1,7 @@
-"""The semantic-search service: the model is loaded on the first semantic request, once.
+"""The semantic-search service: the one front door to the model, the vector store, catch-up and the
+nearest-neighbour query. The model is loaded on the first semantic request, once.
 
+Its state (encoder, vector store, catch-up memo) lives on the instance, one per app (``app.state``).
 Nothing here imports numpy, onnxruntime, torch or transformers at module level: a worker that only
 serves text and tag search never pays for them (torch alone is ~220 MB of RSS on import).
 """
@@ -9,8 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from sqlalchemy import func, select
+
+from ..db import Item, Tag, db
 from ..settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -21,13 +27,27 @@ log = logging.getLogger(__name__)
 DISABLED, NOT_LOADED, LOADING, LOADED, FAILED = "disabled", "not_loaded", "loading", "loaded", "failed"
 # A failed load is retried at most this often, so a bad model name does not cost a load per request.
 RETRY_AFTER_SECONDS = 300.0
+KINDS = ("tag", "item")  # tags first: they are few, and every item's score reads them
+TAG_CANDIDATES = 50  # closest tags read per query
+CARRYING_TAGS = 10  # items carrying one of this many closest tags are candidates too
 
 
 class SemanticUnavailable(RuntimeError):
     """Semantic search cannot answer now; the message says why (shown to the client with a 503)."""
 
 
+@dataclass(frozen=True)
+class SemanticHits:
+    """What a semantic query found, by id only: the caller loads the items it returns."""
+
+    scored: list[tuple[float, int]]  # (score, item id), best first, at most the limit
+    tag_scores: dict[int, float]  # tag id -> cosine to the query, for the closest tags
+    item_tags: dict[int, set[int]]  # item id -> the ids of closest tags it carries
+
+
 class SemanticService:
+    """One per app: loads the model once, keeps the vectors current and answers nearest-neighbour queries."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
@@ -37,14 +57,12 @@ class SemanticService:
         self._failed_at = 0.0
         self.load_seconds: float | None = None
         self.load_count = 0
+        self._store = None  # the vector store, chosen on first use: see vector_store()
+        self._caught_up: tuple | None = None  # (fingerprint, max tag id, max item id) with nothing missing
 
     @property
     def state(self) -> str:
         return self._state
-
-    @property
-    def error(self) -> str | None:
-        return self._error
 
     def status(self) -> dict:
         status = {"state": self._state, "model": self.settings.semantic_model}
@@ -82,6 +100,92 @@ class SemanticService:
             self._state, self._error = LOADED, None
             log.info("semantic model loaded in %.2fs: %s", self.load_seconds, self._encoder.describe())
             return self._encoder
+
+    def vector_store(self):
+        """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the extension is
+        there, else the bounded in-process index (a race makes two; one is kept, both are correct)."""
+        if self._store is None:
+            from . import index  # numpy and the vector code, only on this path
+
+            if not self.settings.is_sqlite and index.enable_pgvector():
+                store = index.PgVectorIndex()
+            else:
+                store = index.VectorIndex(self.settings.semantic_index_max_mb * 1024 * 1024)
+            if self._store is None:
+                self._store = store
+        return self._store
+
+    def pending(self, kind: str, check_text: bool = False, limit: int | None = None) -> list:
+        """Rows of kind ("tag" or "item") with no vector for this model (with check_text, also those
+        whose text changed); loads the model."""
+        from . import index
+
+        return index.missing(kind, self.encoder().fingerprint, limit, check_text=check_text)
+
+    def embed(self, kind: str, rows: Sequence, progress: Callable[[int], None] | None = None) -> int:
+        """Encode and store the vectors of rows, in batches of EMBEDDING_BATCH_SIZE; returns how many."""
+        from . import index
+
+        return index.embed_rows(self.encoder(), kind, rows, self.settings.embedding_batch_size,
+                                progress=progress, vector_store=self.vector_store())
+
+    def prune(self) -> int:
+        """Delete the vectors of every other model; returns how many went."""
+        from . import index
+
+        return index.prune(self.encoder().fingerprint)
+
+    def counts(self) -> dict:
+        """Stored vectors: this model's per kind, and the stale ones of other models."""
+        from . import index
+
+        return index.counts(self.encoder().fingerprint)
+
+    def catch_up(self) -> int:
+        """Embed up to SEMANTIC_CATCHUP_LIMIT tags and items that have no vector for this model yet.
+
+        The search for missing rows is skipped while the newest tag and item ids are those this worker
+        saw when it last found nothing missing (one cheap query instead of two anti-joins per request).
+        """
+        limit = self.settings.semantic_catchup_limit
+        if limit <= 0:
+            return 0
+        newest = (self.encoder().fingerprint, *db.session.execute(
+            select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one())
+        if self._caught_up == newest:
+            return 0
+        done = 0
+        for kind in KINDS:
+            done += self.embed(kind, self.pending(kind, limit=limit - done))
+            if done >= limit:
+                return done
+        self._caught_up = newest  # nothing was left missing up to these ids
+        return done
+
+    def search(self, query: str, limit: int) -> SemanticHits:
+        """The items nearest the query, scored by their own vector and their closest tags'.
+
+        Loads the model and catches up on missing vectors first; raises SemanticUnavailable with a reason.
+        """
+        encoder = self.encoder()
+        from . import index
+
+        self.catch_up()
+        vector = encoder.encode([query], 1)[0]
+        store = self.vector_store()
+        tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
+        item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
+        # Items carrying one of the closest tags are candidates even if their own text is farther.
+        top_tags = sorted(tag_hits, key=tag_hits.get, reverse=True)[:CARRYING_TAGS]
+        tagged = index.items_with_tags(top_tags)
+        floor = min(item_hits.values()) if item_hits else 0.0
+        scored = []
+        for item_id in set(item_hits) | set(tagged):
+            own = item_hits.get(item_id, floor)
+            best_tag = max((tag_hits[t] for t in tagged.get(item_id, ())), default=None)
+            scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
+        scored.sort(key=lambda entry: (-entry[0], -entry[1]))
+        return SemanticHits(scored=scored[:limit], tag_scores=tag_hits, item_tags=tagged)
 
 
 def _describe(exc: BaseException) -> str:

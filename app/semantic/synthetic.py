@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..data import load_sample
+
 ARCHES = {
     "tiny": dict(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=512),
@@ -27,8 +29,6 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def corpus() -> list[str]:
-    from ..cli import load_sample
-
     return [f"{e['title']} {e.get('body', '')} {' '.join(e['tags'])}" for e in load_sample()]
 
 

@@ -1,0 +1,42 @@
+"""The app's own state: one typed object in ``app.extensions["memfit"]``, reached through ``get_state``.
+
+Settings and the semantic service live there, created once by ``create_app``; nothing else keeps
+per-app state under string keys, so a test's second app never shares anything with the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from .semantic.service import SemanticService
+from .settings import Settings
+
+KEY = "memfit"
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    semantic: SemanticService
+
+
+def init_app(app: Flask, settings: Settings) -> AppState:
+    """Attach the state to app; the service loads nothing until the first semantic request."""
+    state = AppState(settings=settings, semantic=SemanticService(settings))
+    app.extensions[KEY] = state
+    return state
+
+
+def get_state(app: Flask | None = None) -> AppState:
+    """The state of app, or of the current app when none is given."""
+    return (app or current_app).extensions[KEY]
+
+
+def get_settings(app: Flask | None = None) -> Settings:
+    return get_state(app).settings
+
+
+def get_service(app: Flask | None = None) -> SemanticService:
+    return get_state(app).semantic
