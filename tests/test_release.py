@@ -269,3 +269,33 @@ def test_postgres_without_the_extension_is_refused_in_one_line(tmp_path):
         assert db.session.execute(sa.text("SELECT 1")).scalar() == 1  # the session is still usable
         db.session.remove()
         db.engine.dispose()
+
+
+def test_two_release_processes_at_once_embed_every_row_once(make_app, tiny_onnx, backend):
+    import os
+    import subprocess
+
+    from support import ROOT, venv_bin
+
+    app = seeded_app(make_app, tiny_onnx, EMBEDDING_BATCH_SIZE="8")
+    env = {**os.environ, "DATABASE_URL": app.extensions["memfit.settings"].database_url,
+           "SEMANTIC_MODEL": str(tiny_onnx), "EMBEDDING_BATCH_SIZE": "8", "SEMANTIC_CATCHUP_LIMIT": "0",
+           "MEMORY_CHECK_INTERVAL": "3600"}
+    # Both start while the lock is held elsewhere, so they really are concurrent: each must wait.
+    free = hold_lock_elsewhere(app)
+    try:
+        procs = [subprocess.Popen([venv_bin("flask"), "--app", "app", "release"], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        for proc in procs:
+            first = proc.stdout.readline()
+            assert first.startswith("waiting for another release"), f"went ahead without the lock: {first!r}"
+    finally:
+        free()
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    tags, items = totals(app)
+    vectors = current_vectors(app)
+    assert len(vectors) == tags + items and set(vectors.values()) == {1}
+    # One did the work; the other waited for it to finish and found nothing left.
+    assert sorted(f"{tags} tags and {items} items embedded" in out for out in outputs) == [False, True], outputs
+    assert sum("0 tags and 0 items embedded" in out for out in outputs) == 1, outputs
