@@ -146,7 +146,10 @@ def current_revisions(connection=None) -> frozenset:
 
 def schema_problem() -> str | None:
     """Why this database cannot be served by this code, or None. One cheap query; no schema work."""
-    heads, known = _script(MIGRATIONS_DIR)
+    try:
+        heads, known = _script(MIGRATIONS_DIR)
+    except Exception as exc:  # a build without migrations/: say so instead of a 500 on every request
+        return f"the migration scripts cannot be read ({exc}); the build must ship {MIGRATIONS_DIR}"
     current = current_revisions()
     if current == heads:
         return None
@@ -282,8 +285,9 @@ def count_missing(kind: str, fingerprint: str) -> int:
 
 
 def backfill(encoder, batch_size: int, vector_store=None, echo: Echo = click.echo,
-             stream: TextIO | None = None, chunk: int = BACKFILL_CHUNK) -> dict[str, int]:
-    """Embed every tag and item without a vector for the encoder's model; returns counts per kind.
+             stream: TextIO | None = None, chunk: int = BACKFILL_CHUNK, check_text: bool = False) -> dict[str, int]:
+    """Embed every tag and item without a vector for the encoder's model (with check_text, also
+    those whose text changed since); returns how many per kind.
 
     Each batch is its own transaction (index.embed_rows): an interruption, KeyboardInterrupt
     included, rolls back the batch in flight and keeps the ones committed; the next run resumes.
@@ -292,22 +296,26 @@ def backfill(encoder, batch_size: int, vector_store=None, echo: Echo = click.ech
 
     done: dict[str, int] = {}
     for kind in ("tag", "item"):
-        total = count_missing(kind, encoder.fingerprint)
+        # check_text compares every row's text hash: one pass over all rows, not rounds of `chunk`.
+        stale = index.missing(kind, encoder.fingerprint, check_text=True) if check_text else None
+        total = len(stale) if check_text else count_missing(kind, encoder.fingerprint)
         progress = Progress(f"embedding {kind}s", total, echo=echo, stream=stream)
         done[kind] = 0
         previous: list[int] = []
         try:
             while True:
-                rows = index.missing(kind, encoder.fingerprint, limit=chunk)
+                rows = stale if check_text else index.missing(kind, encoder.fingerprint, limit=chunk)
                 ids = [row.id for row in rows]
                 if not rows:
                     break
-                if ids == previous:  # nothing stuck: a batch that cannot be stored must not loop
+                if ids == previous:  # a batch that cannot be stored must not loop for ever
                     raise RuntimeError(f"{kind}s {ids[:5]}... stay without vectors after a batch was stored")
                 previous = ids
                 done[kind] += index.embed_rows(encoder, kind, rows, batch_size, progress=progress.update,
                                                vector_store=vector_store)
                 db.session.expunge_all()  # the rows of this round are done: let them go
+                if check_text:
+                    break
         except BaseException:
             db.session.rollback()  # the batch in flight, never half of it
             raise

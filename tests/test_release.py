@@ -299,3 +299,22 @@ def test_two_release_processes_at_once_embed_every_row_once(make_app, tiny_onnx,
     # One did the work; the other waited for it to finish and found nothing left.
     assert sorted(f"{tags} tags and {items} items embedded" in out for out in outputs) == [False, True], outputs
     assert sum("0 tags and 0 items embedded" in out for out in outputs) == 1, outputs
+
+
+def test_backfill_with_check_text_re_embeds_only_changed_texts(make_app, tiny_onnx):
+    app = seeded_app(make_app, tiny_onnx)
+    assert invoke(app).exit_code == 0
+    with app.app_context():
+        item = db.session.get(Item, 3)
+        item.title = "כותרת חדשה לגמרי"
+        db.session.commit()
+        encoder = app.extensions["memfit.semantic"].encoder()
+        lines = []
+        assert release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO()) == {"tag": 0, "item": 0}
+        done = release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO(), check_text=True)
+        assert done == {"tag": 0, "item": 1}
+        stored = db.session.scalar(sa.select(Embedding.text_hash).where(
+            Embedding.model_fp == encoder.fingerprint, Embedding.kind == "item", Embedding.ref_id == 3))
+        from app.db import text_hash
+
+        assert stored == text_hash(db.session.get(Item, 3).embedding_text)

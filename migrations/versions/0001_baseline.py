@@ -8,7 +8,7 @@ Revision ID: 0001
 Revises:
 """
 
-from alembic import op
+from alembic import context, op
 import sqlalchemy as sa
 
 revision = "0001"
@@ -78,6 +78,10 @@ CREATORS = {"tags": _create_tags, "items": _create_items, "item_tags": _create_i
 
 
 def upgrade():
+    if context.is_offline_mode():  # `flask db upgrade --sql`: the SQL for an empty database
+        for create in CREATORS.values():
+            create()
+        return
     inspector = sa.inspect(op.get_bind())
     existing = set(inspector.get_table_names())
     for table, create in CREATORS.items():
