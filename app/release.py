@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import io
 import logging
 import sys
 import threading
@@ -245,7 +246,11 @@ class Progress:
         if stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit="row", file=stream, dynamic_ncols=True)
+            # A pseudo-terminal without a size (some `docker run -t`, `script`) reports 0 x 0,
+            # where tqdm would hide the bar: fall back to 80 x 24.
+            sized = _terminal_sized(stream)
+            self.bar = tqdm(total=total, desc=label, unit="row", file=stream, dynamic_ncols=sized,
+                            ncols=None if sized else 80, nrows=None if sized else 24)
         else:
             echo(f"{label}: {total} to do")
 
@@ -274,6 +279,16 @@ class Progress:
             elapsed = max(self.clock() - self.started, 1e-9)
             self.echo(f"{self.label}: {self.done}/{self.total} done in {elapsed:.1f}s "
                       f"({self.done / elapsed:.1f}/s)")
+
+
+def _terminal_sized(stream: TextIO) -> bool:
+    import os
+
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 def count_missing(kind: str, fingerprint: str) -> int:
