@@ -8,7 +8,6 @@ request (see ``app/semantic/service.py``).
 from __future__ import annotations
 
 import os
-import threading
 
 from flask import Flask, request
 
@@ -73,17 +72,22 @@ def register_database(app: Flask, settings: Settings) -> None:
         except OSError as exc:
             raise ConfigError(f"DATABASE_URL: cannot create the SQLite folder {folder} ({exc.strerror})") from None
     db.init_app(app, settings)
-    schema = {"ready": False, "lock": threading.Lock()}
+    # Schema work belongs to the release command (app/release.py), never to a request: a worker
+    # only checks, once, that the database is at its code's revision, and until then answers 503.
+    app.extensions["memfit.schema_ready"] = False
 
     @app.before_request
-    def _ensure_schema():
-        # Created on first use, not at import: a database that is down at boot must not kill the worker.
-        if schema["ready"] or request.endpoint in NO_DATABASE_ENDPOINTS:
-            return
-        with schema["lock"]:
-            if not schema["ready"]:
-                db.create_schema()
-                schema["ready"] = True
+    def _require_schema():
+        if app.extensions["memfit.schema_ready"] or request.endpoint in NO_DATABASE_ENDPOINTS:
+            return None
+        from .errors import error_response
+        from .release import schema_problem
+
+        problem = schema_problem()
+        if problem:
+            return error_response(503, "schema_not_ready", problem)
+        app.extensions["memfit.schema_ready"] = True
+        return None
 
 
 def register_errors(app: Flask) -> None:
@@ -114,6 +118,8 @@ def register_cli(app: Flask) -> None:
     from .cli import register
 
     register(app)
+    from .release import register as register_release
+    register_release(app)
 
 
 def register_monitoring(app: Flask, settings: Settings) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from pathlib import Path
 
-from flask import Flask
+from flask import Flask, current_app
+from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
     Column,
@@ -38,6 +40,9 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+# The Alembic environment beside the app package (migrations/); absolute, so any working directory works.
+MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
+migrate = Migrate(directory=MIGRATIONS_DIR)
 
 
 def _now() -> datetime:
@@ -158,6 +163,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     app.config["SQLALCHEMY_DATABASE_URI"] = settings.database_url
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(settings)
     db.init_app(app)
+    migrate.init_app(app, db)  # `flask db upgrade|migrate|current` on the same engine and models
     if settings.is_sqlite:
         with app.app_context():
             event.listen(db.engine, "connect", _sqlite_pragmas)
@@ -173,4 +179,10 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 def create_schema() -> None:
-    db.create_all()
+    """Bring the schema to the newest migration: the one way a schema is made (see migrations/README).
+
+    Idempotent; adopts a database made by create_all before migrations existed. Needs an app context.
+    """
+    from alembic import command
+
+    command.upgrade(current_app.extensions["migrate"].migrate.get_config(), "head")

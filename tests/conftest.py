@@ -50,10 +50,13 @@ def make_app(tmp_path, backend):
             env.setdefault("DATABASE_URL", postgres_url())
         app = create_app(make_settings(tmp_path, **env))
         with app.app_context():
-            from app.db import db
+            from app.db import create_schema, db
 
+            # A clean database, made the one way schemas are made: the migrations.
             db.drop_all()
-            db.create_all()
+            db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
+            db.session.commit()
+            create_schema()
         made.append(app)
         return app
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from app import create_app
-from app.db import Embedding, db
+from app.db import Embedding, create_schema, db
 from app.semantic import index
 from app.state import get_service, get_settings
 from support import make_settings
@@ -35,7 +35,9 @@ def pg_app(pgvector_url, tmp_path):
     app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url))
     with app.app_context():
         db.drop_all()
-        db.create_all()
+        db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
+        db.session.commit()
+        create_schema()
     yield app
     with app.app_context():
         db.session.remove()
@@ -79,7 +81,7 @@ def test_postgres_without_pgvector_falls_back(tmp_path):
     require(postgres_url() is not None, "TEST_DATABASE_URL is not set (Debian's PostgreSQL, without pgvector)")
     app = create_app(make_settings(tmp_path, DATABASE_URL=postgres_url()))
     with app.app_context():
-        db.create_all()
+        create_schema()
         assert not index.enable_pgvector()  # Debian's PostgreSQL has no pgvector: degrade, not break
         assert db.session.execute(db.text("SELECT 1")).scalar() == 1  # the session is still usable
         db.engine.dispose()

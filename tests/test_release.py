@@ -1,0 +1,320 @@
+"""app/release.py: `flask --app app release` migrates, backfills resumably under a lock, prunes old
+vectors only when the new ones are complete, is a no-op the second time, and shows progress."""
+
+import io
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from app import create_app, release
+from app.db import MIGRATIONS_DIR, Embedding, Item, Tag, db
+from support import make_settings, postgres_url
+
+HEADS = release._script(MIGRATIONS_DIR)[0]
+
+
+def invoke(app, *args):
+    return app.test_cli_runner().invoke(args=["release", *args])
+
+
+def seeded_app(make_app, model, **env):
+    app = make_app(SEMANTIC_MODEL=str(model), SEMANTIC_CATCHUP_LIMIT="0", **env)
+    result = app.test_cli_runner().invoke(args=["seed"])
+    assert result.exit_code == 0, result.output
+    return app
+
+
+def add_old_vectors(app, n=5):
+    """Vectors of a previous model: they must survive until the new model's are complete."""
+    with app.app_context():
+        db.session.add_all(Embedding(model_fp="old-model", kind="item", ref_id=i + 1, text_hash="h", dim=2,
+                                     vector=b"\x00\x3c\x00\x00") for i in range(n))
+        db.session.commit()
+
+
+def snapshot(app):
+    with app.app_context():
+        return sorted(db.session.execute(sa.select(Embedding.id, Embedding.model_fp, Embedding.kind,
+                                                   Embedding.ref_id, Embedding.text_hash)).all())
+
+
+def totals(app):
+    with app.app_context():
+        return (db.session.scalar(sa.select(sa.func.count()).select_from(Tag)),
+                db.session.scalar(sa.select(sa.func.count()).select_from(Item)))
+
+
+def current_vectors(app):
+    """(kind, ref_id) -> how many vectors of the configured model it has."""
+    with app.app_context():
+        fp = app.extensions["memfit.semantic"].encoder().fingerprint
+        rows = db.session.execute(sa.select(Embedding.kind, Embedding.ref_id, sa.func.count())
+                                  .where(Embedding.model_fp == fp).group_by(Embedding.kind, Embedding.ref_id))
+        return {(kind, ref): n for kind, ref, n in rows}
+
+
+def old_vectors(app):
+    with app.app_context():
+        return db.session.scalar(sa.select(sa.func.count()).select_from(Embedding)
+                                 .where(Embedding.model_fp == "old-model"))
+
+
+def test_release_embeds_everything_prunes_old_vectors_and_the_second_run_is_a_noop(make_app, tiny_onnx, backend):
+    app = seeded_app(make_app, tiny_onnx)
+    add_old_vectors(app)
+    first = invoke(app)
+    assert first.exit_code == 0, first.output
+    tags, items = totals(app)
+    vectors = current_vectors(app)
+    assert len(vectors) == tags + items and set(vectors.values()) == {1}
+    assert f"{tags} tags and {items} items embedded" in first.output
+    assert "pruned 5 vectors of older models" in first.output and old_vectors(app) == 0
+    if backend == "postgresql":  # Debian's PostgreSQL has no pgvector: said in one line, release goes on
+        line = next(line for line in first.output.splitlines() if line.startswith("pgvector:"))
+        assert "not available" in line and "in-process index" in line
+    before = snapshot(app)
+    second = invoke(app)
+    assert second.exit_code == 0, second.output
+    assert "nothing to migrate" in second.output and "0 tags and 0 items embedded" in second.output
+    assert "pruned" not in second.output
+    assert snapshot(app) == before  # not one row rewritten
+
+
+def test_release_migrates_an_empty_database(make_app):
+    app = make_app(ENABLE_SEMANTIC_SEARCH="false")
+    with app.app_context():
+        db.drop_all()
+        db.session.execute(sa.text("DROP TABLE alembic_version"))
+        db.session.commit()
+    result = invoke(app)
+    assert result.exit_code == 0, result.output
+    assert f"schema: empty -> {', '.join(HEADS)}" in result.output
+    with app.app_context():
+        assert release.current_revisions() == HEADS
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"ENABLE_SEMANTIC_SEARCH": "false"}, "semantic search is disabled"),
+    ({}, "failed to load"),  # make_settings points SEMANTIC_MODEL at a folder that does not exist
+])
+def test_without_a_model_migrations_run_and_the_backfill_is_skipped(make_app, env, reason):
+    app = make_app(**env)
+    result = invoke(app)
+    assert result.exit_code == 0, result.output
+    assert "embeddings: backfill skipped" in result.output and reason in result.output
+    assert "release done" in result.output
+    strict = invoke(app, "--require-semantic")
+    assert strict.exit_code == 1 and "backfill impossible" in strict.output and reason in strict.output
+
+
+class InterruptingStore:
+    """Fault injection: Ctrl-C lands inside embed_rows after batch k+1 is flushed, before its commit."""
+
+    def __init__(self, after_batches: int):
+        self.after, self.calls = after_batches, 0
+
+    def write(self, ids, vectors):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_whole_batches_only_and_a_rerun_resumes(make_app, tiny_onnx, monkeypatch):
+    app = seeded_app(make_app, tiny_onnx, EMBEDDING_BATCH_SIZE="10")
+    add_old_vectors(app)
+    monkeypatch.setattr(release, "_batch_store", lambda pgvector: InterruptingStore(after_batches=3))
+    stopped = invoke(app)
+    assert stopped.exit_code == 130 and "interrupted" in stopped.output
+    vectors = current_vectors(app)
+    assert sorted(vectors) == [("tag", ref) for ref in sorted(ref for _, ref in vectors)]
+    assert len(vectors) == 30  # three whole batches of ten, nothing of the fourth
+    assert old_vectors(app) == 5  # the new model is incomplete: the old one's vectors stay
+
+    monkeypatch.undo()
+    resumed = invoke(app)
+    assert resumed.exit_code == 0, resumed.output
+    tags, items = totals(app)
+    assert f"{tags - 30} tags and {items} items embedded" in resumed.output  # resumed, not restarted
+    vectors = current_vectors(app)
+    assert len(vectors) == tags + items and set(vectors.values()) == {1}  # every vector, once
+    assert old_vectors(app) == 0
+
+
+def test_progress_writes_plain_lines_with_rate_and_eta_when_not_a_terminal():
+    lines, now = [], [0.0]
+    progress = release.Progress("embedding items", 100, echo=lines.append, stream=io.StringIO(),
+                                interval=10, clock=lambda: now[0])
+    for t in (5.0, 10.0, 20.0):
+        now[0] = t
+        progress.update(10)
+    now[0] = 50.0
+    progress.update(70)
+    progress.close()
+    assert lines == [
+        "embedding items: 100 to do",
+        "embedding items: 20/100 (20.0%), 2.0/s, ETA 0m40s",
+        "embedding items: 30/100 (30.0%), 1.5/s, ETA 0m46s",
+        "embedding items: 100/100 (100.0%), 2.0/s, ETA 0m00s",
+        "embedding items: 100/100 done in 50.0s (2.0/s)",
+    ]
+
+
+def test_progress_draws_a_tqdm_bar_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    lines, stream = [], Terminal()
+    progress = release.Progress("embedding tags", 40, echo=lines.append, stream=stream)
+    for _ in range(4):
+        progress.update(10)
+    progress.close()
+    drawn = stream.getvalue()
+    assert lines == []  # no log lines on a terminal
+    assert "embedding tags" in drawn and "40/40" in drawn and "row/s" in drawn and "100%" in drawn
+
+
+def hold_lock_elsewhere(app):
+    """Take the release lock as another process would; returns the function that releases it."""
+    settings = app.extensions["memfit.settings"]
+    if settings.is_sqlite:
+        import fcntl
+
+        handle = open(f"{settings.sqlite_path}.release.lock", "a+")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle.close
+    engine = sa.create_engine(settings.database_url, poolclass=sa.pool.NullPool)
+    conn = engine.connect()
+    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": release.ADVISORY_LOCK_KEY})
+
+    def free():
+        conn.close()
+        engine.dispose()
+    return free
+
+
+def test_a_second_release_waits_for_the_first(app):
+    free = hold_lock_elsewhere(app)
+    waiting, entered = threading.Event(), threading.Event()
+
+    def second():
+        with release.release_lock(app, echo=lambda message: waiting.set()):
+            entered.set()
+
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    try:
+        assert waiting.wait(30), "the second release neither waited nor said so"
+        assert not entered.is_set(), "the second release went in while the first held the lock"
+    finally:
+        free()
+    assert entered.wait(30), "the second release never got the lock once the first let go"
+    thread.join(30)
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
+def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
+    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url, SEMANTIC_MODEL=str(tiny_onnx),
+                                   SEMANTIC_CATCHUP_LIMIT="0"))
+    with app.app_context():
+        db.drop_all()
+        db.session.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+        db.session.commit()
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    first = invoke(app, "--hnsw-min-rows", "50")
+    assert first.exit_code == 0, first.output
+    assert "pgvector: ready" in first.output and "index ix_embeddings_vec_hnsw_d32 built" in first.output
+    with app.app_context():
+        assert release.pgvector_ready()
+        assert db.session.scalar(sa.text("SELECT count(*) FROM embeddings WHERE vec IS NULL")) == 0
+        # The index matches PgVectorIndex.top's ordering expression and its literal dim (the partial
+        # predicate). Whether the planner picks it over the (model_fp, kind) b-tree is a matter of cost
+        # at scale, so here the b-tree's columns are left out and the sequential scan is discouraged.
+        db.session.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(db.session.scalars(sa.text(
+            "EXPLAIN SELECT ref_id FROM embeddings WHERE dim = 32 AND vec IS NOT NULL ORDER BY vec::vector(32) <=> CAST('[" + ",".join(["0.1"] * 32) + "]' AS "
+            "vector(32)) LIMIT 5")))
+        db.session.rollback()
+        assert "ix_embeddings_vec_hnsw_d32" in plan, plan
+        from alembic.autogenerate import compare_metadata
+        from alembic.runtime.migration import MigrationContext
+
+        context = MigrationContext.configure(db.session.connection(), opts={
+            "compare_type": True, "include_object": release.include_object})
+        assert compare_metadata(context, db.metadata) == []  # vec and the index are not "drift"
+        db.session.rollback()
+    before = snapshot(app)
+    second = invoke(app, "--hnsw-min-rows", "50")
+    assert second.exit_code == 0, second.output
+    assert "index ix_embeddings_vec_hnsw_d32 present" in second.output
+    assert "0 tags and 0 items embedded" in second.output and snapshot(app) == before
+    response = app.test_client().get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"})
+    assert response.status_code == 200 and response.get_json()["count"] == 10
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_postgres_without_the_extension_is_refused_in_one_line(tmp_path):
+    from support import require
+
+    require(postgres_url() is not None, "TEST_DATABASE_URL is not set (Debian's PostgreSQL, without pgvector)")
+    app = create_app(make_settings(tmp_path, DATABASE_URL=postgres_url()))
+    with app.app_context():
+        why_not = release.ensure_pgvector()
+        assert why_not and "\n" not in why_not and "vector" in why_not
+        assert not release.pgvector_ready()
+        assert db.session.execute(sa.text("SELECT 1")).scalar() == 1  # the session is still usable
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_two_release_processes_at_once_embed_every_row_once(make_app, tiny_onnx, backend):
+    import os
+    import subprocess
+
+    from support import ROOT, venv_bin
+
+    app = seeded_app(make_app, tiny_onnx, EMBEDDING_BATCH_SIZE="8")
+    env = {**os.environ, "DATABASE_URL": app.extensions["memfit.settings"].database_url,
+           "SEMANTIC_MODEL": str(tiny_onnx), "EMBEDDING_BATCH_SIZE": "8", "SEMANTIC_CATCHUP_LIMIT": "0",
+           "MEMORY_CHECK_INTERVAL": "3600"}
+    # Both start while the lock is held elsewhere, so they really are concurrent: each must wait.
+    free = hold_lock_elsewhere(app)
+    try:
+        procs = [subprocess.Popen([venv_bin("flask"), "--app", "app", "release"], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        for proc in procs:
+            first = proc.stdout.readline()
+            assert first.startswith("waiting for another release"), f"went ahead without the lock: {first!r}"
+    finally:
+        free()
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    tags, items = totals(app)
+    vectors = current_vectors(app)
+    assert len(vectors) == tags + items and set(vectors.values()) == {1}
+    # One did the work; the other waited for it to finish and found nothing left.
+    assert sorted(f"{tags} tags and {items} items embedded" in out for out in outputs) == [False, True], outputs
+    assert sum("0 tags and 0 items embedded" in out for out in outputs) == 1, outputs
+
+
+def test_backfill_with_check_text_re_embeds_only_changed_texts(make_app, tiny_onnx):
+    app = seeded_app(make_app, tiny_onnx)
+    assert invoke(app).exit_code == 0
+    with app.app_context():
+        item = db.session.get(Item, 3)
+        item.title = "כותרת חדשה לגמרי"
+        db.session.commit()
+        encoder = app.extensions["memfit.semantic"].encoder()
+        lines = []
+        assert release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO()) == {"tag": 0, "item": 0}
+        done = release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO(), check_text=True)
+        assert done == {"tag": 0, "item": 1}
+        stored = db.session.scalar(sa.select(Embedding.text_hash).where(
+            Embedding.model_fp == encoder.fingerprint, Embedding.kind == "item", Embedding.ref_id == 3))
+        from app.db import text_hash
+
+        assert stored == text_hash(db.session.get(Item, 3).embedding_text)
