@@ -74,11 +74,12 @@ def register_database(app: Flask, settings: Settings) -> None:
     db.init_app(app, settings)
     # Schema work belongs to the release command (app/release.py), never to a request: a worker
     # only checks, once, that the database is at its code's revision, and until then answers 503.
-    app.extensions["memfit.schema_ready"] = False
+    from .state import get_state
 
     @app.before_request
     def _require_schema():
-        if app.extensions["memfit.schema_ready"] or request.endpoint in NO_DATABASE_ENDPOINTS:
+        state = get_state(app)
+        if state.schema_ready or request.endpoint in NO_DATABASE_ENDPOINTS:
             return None
         from .errors import error_response
         from .release import schema_problem
@@ -86,7 +87,7 @@ def register_database(app: Flask, settings: Settings) -> None:
         problem = schema_problem()
         if problem:
             return error_response(503, "schema_not_ready", problem)
-        app.extensions["memfit.schema_ready"] = True
+        state.schema_ready = True
         return None
 
 

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from .data import load_sample
 from .db import Item, create_schema, db, tags_by_name
-from .semantic.service import KINDS, SemanticUnavailable
-from .state import get_service
+from .semantic.service import SemanticUnavailable
+from .state import get_service, get_settings
 
 
 @click.command("init-db")
@@ -54,10 +54,13 @@ def embed_command(check_text: bool, prune: bool):
         service.encoder()  # load first, so a missing model is one clear line
     except SemanticUnavailable as exc:
         raise click.ClickException(str(exc)) from None
-    for kind in KINDS:
-        rows = service.pending(kind, check_text=check_text)
-        with click.progressbar(length=len(rows), label=f"embedding {len(rows)} {kind}s") as bar:
-            service.embed(kind, rows, progress=bar.update)
+    from .release import backfill
+
+    try:
+        backfill(service.encoder(), get_settings().embedding_batch_size, vector_store=service.vector_store(),
+                 check_text=check_text)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: committed batches are kept; run again to resume") from None
     if prune:
         click.echo(f"pruned {service.prune()} vectors of other models")
     click.echo(json.dumps(service.counts()))

@@ -21,7 +21,6 @@ import functools
 import io
 import logging
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TextIO
@@ -33,6 +32,7 @@ from sqlalchemy import and_, create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from .db import MIGRATIONS_DIR, Embedding, Item, Tag, db
+from .state import get_service, get_settings, get_state
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,23 @@ def release_lock(app: Flask, echo: Echo | None = None) -> Iterator[None]:
     Re-entrant within a process (release -> migrations -> env.py takes it again); across processes
     the second waits, saying so, and then finds the work done.
     """
-    state = app.extensions.setdefault("memfit.release_lock", {"depth": 0, "mutex": threading.RLock()})
-    with state["mutex"]:
-        if state["depth"]:
-            state["depth"] += 1
+    state = get_state(app)
+    with state.release_mutex:
+        if state.release_depth:
+            state.release_depth += 1
             try:
                 yield
             finally:
-                state["depth"] -= 1
+                state.release_depth -= 1
             return
-        settings = app.extensions["memfit.settings"]
+        settings = state.settings
         holder = _pg_lock if not settings.is_sqlite else _file_lock
         with holder(settings, echo or log.info):
-            state["depth"] = 1
+            state.release_depth = 1
             try:
                 yield
             finally:
-                state["depth"] = 0
+                state.release_depth = 0
 
 
 @contextmanager
@@ -192,13 +192,6 @@ def ensure_pgvector() -> str | None:
     # Adds the column where missing and copies the vectors stored before it existed.
     return None if index.enable_pgvector() else "the vec column could not be added (see the log)"
 
-
-def pgvector_ready() -> bool:
-    """Whether embeddings.vec exists (read-only): what a web worker may check instead of doing DDL."""
-    return bool(db.session.execute(text(
-        "SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-        "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'vec' AND t.typname = 'vector' "
-        "AND NOT a.attisdropped")).first())
 
 
 def hnsw_index_name(dim: int) -> str:
@@ -355,7 +348,7 @@ def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_M
     """Every release step in order, under the lock (see the module docstring)."""
     from .semantic.service import SemanticUnavailable
 
-    settings = app.extensions["memfit.settings"]
+    settings = get_settings(app)
     started = time.monotonic()
     with release_lock(app, echo):
         before, after = migrate_schema()
@@ -372,7 +365,7 @@ def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_M
                  f"pgvector: not available ({why_not}); semantic search will use the in-process index")
 
         try:
-            encoder = app.extensions["memfit.semantic"].encoder()
+            encoder = get_service(app).encoder()
         except SemanticUnavailable as exc:
             if require_semantic:
                 raise click.ClickException(f"backfill impossible: {exc}") from None

@@ -6,7 +6,8 @@ per-app state under string keys, so a test's second app never shares anything wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
@@ -16,10 +17,15 @@ from .settings import Settings
 KEY = "memfit"
 
 
-@dataclass(frozen=True)
+@dataclass
 class AppState:
     settings: Settings
     semantic: SemanticService
+    # Set once this worker has seen the database at its code's revision (app.release.schema_problem).
+    schema_ready: bool = False
+    # The release lock is re-entrant within a process (release -> migrations -> env.py takes it again).
+    release_mutex: threading.RLock = field(default_factory=threading.RLock)
+    release_depth: int = 0
 
 
 def init_app(app: Flask, settings: Settings) -> AppState:

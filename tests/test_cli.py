@@ -36,7 +36,7 @@ def test_embed_reports_progress_and_counts(make_app, tiny_onnx):
     counts = json.loads(result.output.strip().splitlines()[-1])
     assert counts["current"]["item"] == len(load_sample()) and counts["current"]["tag"] > 50
     again = runner.invoke(args=["embed"])
-    assert "embedding 0 tags" in again.output and "embedding 0 items" in again.output
+    assert "embedding tags: 0 to do" in again.output and "embedding items: 0 to do" in again.output
 
 
 def test_embed_fails_clearly_without_a_model(app):

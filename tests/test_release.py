@@ -8,6 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 from app import create_app, release
+from app.semantic import index
+from app.state import get_service, get_settings
 from app.db import MIGRATIONS_DIR, Embedding, Item, Tag, db
 from support import make_settings, postgres_url
 
@@ -48,7 +50,7 @@ def totals(app):
 def current_vectors(app):
     """(kind, ref_id) -> how many vectors of the configured model it has."""
     with app.app_context():
-        fp = app.extensions["memfit.semantic"].encoder().fingerprint
+        fp = get_service(app).encoder().fingerprint
         rows = db.session.execute(sa.select(Embedding.kind, Embedding.ref_id, sa.func.count())
                                   .where(Embedding.model_fp == fp).group_by(Embedding.kind, Embedding.ref_id))
         return {(kind, ref): n for kind, ref, n in rows}
@@ -177,7 +179,7 @@ def test_progress_draws_a_tqdm_bar_on_a_terminal():
 
 def hold_lock_elsewhere(app):
     """Take the release lock as another process would; returns the function that releases it."""
-    settings = app.extensions["memfit.settings"]
+    settings = get_settings(app)
     if settings.is_sqlite:
         import fcntl
 
@@ -227,7 +229,7 @@ def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_u
     assert first.exit_code == 0, first.output
     assert "pgvector: ready" in first.output and "index ix_embeddings_vec_hnsw_d32 built" in first.output
     with app.app_context():
-        assert release.pgvector_ready()
+        assert index.pgvector_ready()
         assert db.session.scalar(sa.text("SELECT count(*) FROM embeddings WHERE vec IS NULL")) == 0
         # The index matches PgVectorIndex.top's ordering expression and its literal dim (the partial
         # predicate). Whether the planner picks it over the (model_fp, kind) b-tree is a matter of cost
@@ -265,7 +267,7 @@ def test_postgres_without_the_extension_is_refused_in_one_line(tmp_path):
     with app.app_context():
         why_not = release.ensure_pgvector()
         assert why_not and "\n" not in why_not and "vector" in why_not
-        assert not release.pgvector_ready()
+        assert not index.pgvector_ready()
         assert db.session.execute(sa.text("SELECT 1")).scalar() == 1  # the session is still usable
         db.session.remove()
         db.engine.dispose()
@@ -278,7 +280,7 @@ def test_two_release_processes_at_once_embed_every_row_once(make_app, tiny_onnx,
     from support import ROOT, venv_bin
 
     app = seeded_app(make_app, tiny_onnx, EMBEDDING_BATCH_SIZE="8")
-    env = {**os.environ, "DATABASE_URL": app.extensions["memfit.settings"].database_url,
+    env = {**os.environ, "DATABASE_URL": get_settings(app).database_url,
            "SEMANTIC_MODEL": str(tiny_onnx), "EMBEDDING_BATCH_SIZE": "8", "SEMANTIC_CATCHUP_LIMIT": "0",
            "MEMORY_CHECK_INTERVAL": "3600"}
     # Both start while the lock is held elsewhere, so they really are concurrent: each must wait.
@@ -308,7 +310,7 @@ def test_backfill_with_check_text_re_embeds_only_changed_texts(make_app, tiny_on
         item = db.session.get(Item, 3)
         item.title = "כותרת חדשה לגמרי"
         db.session.commit()
-        encoder = app.extensions["memfit.semantic"].encoder()
+        encoder = get_service(app).encoder()
         lines = []
         assert release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO()) == {"tag": 0, "item": 0}
         done = release.backfill(encoder, 10, echo=lines.append, stream=io.StringIO(), check_text=True)

@@ -59,6 +59,9 @@ def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
     app = create_app(make_settings(tmp_path, DATABASE_URL=get_settings(pg_app).database_url,
                                    SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000"))
     app.test_cli_runner().invoke(args=["seed"])
+    # The release command (not a request) creates the vec column: a worker only checks for it.
+    result = app.test_cli_runner().invoke(args=["release"])
+    assert "pgvector: ready" in result.output, result.output
     client = app.test_client()
     body = client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
     assert body["count"] == 10

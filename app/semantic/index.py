@@ -261,6 +261,14 @@ class PgVectorIndex:
         return [(int(ref_id), float(score)) for ref_id, score in rows]
 
 
+def pgvector_ready() -> bool:
+    """Whether embeddings.vec exists (read-only): what a web worker checks; the DDL is the release's."""
+    return bool(db.session.execute(text(
+        "SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE a.attrelid = to_regclass('embeddings') AND a.attname = 'vec' AND t.typname = 'vector' "
+        "AND NOT a.attisdropped")).first())
+
+
 def enable_pgvector() -> bool:
     """Create the extension and the ``vec`` column where possible; backfill vectors stored before."""
     try:

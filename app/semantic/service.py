@@ -102,12 +102,13 @@ class SemanticService:
             return self._encoder
 
     def vector_store(self):
-        """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the extension is
-        there, else the bounded in-process index (a race makes two; one is kept, both are correct)."""
+        """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the release
+        command (app/release.py) has set it up, else the bounded in-process index (a race makes two;
+        one is kept, both are correct). No schema work here: a request never runs DDL."""
         if self._store is None:
             from . import index  # numpy and the vector code, only on this path
 
-            if not self.settings.is_sqlite and index.enable_pgvector():
+            if not self.settings.is_sqlite and index.pgvector_ready():
                 store = index.PgVectorIndex()
             else:
                 store = index.VectorIndex(self.settings.semantic_index_max_mb * 1024 * 1024)
