@@ -72,4 +72,6 @@ def test_prepare_writes_a_manifest_per_precision(app, tiny_model, tmp_path, prec
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "memfit_model.json").read_text())
     assert manifest["precision"] == precision and manifest["dim"] == 32
-    assert sorted(p.name for p in out.iterdir()) == ["memfit_model.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "memfit_model.json", "model.onnx", "model.onnx.data", "model.optimized.onnx", "model.optimized.onnx.data",
+        "probe.json", "tokenizer.json"]

@@ -105,7 +105,8 @@ def test_corrupt_model_files_give_503_with_reason(make_app, tiny_onnx, tmp_path)
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_onnx, broken)
-    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    for graph in broken.glob("*.onnx"):  # the optimized variant and the portable fallback
+        graph.write_bytes(b"not an onnx graph")
     client = make_app(SEMANTIC_MODEL=str(broken)).test_client()
     response = client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
     assert response.status_code == 503 and "model.onnx" in response.get_json()["error"]["message"]

@@ -6,8 +6,12 @@
   ``transformers`` plus the pooling from its ``modules.json``, without importing
   ``sentence_transformers`` (which drags sklearn, scipy and sympy: ~190 MB of RSS for nothing).
 
-This module is imported only by the loader (``SemanticService.encoder``); it is the one place
-where numpy, onnxruntime, torch and transformers are imported, always inside functions.
+Prepared artifacts (version 2) keep their weights in ONNX external-data files that ONNX Runtime
+memory-maps read-only, so every worker of an instance shares one copy of the pages (issue 11).
+Sessions are created lazily in each worker, never before gunicorn forks: ONNX Runtime sessions
+inherited across fork are a known crash risk.
+
+numpy, onnxruntime, torch and transformers are imported only inside functions here.
 """
 
 from __future__ import annotations
@@ -26,7 +30,24 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_MANIFEST = "memfit_model.json"
 ARTIFACT_FORMAT = "memfit-onnx"
+ARTIFACT_VERSION = 2
+# The artifact's files (version 2). The portable model is plain ONNX with its weights in an
+# external-data file; the optimized one was written by ONNX Runtime on the build machine with its
+# prepacked weights saved beside it, so that loading it costs no private copy of them.
+PORTABLE_MODEL, PORTABLE_DATA = "model.onnx", "model.onnx.data"
+OPTIMIZED_MODEL, OPTIMIZED_DATA = "model.optimized.onnx", "model.optimized.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+PROBE_FILE = "probe.json"
+# Largest difference allowed between the optimized variant's probe embeddings and the portable
+# model's. Legitimate kernel differences measured here stay under 1e-3 (prepacked vs unpacked int8
+# kernels: 9e-4); a mis-packed weight moves unit vectors by tenths.
+PROBE_MAX_DIFF = 2e-3
 POOLING_MODES = ("mean", "cls", "max")
+# Padded tokens (texts x longest text) per runtime call. Activation memory grows with it (the
+# 3072-wide intermediate of a 768-d BERT is 12 kB per token, attention with tokens squared), so a
+# batch of long texts is split instead of lifting the worker's peak. At least the longest
+# SEMANTIC_MAX_SEQ_LENGTH (512), so that a single text always fits.
+MAX_BATCH_TOKENS = 1024
 
 
 class ModelError(RuntimeError):
@@ -135,6 +156,13 @@ def fingerprint_files(paths: Sequence[Path], extra: dict) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(layout: SentenceTransformerLayout, **extra) -> str:
+    """The fingerprint of a sentence-transformers folder (config, modules, weights and pooling),
+    shared by ``model prepare`` and the torch encoder."""
+    files = [p for p in (layout.transformer_dir / "config.json", layout.root / "modules.json") if p.exists()]
+    return fingerprint_files(files + _weights_files(layout.transformer_dir), {"pooling": layout.pooling, **extra})
+
+
 def _weights_files(root: Path) -> list[Path]:
     files = sorted(root.glob("*.safetensors")) or sorted(root.glob("pytorch_model*.bin"))
     if not files:
@@ -167,9 +195,19 @@ def runtime_threads(settings: Settings) -> int:
     return settings.semantic_threads or max(1, min(4, available_cpus() // settings.web_concurrency))
 
 
-def _batches(texts: Sequence[str], size: int):
-    for start in range(0, len(texts), size):
-        yield texts[start : start + size]
+def token_batches(lengths: Sequence[int], size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[range]:
+    """Consecutive index ranges of at most ``size`` texts whose padded size (texts x longest) stays
+    within ``max_tokens``; a text longer than the cap on its own still gets a batch of one."""
+    batches, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        grown = max(longest, length)
+        if i > start and (i - start >= size or (i - start + 1) * grown > max_tokens):
+            batches.append(range(start, i))
+            start, grown = i, length
+        longest = grown
+    if start < len(lengths):
+        batches.append(range(start, len(lengths)))
+    return batches
 
 
 class TorchEncoder:
@@ -193,24 +231,21 @@ class TorchEncoder:
             raise ModelError(f"cannot load {layout.transformer_dir}: {type(exc).__name__}: {exc}") from None
         self.model.eval()
         self.dim = int(self.model.config.hidden_size)
-        files = [p for p in (layout.transformer_dir / "config.json", root / "modules.json") if p.exists()]
-        self.fingerprint = fingerprint_files(
-            files + _weights_files(layout.transformer_dir),
-            {"pooling": layout.pooling, "max_seq_length": self.max_seq_length, "backend": "torch"},
-        )
+        self.fingerprint = source_fingerprint(layout, max_seq_length=self.max_seq_length, backend="torch")
         self._torch = torch
 
     def encode(self, texts: Sequence[str], batch_size: int):
         import numpy as np
 
-        torch = self._torch
+        texts = list(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
         out = []
-        with torch.inference_mode():
-            for batch in _batches(list(texts), batch_size):
-                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_seq_length,
-                                     return_tensors="pt")
+        with self._torch.inference_mode():
+            for batch in token_batches([len(i) for i in ids], batch_size):
+                enc = self.tokenizer(texts[batch.start : batch.stop], padding=True, truncation=True,
+                                     max_length=self.max_seq_length, return_tensors="pt")
                 hidden = self.model(**enc).last_hidden_state
-                out.append(pool(hidden.numpy(), enc["attention_mask"].numpy(), self.layout.pooling))
+                out.append(pool(hidden, enc["attention_mask"], self.layout.pooling).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def describe(self) -> dict:
@@ -222,78 +257,161 @@ def torch_threads(torch) -> int:
     return int(torch.get_num_threads())
 
 
-def pool(hidden, mask, mode: str):
-    """Pool token vectors (batch, tokens, dim) into L2-normalised sentence vectors, as the library does."""
-    import numpy as np
-
-    hidden = hidden.astype(np.float32, copy=False)
-    mask = mask.astype(np.float32)[:, :, None]
+def pool(hidden, attention_mask, mode: str):
+    """Pool token vectors (batch, tokens, dim) into L2-normalised sentence vectors, as
+    sentence-transformers does. The one pooling of the project: the torch encoder calls it, and
+    ``model prepare`` exports it into the ONNX graph. Torch tensors in, so no import is needed."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "cls":
         vectors = hidden[:, 0]
     elif mode == "max":
-        vectors = np.where(mask > 0, hidden, -1e9).max(axis=1)
+        vectors = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
     else:
-        vectors = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
+        vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return vectors / vectors.norm(p=2, dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def session_options(threads: int, prepacking: bool = True):
+    """ONNX Runtime options for serving (and for writing the optimized variant at preparation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # The CPU arena keeps the largest batch's buffers for ever; without it peaks fall back.
+    options.enable_cpu_mem_arena = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not prepacking:
+        # Prepacking copies each packed weight into private memory; without it the mapped
+        # external-data pages are used as they are (shared, but int8 matmuls run ~2x slower).
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def open_session(path: Path, options):
+    """A CPU InferenceSession over ``path``; external-data files beside it are memory-mapped."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_tokenizer(path: Path, max_seq_length: int):
+    """The artifact's fast tokenizer, truncating to ``max_seq_length``; batches are padded by run_session."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_seq_length)
+    return tokenizer
+
+
+def run_session(session, tokenizer, texts: Sequence[str], batch_size: int, pad_id: int, dim: int):
+    """Encode texts with an artifact's session, in batches bounded by count and by padded tokens."""
+    import numpy as np
+
+    encodings = tokenizer.encode_batch(list(texts))
+    wants_types = any(i.name == "token_type_ids" for i in session.get_inputs())
+    out = []
+    for batch in token_batches([len(e.ids) for e in encodings], batch_size):
+        chunk = encodings[batch.start : batch.stop]
+        ids = np.full((len(chunk), max(len(e.ids) for e in chunk)), pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(chunk):
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if wants_types:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        out.append(session.run(["sentence_embedding"], feed)[0].astype(np.float32, copy=False))
+    return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
+
+
+def read_manifest(root: Path) -> dict:
+    manifest = _read_json(root / ARTIFACT_MANIFEST)
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ModelError(f"{root / ARTIFACT_MANIFEST} is not a {ARTIFACT_FORMAT} manifest")
+    return manifest
 
 
 class OnnxEncoder:
-    """ONNX Runtime + tokenizers over an artifact made by ``model prepare``; pooling is in the graph."""
+    """ONNX Runtime + tokenizers over an artifact made by ``model prepare``; pooling is in the graph.
+
+    A version 2 artifact is served from its optimized variant when the probe proves it right on this
+    CPU, otherwise from the portable model with prepacking off (weights still shared, slower); the
+    choice and its reason are in describe(). A version 1 artifact (one model.onnx with the weights
+    inside) is still served as before, each worker with a private copy of the weights, and a
+    warning says how to re-prepare it.
+    """
 
     backend = "onnxruntime"
 
     def __init__(self, root: Path, settings: Settings):
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        manifest = _read_json(root / ARTIFACT_MANIFEST)
-        if manifest.get("format") != ARTIFACT_FORMAT:
-            raise ModelError(f"{root / ARTIFACT_MANIFEST} is not a {ARTIFACT_FORMAT} manifest")
+        manifest = read_manifest(root)
         self.manifest = manifest
+        self.version = int(manifest.get("version", 1))
         self.dim = int(manifest["dim"])
+        self.pad_id = int(manifest.get("pad_id", 0))
         self.max_seq_length = min(int(manifest["max_seq_length"]), settings.semantic_max_seq_length)
         self.fingerprint = hashlib.sha256(
             f"{manifest['fingerprint']}:{self.max_seq_length}".encode()
         ).hexdigest()
-        try:
-            self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        except Exception as exc:
-            raise ModelError(f"cannot read {root / 'tokenizer.json'}: {exc}") from None
+        self.threads = runtime_threads(settings)
+        self.fallback: str | None = None
+        # The probe was encoded at the artifact's own length, so it is checked before the setting applies.
+        self.tokenizer = load_tokenizer(root / TOKENIZER_FILE, int(manifest["max_seq_length"]))
+        if self.version == 1:
+            log.warning("%s is a version 1 artifact: every worker holds a private copy of its weights; "
+                        "re-prepare it (flask --app app model prepare SOURCE %s --force) to share them",
+                        root, root)
+            self.variant = "single-file"
+            self.session = open_session(root / PORTABLE_MODEL, session_options(self.threads))
+        elif self.version == ARTIFACT_VERSION:
+            self.session = self._verified_session(root)
+        else:
+            raise ModelError(f"{root / ARTIFACT_MANIFEST} has version {self.version}; this memfit reads "
+                             f"versions 1 and {ARTIFACT_VERSION}: re-prepare it with this release's "
+                             f"`flask --app app model prepare`")
         self.tokenizer.enable_truncation(self.max_seq_length)
-        self.tokenizer.enable_padding(pad_id=int(manifest.get("pad_id", 0)))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = runtime_threads(settings)
-        options.inter_op_num_threads = 1
-        # The CPU arena keeps the largest batch's buffers for ever; without it peaks fall back.
-        options.enable_cpu_mem_arena = False
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(root / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelError(f"cannot load {root / 'model.onnx'}: {type(exc).__name__}: {exc}") from None
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self.threads = options.intra_op_num_threads
 
-    def encode(self, texts: Sequence[str], batch_size: int):
+    def _verified_session(self, root: Path):
+        """The optimized session if its probe embeddings match the portable model's, else the portable one."""
         import numpy as np
 
-        out = []
-        for batch in _batches(list(texts), batch_size):
-            encodings = self.tokenizer.encode_batch(batch)
-            feed = {
-                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            }
-            if "token_type_ids" in self.input_names:
-                feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-            out.append(self.session.run(["sentence_embedding"], feed)[0].astype(np.float32, copy=False))
-        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+        probe = _read_json(root / PROBE_FILE)
+        try:
+            session = open_session(root / OPTIMIZED_MODEL, session_options(self.threads))
+            got = run_session(session, self.tokenizer, probe["sentences"], len(probe["sentences"]),
+                              self.pad_id, self.dim)
+            diff = float(np.abs(got - np.asarray(probe["embeddings"], dtype=np.float32)).max())
+            if diff <= PROBE_MAX_DIFF:
+                self.variant = "optimized"
+                return session
+            del session
+            self.fallback = f"probe embeddings differ by {diff:.2g} (more than {PROBE_MAX_DIFF})"
+        except ModelError as exc:
+            self.fallback = str(exc)
+        log.warning("the optimized model of %s is not usable on this CPU (%s); serving the portable model "
+                    "with prepacking off: weights still shared, encoding slower", root, self.fallback)
+        self.variant = "portable"
+        return open_session(root / PORTABLE_MODEL, session_options(self.threads, prepacking=False))
+
+    def encode(self, texts: Sequence[str], batch_size: int):
+        return run_session(self.session, self.tokenizer, texts, batch_size, self.pad_id, self.dim)
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "precision": self.manifest.get("precision"), "dim": self.dim,
-                "threads": self.threads,
-                "max_seq_length": self.max_seq_length, "fingerprint": self.fingerprint[:12]}
+        described = {"backend": self.backend, "precision": self.manifest.get("precision"), "dim": self.dim,
+                     "threads": self.threads, "max_seq_length": self.max_seq_length,
+                     "fingerprint": self.fingerprint[:12], "artifact_version": self.version,
+                     "variant": self.variant}
+        if self.fallback:
+            described["fallback_reason"] = self.fallback
+        return described
 
 
 def load_encoder(settings: Settings) -> Encoder:

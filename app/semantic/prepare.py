@@ -3,10 +3,23 @@
 Run at build time (Dockerfile builder stage, ``make model``), never in a web worker: it imports
 torch, transformers and onnxruntime's quantisation tools. The artifact holds
 
-* ``model.onnx``: the transformer with pooling and L2 normalisation inside the graph, so serving
-  needs only onnxruntime and tokenizers (no torch: ~220 MB less per process);
+* ``model.onnx`` + ``model.onnx.data``: the portable model, the transformer with pooling and L2
+  normalisation inside the graph (serving needs only onnxruntime and tokenizers, no torch: ~220 MB
+  less per process), its weights in an ONNX external-data file that ONNX Runtime memory-maps, so
+  the workers of an instance share one copy of them;
+* ``model.optimized.onnx`` + ``model.optimized.onnx.data``: the same model as optimized by ONNX
+  Runtime here, with the weights it prepacks saved prepacked in the data file
+  (``session.save_external_prepacked_constant_initializers``): shared too, and no slower than the
+  private prepacked copies of a single-file model. Its optimizations may be specific to this CPU,
+  so the loader checks it with the probe and otherwise falls back to the portable model;
+* ``probe.json``: a few fixed Hebrew sentences and the portable model's embeddings of them;
 * ``tokenizer.json``: the fast tokenizer, read by the Rust ``tokenizers`` library;
-* ``memfit_model.json``: the manifest (format, precision, dim, fingerprint).
+* ``memfit_model.json``: the manifest (format, version 2, precision, dim, fingerprint).
+
+Measured on the AlephBERT-size q8 artifact (sum of PSS of N processes, N = 1/2/3): one model.onnx
+with the weights inside 224/419/616 MB; external data with prepacking off 155/186/216 MB but
+encoding ~2x slower; external data plus the saved prepacked weights 175/205/234 MB, identical
+embeddings, same speed. bench/sharing.py repeats the measurement.
 
 Precisions, judged by top-5 retrieval agreement with fp32 on real weights (README "Performance"):
 ``q8`` (8-bit block-quantised weights, int8 compute via MatMulNBits accuracy_level 4, and an
@@ -25,11 +38,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from .encoders import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ModelError, _weights_files, fingerprint_files, \
-    read_layout, resolve_model_dir
+from .encoders import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, OPTIMIZED_DATA, OPTIMIZED_MODEL, \
+    PORTABLE_DATA, PORTABLE_MODEL, PROBE_FILE, PROBE_MAX_DIFF, TOKENIZER_FILE, ModelError, fingerprint_files, \
+    load_tokenizer, open_session, pool, read_layout, resolve_model_dir, run_session, session_options, \
+    source_fingerprint
 
 OPSET = 20
 Q8_BLOCK_SIZE = 32
+# Tensors smaller than this stay inside the graph file; the rest go to the memory-mapped data file.
+EXTERNAL_MIN_BYTES = 1024
+# Fixed sentences whose embeddings by the portable model prove the optimized variant right on an instance.
+PROBE_SENTENCES = (
+    "שלום עולם",
+    "ספרים טובים לילדים בקיץ",
+    "טיול בגליל העליון עם נחלים ומפלים",
+    "מתכון פשוט לעוגת שוקולד",
+)
 
 
 class PrepareError(RuntimeError):
@@ -50,27 +74,33 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         started = time.perf_counter()
-        dim, pad_id = _export(layout, work / "fp32.onnx", work / "tokenizer.json")
-        _quantize(work / "fp32.onnx", work / "model.onnx", precision)
+        dim, pad_id = _export(layout, work / "fp32.onnx", work / TOKENIZER_FILE)
+        _quantize(work / "fp32.onnx", work / "quantized.onnx", precision)
         (work / "fp32.onnx").unlink(missing_ok=True)
-        source_fp = fingerprint_files(
-            [p for p in (layout.transformer_dir / "config.json", root / "modules.json") if p.exists()]
-            + _weights_files(layout.transformer_dir),
-            {"pooling": layout.pooling},
-        )
+        _write_portable(work / "quantized.onnx", work / PORTABLE_MODEL)
+        (work / "quantized.onnx").unlink()
+        seq = min(filter(None, (layout.max_seq_length, max_seq_length)))
+        probe = _write_probe_and_optimized(work, seq, pad_id, dim)
         manifest = {
             "format": ARTIFACT_FORMAT,
-            "version": 1,
+            "version": ARTIFACT_VERSION,
             "source": source,
             "precision": precision,
             "dim": dim,
             "pooling": layout.pooling,
-            "max_seq_length": min(filter(None, (layout.max_seq_length, max_seq_length))),
+            "max_seq_length": seq,
             "pad_id": pad_id,
-            "fingerprint": fingerprint_files([work / "model.onnx"], {"source": source_fp, "precision": precision}),
+            "fingerprint": fingerprint_files([work / PORTABLE_MODEL, work / PORTABLE_DATA],
+                                             {"source": source_fingerprint(layout), "precision": precision}),
+            "optimized_probe_diff": probe,
             "prepare_seconds": round(time.perf_counter() - started, 1),
         }
         (work / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        # World-readable: the image's non-root user reads what the root build stage wrote (mkdtemp
+        # makes the folder 0700 and onnx writes the data file 0600).
+        for path in work.iterdir():
+            path.chmod(0o644)
+        work.chmod(0o755)
         _swap_into_place(work, output)
         return manifest
     except PrepareError:
@@ -79,6 +109,41 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
         raise PrepareError(f"preparing {source} failed: {type(exc).__name__}: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_portable(src: Path, dst: Path) -> None:
+    """Re-save the model with its weights in one external-data file beside it (plain ONNX)."""
+    import onnx
+
+    onnx.save_model(onnx.load(str(src)), str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=PORTABLE_DATA, size_threshold=EXTERNAL_MIN_BYTES)
+
+
+def _write_probe_and_optimized(work: Path, max_seq_length: int, pad_id: int, dim: int) -> float:
+    """Encode the probe with the portable model, have ONNX Runtime write the optimized variant with
+    its prepacked weights, and check that variant against the probe here, where it was made.
+    Returns the variant's largest difference from the probe."""
+    import numpy as np
+
+    tokenizer = load_tokenizer(work / TOKENIZER_FILE, max_seq_length)
+    sentences = list(PROBE_SENTENCES)
+    expected = run_session(open_session(work / PORTABLE_MODEL, session_options(1)), tokenizer, sentences,
+                           len(sentences), pad_id, dim)
+    (work / PROBE_FILE).write_text(json.dumps({"sentences": sentences, "embeddings": expected.tolist()},
+                                              ensure_ascii=False), encoding="utf-8")
+    writer = session_options(1)
+    writer.optimized_model_filepath = str(work / OPTIMIZED_MODEL)
+    for key, value in (("session.optimized_model_external_initializers_file_name", OPTIMIZED_DATA),
+                       ("session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_MIN_BYTES)),
+                       ("session.save_external_prepacked_constant_initializers", "1")):
+        writer.add_session_config_entry(key, value)
+    open_session(work / PORTABLE_MODEL, writer)
+    got = run_session(open_session(work / OPTIMIZED_MODEL, session_options(1)), tokenizer, sentences,
+                      len(sentences), pad_id, dim)
+    diff = float(np.abs(got - expected).max())
+    if diff > PROBE_MAX_DIFF:
+        raise PrepareError(f"the optimized model differs from the portable one by {diff:.2g} on the probe")
+    return diff
 
 
 def _swap_into_place(work: Path, output: Path) -> None:
@@ -111,14 +176,7 @@ def _export(layout, onnx_path: Path, tokenizer_path: Path) -> tuple[int, int]:
 
         def forward(self, input_ids, attention_mask):
             hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            if pooling == "cls":
-                vectors = hidden[:, 0]
-            elif pooling == "max":
-                vectors = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
-            else:
-                vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(vectors, p=2, dim=1)
+            return pool(hidden, attention_mask, pooling)
 
     sample = tokenizer(["דוגמה קצרה", "משפט שני ארוך יותר מעט"], padding=True, return_tensors="pt")
     with torch.inference_mode():
