@@ -60,8 +60,8 @@ load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench
 	$(PY) -m bench.readme
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
-	$(PY) -m app.settings env-example > .env.example
-	$(PY) -m app.settings readme
+	$(PY) -m devtools.docs env-example > .env.example
+	$(PY) -m devtools.docs readme
 
 manifests: venv ## Regenerate render.yaml, app.json, fly.toml files and the tier env files from deploy/tiers.yaml
 	$(PY) -m deploy.generate
