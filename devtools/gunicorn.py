@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from devtools.http import fetch, free_port, wait_http
+from devtools.http import fetch, fetch_json, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "app:create_app()"
@@ -80,5 +80,9 @@ class GunicornServer:
 
     def get(self, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
         status, body, _ = fetch(self.url + path, timeout=timeout)
+        return status, body
+
+    def post_json(self, path: str, data: dict, timeout: float = 30.0) -> tuple[int, dict]:
+        status, body, _ = fetch_json(self.url + path, data, timeout)
         return status, body
 
