@@ -148,7 +148,7 @@ class Cgroup:
 
     def remove(self) -> None:
         if self.enabled:
-            for _ in range(50):
+            for _ in range(50):  # the kernel frees the cgroup a moment after its last process exits
                 try:
                     self.path.rmdir()
                     return
@@ -172,6 +172,13 @@ class Sampler(threading.Thread):
         self.recorded = threading.Condition()
 
     def run(self) -> None:
+        try:
+            self._sample()
+        finally:  # wake wait_samples() when the tree is gone, instead of leaving it to its timeout
+            with self.recorded:
+                self.recorded.notify_all()
+
+    def _sample(self) -> None:
         import psutil
 
         while not self.stop.is_set():
