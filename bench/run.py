@@ -223,6 +223,7 @@ class Sampler(threading.Thread):
 
 
 def http(url: str, data: dict | None = None, timeout: float = 300) -> tuple[int, dict, float]:
+    """fetch_json() with the bench's long timeout: a first semantic query loads the model."""
     return fetch_json(url, data, timeout)
 
 
