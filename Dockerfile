@@ -28,6 +28,7 @@ FROM deps AS model
 ARG OFFLINE=0
 # PyTorch's CPU-only wheels: the default index's torch pulls the CUDA build (several GB).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# app/settings.py's DEFAULT_MODEL, copied because an ARG cannot import it: `deploy.generate --check` fails when they differ.
 ARG MODEL_SOURCE=imvladikon/sentence-transformers-alephbert
 ARG MODEL_PRECISION=q8
 ENV MODEL_DIR=/models/semantic MODEL_SOURCE=${MODEL_SOURCE} MODEL_PRECISION=${MODEL_PRECISION}

@@ -5,8 +5,9 @@ VENV ?= .venv
 PORT ?= 8000
 # The 512 MB tier's model artifact; `make model` builds it, `make run` uses it when present.
 MODEL_DIR ?= instance/models/semantic
-# Where `make model` takes the model from: a hub name or a folder.
-MODEL_SOURCE ?= imvladikon/sentence-transformers-alephbert
+# Where `make model` takes the model from: a hub name or a folder; by default the app's own default model
+# (app/settings.py DEFAULT_MODEL, its one written place), read when a target uses it.
+MODEL_SOURCE ?= $(shell $(PY) -c "from app.settings import DEFAULT_MODEL; print(DEFAULT_MODEL)")
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
@@ -60,8 +61,8 @@ load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench
 	$(PY) -m bench.readme
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
-	$(PY) -m app.settings env-example > .env.example
-	$(PY) -m app.settings readme
+	$(PY) -m devtools.docs env-example > .env.example
+	$(PY) -m devtools.docs readme
 
 manifests: venv ## Regenerate render.yaml, app.json, fly.toml files and the tier env files from deploy/tiers.yaml
 	$(PY) -m deploy.generate

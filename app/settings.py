@@ -2,7 +2,7 @@
 
 Every variable the app reads is declared once in ``FIELDS`` below, with its default, its parser and
 a one-line meaning. ``.env.example`` and the README table are generated from, and checked against,
-this list (``make docs-check``), so the documentation cannot drift from the code.
+this list (``make docs``, devtools/docs.py; tests/test_settings.py fails on drift).
 
 No other module reads ``os.environ`` (``gunicorn.conf.py`` reads its own process settings).
 """
@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 DEV_SECRET_KEY = "dev-insecure-change-me"
 DEFAULT_MODEL = "imvladikon/sentence-transformers-alephbert"
 APP_ENVS = ("development", "production", "test")
+# The tiers of deploy/tiers.yaml plus "custom"; not read from there because the image ships app/ alone
+# (tests/test_deploy.py fails when the two disagree).
 TIERS = ("512mb", "1gb", "custom")
 
 
@@ -244,47 +246,3 @@ class Settings:
     def effective_sentry_environment(self) -> str:
         return self.sentry_environment or self.app_env
 
-
-# --- documentation, generated from FIELDS (make docs) -----------------------------------------
-
-def env_example() -> str:
-    """The text of .env.example: every variable with its meaning and default."""
-    lines = ["# memfit configuration. Generated from app/settings.py by `make docs`; edit there.",
-             "# Copy to .env (never committed) or set in the platform's environment.", ""]
-    for field in FIELDS:
-        lines.append(f"# {field.doc}")
-        default = field.default if field.default is not None else ""
-        lines.append(f"{'# ' if field.default is None else ''}{field.env}={default}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def markdown_table() -> str:
-    """The README's configuration table."""
-    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for field in FIELDS:
-        default = "(computed)" if field.default is None else (f"`{field.default}`" if field.default else "(empty)")
-        rows.append(f"| `{field.env}` | {default} | {field.doc.replace('|', '/')} |")
-    return "\n".join(rows)
-
-
-TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
-
-
-def update_readme(path: Path) -> None:
-    """Replace the README's table between its markers with the generated one."""
-    text = path.read_text(encoding="utf-8")
-    head, _, rest = text.partition(TABLE_START)
-    _, _, tail = rest.partition(TABLE_END)
-    path.write_text(f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}", encoding="utf-8")
-
-
-if __name__ == "__main__":  # python -m app.settings env-example | readme
-    import sys
-
-    if sys.argv[1:] == ["env-example"]:
-        print(env_example())
-    elif sys.argv[1:] == ["readme"]:
-        update_readme(Path(__file__).resolve().parent.parent / "README.md")
-    else:
-        raise SystemExit("usage: python -m app.settings env-example|readme")

@@ -15,22 +15,16 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from devtools.gunicorn import GunicornServer
+from devtools.http import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
 QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def client_loop(client, deadline: float, rng: random.Random, stats: dict) -> None:
@@ -90,33 +84,21 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
     flask("embed", env=env)
     max_memory = int(env["MAX_MEMORY_MB"])
     cgroup = Cgroup("load", 512)
-    log = open(WORK / "load-gunicorn.log", "wb")
-    proc = subprocess.Popen(cgroup.wrap([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]),
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    sampler = Sampler(proc.pid, cgroup)
+    server = GunicornServer(env, WORK / "load-gunicorn.log", port=port, wrap=cgroup.wrap)
+    sampler = Sampler(server.start().pid, cgroup)
     sampler.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        import urllib.request
-
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.1)
+        server.wait_ready()
         sampler.phase = "load"
         started = time.monotonic()
-        stats = asyncio.run(drive(url, seconds, clients))
+        stats = asyncio.run(drive(server.url, seconds, clients))
         wall = time.monotonic() - started
     finally:
         cgroup_peak = cgroup.read("memory.max_usage_in_bytes")
         oom = cgroup.oom_kills()
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop()
         sampler.stop.set()
         sampler.join()
-        log.close()
         cgroup.remove()
     text = (WORK / "load-gunicorn.log").read_text(errors="replace")
     all_latency = sorted(x for values in stats["latency"].values() for x in values)

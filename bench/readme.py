@@ -1,5 +1,5 @@
-"""Write measured results into the README between <!-- NAME:start --> and <!-- NAME:end --> markers,
-so the README shows the last run's figures and nothing typed by hand.
+"""Write the container and load suites' last results into the README's marker sections
+(devtools/markers.py), so the README shows the last run's figures and nothing typed by hand.
 
     python -m bench.readme            # every section whose results file exists
 """
@@ -10,18 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+from devtools.markers import README, replace_section
 
-
-def replace_section(text: str, name: str, body: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    return f"{head}{start}\n{body.strip()}\n{end}{tail}"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def container_section(data: dict) -> str:

@@ -123,9 +123,9 @@ def main() -> int:
               f"{r['rss_growth_mb']} MB | {r['index_mb']} MB |" for r in rows]
     table = "\n".join(lines)
     (RESULTS / "vectors.md").write_text(table + "\n")
-    from bench.readme import README, replace_section
+    from devtools.markers import write_section
 
-    README.write_text(replace_section(README.read_text(encoding="utf-8"), "vector-results", table), encoding="utf-8")
+    write_section("vector-results", table)
     print(table)
     return 0
 

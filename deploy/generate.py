@@ -2,6 +2,8 @@
 
     python -m deploy.generate            # write the manifests (make manifests)
     python -m deploy.generate --check    # exit 1 and name the files that drifted from tiers.yaml
+
+Either way it exits 1 when a fact copied outside tiers.yaml disagrees with its source (copies_drift()).
     python -m deploy.generate --schema ../shared/schemas/render.yaml.schema.json   # also validate Blueprints
 
 The 512mb tier's files sit where each platform's one-click flow looks for them (render.yaml and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TIERS_FILE = ROOT / "deploy" / "tiers.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
 HEADER = "Generated from deploy/tiers.yaml by `make manifests`: edit that file, not this one."
 SERVICE = "memfit"
 FLY_REGION = "fra"
@@ -192,6 +196,31 @@ def validate_schema(schema_path: Path, data: dict | None = None) -> list[str]:
     return errors
 
 
+def dockerfile_model(text: str) -> str | None:
+    """The default of the Dockerfile's `ARG MODEL_SOURCE=` (None when the line is missing)."""
+    match = re.search(r"^ARG MODEL_SOURCE=(\S+)\s*$", text, re.M)
+    return match.group(1) if match else None
+
+
+def copies_drift(data: dict | None = None, dockerfile: str | None = None) -> list[str]:
+    """Facts written elsewhere that must agree with their one source: the image's default model with
+    app/settings.py's DEFAULT_MODEL (a Dockerfile ARG cannot import it), and settings.TIERS with the
+    tier names of tiers.yaml (the app reads no deploy file at run time: the image ships app/ alone)."""
+    from app import settings
+
+    data = data or load_tiers()
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8") if dockerfile is None else dockerfile
+    problems = []
+    if dockerfile_model(dockerfile) != settings.DEFAULT_MODEL:
+        problems.append(f"Dockerfile: ARG MODEL_SOURCE={dockerfile_model(dockerfile)} is not app/settings.py's "
+                        f"DEFAULT_MODEL ({settings.DEFAULT_MODEL})")
+    expected = (*data["tiers"], "custom")
+    if settings.TIERS != expected:
+        problems.append(f"app/settings.py: TIERS={settings.TIERS} is not the tiers of {TIERS_FILE.name} "
+                        f"plus 'custom' {expected}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail on drift instead of writing")
@@ -212,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {rel}")
     if drifted:
         print("out of date with deploy/tiers.yaml (run `make manifests`): " + ", ".join(drifted), file=sys.stderr)
+        return 1
+    problems = copies_drift()
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
         return 1
     if args.schema:
         errors = validate_schema(args.schema)

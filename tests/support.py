@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.settings import Settings  # noqa: E402
+from devtools.gunicorn import GunicornServer  # noqa: E402
+from devtools.http import free_port, wait_http  # noqa: E402,F401  (re-exported for the suites)
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -41,81 +41,31 @@ def postgres_url() -> str | None:
     return os.environ.get("TEST_DATABASE_URL") or None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
 def venv_bin(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else shutil.which(name) or name
 
 
-class Gunicorn:
-    """A real gunicorn started with the project's gunicorn.conf.py on a free loopback port."""
+class Gunicorn(GunicornServer):
+    """devtools' gunicorn on a seeded SQLite database of tmp_path, one worker, no model, unless env says otherwise."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str], seed: bool = True):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        self.env = {**os.environ, "PORT": str(self.port), "WEB_CONCURRENCY": "1",
-                    "DATABASE_URL": f"sqlite:///{tmp_path / 'gunicorn.sqlite3'}",
-                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{self.port}"),
-                    "SEMANTIC_MODEL": str(tmp_path / "no-model"), **env}
+        port = free_port()
+        full = {**os.environ, "WEB_CONCURRENCY": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'gunicorn.sqlite3'}",
+                "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
+                "SEMANTIC_MODEL": str(tmp_path / "no-model"), **env}
+        super().__init__(full, tmp_path / f"gunicorn-{port}.log", port=port)
         if seed:
             subprocess.run([venv_bin("flask"), "--app", "app", "seed"], cwd=ROOT, env=self.env, check=True,
                            capture_output=True)
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Gunicorn":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([venv_bin("gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"],
-                                     cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_http(self.url + "/healthz", timeout=60, proc=self.proc)
-        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        self.stop(timeout=40)
 
     def workers(self) -> list[int]:
         import psutil
 
         return [child.pid for child in psutil.Process(self.proc.pid).children()]
-
-    def get(self, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -1,8 +1,11 @@
-"""deploy/: every manifest generated from deploy/tiers.yaml, the rules Render enforces, and the
-Dockerfile's defaults in step with the 512mb tier."""
+"""deploy/: every manifest generated from deploy/tiers.yaml, the rules Render enforces, the
+Dockerfile's defaults in step with the 512mb tier, and the facts copied outside tiers.yaml (the image's
+model, settings.TIERS) in step with their one source."""
 
 import json
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -113,3 +116,30 @@ def test_dockerfile_essentials():
 @pytest.mark.parametrize("pattern", [".env", ".git", ".venv", "**/*.sqlite3*", "instance"])
 def test_dockerignore_keeps_secrets_and_state_out(pattern):
     assert pattern in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_copied_facts_agree_with_their_source():
+    assert generate.copies_drift() == []
+
+
+@pytest.mark.parametrize("dockerfile", ["ARG MODEL_SOURCE=someone/else\n", "# no MODEL_SOURCE argument\n"])
+def test_dockerfile_model_drift_is_detected(dockerfile):
+    (problem,) = generate.copies_drift(dockerfile=dockerfile)
+    assert "MODEL_SOURCE" in problem and "DEFAULT_MODEL" in problem
+
+
+def test_tier_names_drift_is_detected():
+    changed = yaml.safe_load(generate.TIERS_FILE.read_text())
+    changed["tiers"]["2gb"] = changed["tiers"]["1gb"]
+    (problem,) = generate.copies_drift(changed)
+    assert "TIERS" in problem and "2gb" in problem
+
+
+def test_makefile_takes_the_model_from_settings():
+    from app.settings import DEFAULT_MODEL
+
+    require(shutil.which("make") is not None, "make is not installed")
+    show = "show:\n\t@echo $(MODEL_SOURCE)\n"
+    out = subprocess.run(["make", "-s", "-f", "Makefile", "-f", "-", "show"], cwd=ROOT, input=show, text=True,
+                         capture_output=True, check=True)
+    assert out.stdout.strip() == DEFAULT_MODEL

@@ -16,17 +16,7 @@ SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"
 
 
 def post_item(g, title: str, timeout: float = 30):
-    import json
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(g.url + "/items", data=json.dumps({"title": title, "tags": ["תקלה", title]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return g.post_json("/items", {"title": title, "tags": ["תקלה", title]}, timeout)
 
 
 @pytest.mark.postgres

@@ -56,7 +56,7 @@ def test_postgres_scheme_is_rewritten_for_sqlalchemy(tmp_path):
 def test_env_example_and_readme_table_are_generated_from_the_fields():
     from pathlib import Path
 
-    from app.settings import env_example, markdown_table
+    from devtools.docs import env_example, markdown_table
 
     root = Path(__file__).resolve().parent.parent
     assert (root / ".env.example").read_text(encoding="utf-8") == env_example() + "\n", "run `make docs`"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 
 import yaml
 
 from support import ROOT
+
+from devtools.http import fetch_json
 
 DOCKER = os.environ.get("DOCKER") or shutil.which("docker") or "docker"
 IMAGE = os.environ.get("MEMFIT_TEST_IMAGE", "memfit:container-test")
@@ -35,14 +34,8 @@ class Running:
         self.max_memory_mb = int(TIERS[tier]["env"]["MAX_MEMORY_MB"])
 
     def request(self, path: str, data: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-        body = json.dumps(data).encode() if data is not None else None
-        req = urllib.request.Request(self.url + path, data=body,
-                                     headers={"Content-Type": "application/json"} if body else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        status, body, _ = fetch_json(self.url + path, data, timeout)
+        return status, body
 
     def exec(self, *cmd: str) -> str:
         return docker("exec", self.cid, *cmd)

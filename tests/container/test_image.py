@@ -27,7 +27,8 @@ def test_runs_as_the_fixed_non_root_user(container, host):
     assert host.run("touch /app/app/x").rc != 0  # code is read-only to the app user
 
 
-@pytest.mark.parametrize("path", ["/app/.env", "/app/.git", "/app/tests", "/app/.venv", "/app/instance"])
+@pytest.mark.parametrize("path", ["/app/.env", "/app/.git", "/app/tests", "/app/.venv", "/app/instance",
+                                  "/app/devtools", "/app/bench"])
 def test_no_development_files_in_the_image(host, path):
     assert not host.file(path).exists, f"{path} is in the image"
 

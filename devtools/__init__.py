@@ -1,0 +1,6 @@
+"""Developer tooling shared by the tests, bench/ and the Makefile: the gunicorn launcher and HTTP
+helpers, the README marker-section writer and the settings documentation generator.
+
+app/ and monitoring/ never import this package (tests/test_devtools.py checks it), and the image
+does not contain it.
+"""
