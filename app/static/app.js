@@ -72,9 +72,9 @@
   }
 
   function countText(total, tookMs, added) {
-    if (!total) return `לא נמצאו תוצאות (${tookMs} ms)`;
+    if (!total) return `לא נמצאו תוצאות · ${tookMs} מילישניות`;
     const count = total === 1 ? "תוצאה אחת" : `${total} תוצאות`;
-    return added === undefined ? `${count} · ${tookMs} ms` : `נוספו ${added} · ${count} בסך הכול · ${tookMs} ms`;
+    return added === undefined ? `${count} · ${tookMs} מילישניות` : `נוספו ${added} · ${count} בסך הכול · ${tookMs} מילישניות`;
   }
 
   // Runs a search; with append, shows only the answers not on screen yet (the API has no offset).
