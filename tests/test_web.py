@@ -61,9 +61,11 @@ sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 
 
 def wait(browser, seconds=15):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, seconds)
+    # A result list redrawn between finding an element and reading it is a reason to look again.
+    return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def settled(browser):
@@ -94,9 +96,9 @@ def search(browser, base, query, mode):
 
 
 def titles(browser):
-    from selenium.webdriver.common.by import By
-
-    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results li .title")]
+    # Read in one script call, so a list redrawn meanwhile cannot leave a stale element behind.
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll('#results li .title'), (e) => e.textContent)")
 
 
 def test_page_is_right_to_left_hebrew(browser, live):
@@ -282,3 +284,38 @@ def test_phone_width_has_no_horizontal_scroll(browser, live):
     assert titles(browser)
     width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
     assert width[1] == 375 and width[0] <= width[1], width
+
+
+@sqlite_only
+def test_keyboard_alone_searches_and_reaches_more_results(browser, live):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(live() + "/")
+    browser.find_element(By.ID, "q").send_keys("ספר", Keys.ENTER)
+    settled(browser)
+    assert len(titles(browser)) == 10
+    # Field, button, the mode group (one stop), then "more": results are not tab stops of their own.
+    stops = []
+    for _ in range(4):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        stops.append(browser.switch_to.active_element.get_attribute("id"))
+        if stops[-1] == "more":
+            break
+    assert stops[-1] == "more", stops
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser).until(lambda d: len(titles(d)) > 10, "Enter on 'more' appended nothing")
+    assert browser.execute_script("return document.activeElement === document.querySelectorAll('#results li')[10]")
+
+
+@sqlite_only
+def test_more_results_stops_at_the_api_cap(browser, live):
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+
+    base = live(items=[(f"מחברת {n}", "") for n in range(105)])
+    browser.get(base + f"/?q={quote('מחברת')}&mode=text&limit=100")  # a shared link after many "more"
+    settled(browser)
+    assert len(titles(browser)) == 100  # as many as asked, yet the API gives no more than 100
+    assert not browser.find_element(By.ID, "more").is_displayed()
