@@ -319,3 +319,14 @@ def test_more_results_stops_at_the_api_cap(browser, live):
     settled(browser)
     assert len(titles(browser)) == 100  # as many as asked, yet the API gives no more than 100
     assert not browser.find_element(By.ID, "more").is_displayed()
+
+
+@sqlite_only
+def test_a_bad_shared_url_says_what_is_wrong(browser, live):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live() + "/?q=x&mode=bogus")
+    settled(browser)
+    status = browser.find_element(By.ID, "status")
+    assert "error" in status.get_attribute("class") and "bogus" in status.text and "text" in status.text
+    assert not titles(browser)

@@ -92,7 +92,9 @@
       data = await response.json();
     } catch (error) {
       if (controller.signal.aborted) return;
-      data = { error: { message: `השרת לא ענה (${error.message})` } };
+      // No answer, or one that is not JSON (a proxy's error page): shown as an error either way.
+      data = { error: { message: `אין תשובה תקינה מהשרת (${error.message})` } };
+      response = null;
     }
     if (controller !== inFlight) return;
     inFlight = null;
