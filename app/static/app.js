@@ -107,7 +107,7 @@
     }
     const radio = radios.find((r) => r.value === data.mode);
     const words = radio ? radio.dataset.highlight === "words" : false;
-    const ids = append ? shown.ids : new Set();
+    const ids = append && shown ? shown.ids : new Set();
     const fresh = data.results.filter((r) => !ids.has(r.id));
     const nodes = fresh.map((r) => render(r, search, words));
     if (append) list.append(...nodes); else list.replaceChildren(...nodes);
@@ -174,8 +174,8 @@
 
   more.addEventListener("click", () => {
     if (!shown) return;
-    const search = { ...shown, limit: String(Math.min(Number(shown.limit) + LIMIT_DEFAULT, LIMIT_MAX)) };
-    delete search.ids;
+    const { ids, ...previous } = shown; // ids: what is on screen, not part of the search
+    const search = { ...previous, limit: String(Math.min(Number(shown.limit) + LIMIT_DEFAULT, LIMIT_MAX)) };
     // The URL keeps the longer list for a shared link, without a history entry per click.
     history.replaceState(null, "", toUrl(search));
     run(search, true);
