@@ -149,7 +149,7 @@ FIELDS: tuple[Field, ...] = (
     Field("SENTRY_CRON_INTERVAL", "60", _float(5, 3600), "Seconds between Sentry Crons check-ins."),
     Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
           "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
-    Field("PORT", "8000", _int(1, 65535), "Port gunicorn listens on (0.0.0.0:PORT); platforms set it."),
+    Field("PORT", "8000", _int(0, 65535), "Port gunicorn listens on (0.0.0.0:PORT; 0: any free port); platforms set it."),
     Field("GUNICORN_BACKLOG", "64", _int(1, 65535), "Connections waiting to be accepted by gunicorn."),
     Field("GUNICORN_MAX_REQUESTS", "100", _int(0, 1000000),
           "Requests after which gunicorn replaces a worker (0: never)."),
