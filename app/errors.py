@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
-from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
-
-from .semantic.service import SemanticUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +30,12 @@ def error_response(status: int, code: str, message: str):
 
 
 def register_errors(app: Flask) -> None:
+    # Imported here, not at the top: gunicorn's master imports this module for
+    # install_json_protocol_errors and should not carry SQLAlchemy (about 13 MB) for it.
+    from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+
+    from .semantic.service import SemanticUnavailable
+
     @app.errorhandler(ApiError)
     def _api(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message)
