@@ -120,11 +120,11 @@ def register_monitoring(app: Flask, settings: Settings) -> None:
     """Hand monitoring the app's own facts: whether the model is loaded and how to label a request."""
     from monitoring import init_app
 
-    from .api import search_view
+    from .api import bp as api, search_view
     from .search import MODES
     from .semantic.service import LOADED
 
-    search_endpoint = "api." + search_view.__name__
+    search_endpoint = f"{api.name}.{search_view.__name__}"
 
     def model_loaded() -> bool:
         return app.extensions["memfit.semantic"].state == LOADED
