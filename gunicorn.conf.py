@@ -6,31 +6,34 @@
 #
 #     gunicorn -c gunicorn.conf.py "app:create_app()"
 #
-# This file and app/settings.py are the only places that read the environment.
+# This file and app/settings.py are the only places that read the environment; every variable here
+# that needs parsing is declared (default, range, meaning) in app/settings.py and read from Settings.
 
 import os
 import tempfile
 
+from app.settings import ConfigError, Settings
 
-def _env_int(name, default):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is invalid: accepts a whole number") from None
+#
+# Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files
+# here; it must be set before any worker imports prometheus_client (and before the settings below
+# are read, so that they see it). Emptied at start (on_starting).
+#
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                      os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                                   f"memfit-metrics-{os.getpid()}"))
+os.makedirs(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "exits"), exist_ok=True)
 
-
-def _env_bool(name, default):
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SystemExit(f"{name}={raw!r} is invalid: accepts true/false")
+#
+# The app's settings (app/settings.py), built once here from the environment and handed to every
+# hook below; gunicorn's own numbers and switches (PORT, WEB_CONCURRENCY, GUNICORN_*) are parsed
+# there too, with the app's validation. The workers' app builds the same Settings from the same
+# environment. A bad value stops gunicorn with one line naming it, before any worker starts.
+#
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    raise SystemExit(f"configuration error: {exc}") from None
 
 
 #
@@ -39,12 +42,12 @@ def _env_bool(name, default):
 #   bind - Where to listen. Platforms (Render, Heroku, Fly) hand the port in $PORT and route to
 #       0.0.0.0 inside the container; 8000 for local runs.
 #
-bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{_env_int('PORT', 8000)}"
+bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{settings.port}"
 
 #   backlog - Connections waiting to be accepted. Small: a 512 MB instance cannot serve a large queue
 #       quickly anyway, and the platform's proxy retries elsewhere.
 #
-backlog = _env_int("GUNICORN_BACKLOG", 64)
+backlog = settings.gunicorn_backlog
 
 #
 # Worker processes
@@ -53,7 +56,7 @@ backlog = _env_int("GUNICORN_BACKLOG", 64)
 #       Each worker holds its own copy of the semantic model, so on the 512 MB tier one worker is all
 #       the memory allows; the 1 GB tier runs two (deploy/tiers.yaml).
 #
-workers = _env_int("WEB_CONCURRENCY", 1)
+workers = settings.web_concurrency
 
 #   worker_class - "sync": one request at a time per worker. Semantic search is CPU-bound (the model
 #       runs on the request's thread), so threads or greenlets would add no throughput on a shared
@@ -67,23 +70,23 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 #       object pools makes a long-lived worker's RSS creep; a fresh worker starts lean. 100 requests
 #       keeps restarts cheap (the model loads lazily, from a memory-mapped artifact). 0 disables.
 #
-max_requests = _env_int("GUNICORN_MAX_REQUESTS", 100)
-max_requests_jitter = _env_int("GUNICORN_MAX_REQUESTS_JITTER", 10)
+max_requests = settings.gunicorn_max_requests
+max_requests_jitter = settings.gunicorn_max_requests_jitter
 
 #   timeout - Seconds a worker may stay silent before the master kills and replaces it. 120 covers a
 #       cold model load plus a first batch of embeddings on a slow shared CPU.
 #
-timeout = _env_int("GUNICORN_TIMEOUT", 120)
+timeout = settings.gunicorn_timeout
 
 #   graceful_timeout - Seconds a worker gets to finish its request on restart or shutdown. Below
 #       Render's maxShutdownDelaySeconds (deploy/tiers.yaml), so requests finish before the platform
 #       kills the container.
 #
-graceful_timeout = _env_int("GUNICORN_GRACEFUL_TIMEOUT", 25)
+graceful_timeout = settings.gunicorn_graceful_timeout
 
 #   keepalive - Seconds to hold an idle connection. Sync workers close after each response anyway.
 #
-keepalive = _env_int("GUNICORN_KEEPALIVE", 2)
+keepalive = settings.gunicorn_keepalive
 
 #   preload_app - False. Preloading would import the app in the master before forking: the master
 #       would grow by the app's imports, and if anything in it ever loaded torch (or started a
@@ -91,7 +94,7 @@ keepalive = _env_int("GUNICORN_KEEPALIVE", 2)
 #       OpenMP pool deadlocks in a forked child). Each worker imports the app after fork, and the
 #       model loads lazily on the first semantic request.
 #
-preload_app = _env_bool("GUNICORN_PRELOAD", False)
+preload_app = settings.gunicorn_preload
 
 #   worker_tmp_dir - The heartbeat file each worker touches for the master. On /dev/shm (memory)
 #       where it exists: on a disk-backed /tmp, a slow or full disk makes the master think healthy
@@ -103,7 +106,7 @@ worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or ("/dev/shm" if os.
 #       (signals, redeploys); the socket would need a writable home directory, which the non-root
 #       container user does not have. GUNICORN_CONTROL_SOCKET=true turns it back on.
 #
-control_socket_disable = not _env_bool("GUNICORN_CONTROL_SOCKET", False)
+control_socket_disable = not settings.gunicorn_control_socket
 
 #
 # Logging: access and error logs to stdout, where the platform collects them.
@@ -125,27 +128,18 @@ logconfig_dict = {
 #
 # Process naming
 #
-proc_name = os.environ.get("SERVICE_NAME", "memfit")
-
-#
-# Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files
-# here; it must be set before any worker imports prometheus_client. Emptied at start (on_starting).
-#
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                      os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
-                                   f"memfit-metrics-{os.getpid()}"))
-os.makedirs(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "exits"), exist_ok=True)
+proc_name = settings.effective_service_name  # RENDER_SERVICE_NAME, else SERVICE_NAME
 
 #
 # Protocol errors (malformed request lines, oversized headers) never reach Flask; gunicorn answers
 # them itself. memfit's errors are JSON everywhere, so gunicorn's HTML error writer is replaced.
 #
-from monitoring.hooks import install_json_protocol_errors  # noqa: E402
+from app.errors import install_json_protocol_errors  # noqa: E402
 
 install_json_protocol_errors()
 
 #
-# Server hooks: plain functions, the work is in monitoring/hooks.py (tested there).
+# Server hooks: plain functions handing the settings above to monitoring/hooks.py (tested there).
 #
 #   on_starting - master, before workers: clear stale metric files; log the start-up report.
 #   post_worker_init - worker, after the app loaded: start the memory watchdog thread.
@@ -159,29 +153,29 @@ install_json_protocol_errors()
 def on_starting(server):
     from monitoring import hooks
 
-    hooks.reset_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    hooks.startup_report(server, {"workers": workers, "worker_class": worker_class, "max_requests": max_requests})
+    hooks.reset_metrics_dir(settings.prometheus_multiproc_dir)
+    hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class, "max_requests": max_requests})
 
 
 def post_worker_init(worker):
     from monitoring import hooks
 
-    hooks.worker_started(worker)
+    hooks.worker_started(worker, settings)
 
 
 def post_request(worker, req, environ, resp):
     from monitoring import hooks
 
-    hooks.after_request(worker)
+    hooks.after_request(worker, settings)
 
 
 def worker_exit(server, worker):
     from monitoring import hooks
 
-    hooks.worker_exiting(worker)
+    hooks.worker_exiting(worker, settings)
 
 
 def child_exit(server, worker):
     from monitoring import hooks
 
-    hooks.child_exited(server, worker)
+    hooks.child_exited(server, worker, settings)

@@ -124,6 +124,24 @@ def register_cli(app: Flask) -> None:
 
 
 def register_monitoring(app: Flask, settings: Settings) -> None:
+    """Hand monitoring the app's own facts: whether the model is loaded and how to label a request."""
     from monitoring import init_app
 
-    init_app(app, settings)
+    from .api import bp as api, search_view
+    from .search import MODES
+    from .semantic.service import LOADED
+    from .state import get_service
+
+    search_endpoint = f"{api.name}.{search_view.__name__}"
+
+    def model_loaded() -> bool:
+        return get_service(app).state == LOADED
+
+    def request_label() -> str:
+        # Search requests count by mode (an unknown one as "invalid"); every other request by endpoint.
+        if request.endpoint != search_endpoint:
+            return request.endpoint or "unmatched"
+        mode = request.args.get("mode", "text")
+        return mode if mode in MODES else "invalid"
+
+    init_app(app, settings, model_loaded=model_loaded, request_label=request_label)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
-from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
-
-from .semantic.service import SemanticUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +18,24 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def error_body(code: str, message: str) -> dict:
+    """The one shape of every error memfit sends, from Flask or from gunicorn."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(status: int, code: str, message: str):
-    response = jsonify({"error": {"code": code, "message": message}})
+    response = jsonify(error_body(code, message))
     response.status_code = status
     return response
 
 
 def register_errors(app: Flask) -> None:
+    # Imported here, not at the top: gunicorn's master imports this module for
+    # install_json_protocol_errors and should not carry SQLAlchemy (about 13 MB) for it.
+    from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+
+    from .semantic.service import SemanticUnavailable
+
     @app.errorhandler(ApiError)
     def _api(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message)
@@ -65,3 +73,23 @@ def register_errors(app: Flask) -> None:
     def _unexpected(exc: Exception):
         log.exception("unhandled error")  # the trace goes to the log (and Sentry), not to the client
         return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+def install_json_protocol_errors() -> None:
+    """Make gunicorn's own error responses (malformed request line, oversized headers) JSON.
+
+    Those requests never reach Flask; gunicorn answers them from ``util.write_error`` with an HTML
+    page. memfit promises JSON errors everywhere, so that one function is replaced, same signature.
+    Called from gunicorn.conf.py, in the master, before any worker forks.
+    """
+    import json
+
+    from gunicorn import util
+
+    def write_error(sock, status_int, reason, mesg):
+        body = json.dumps(error_body(reason.lower().replace(" ", "_"), str(mesg)[:300])).encode()
+        head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        util.write_nonblock(sock, head + body)
+
+    util.write_error = write_error

@@ -2,9 +2,12 @@
 
 Every variable the app reads is declared once in ``FIELDS`` below, with its default, its parser and
 a one-line meaning. ``.env.example`` and the README table are generated from, and checked against,
-this list (``make docs``, devtools/docs.py; tests/test_settings.py fails on drift).
+this list (``make docs``, devtools/docs.py; tests/test_settings.py fails when they are stale), so the
+documentation cannot drift from the code.
 
-No other module reads ``os.environ`` (``gunicorn.conf.py`` reads its own process settings).
+gunicorn's variables that need parsing (``PORT``, ``WEB_CONCURRENCY``, ``GUNICORN_*`` numbers and
+switches) are fields here too: ``gunicorn.conf.py`` builds this same Settings. No other module reads
+``os.environ``, except ``gunicorn.conf.py`` for the few gunicorn values it passes on as text.
 """
 
 from __future__ import annotations
@@ -148,6 +151,18 @@ FIELDS: tuple[Field, ...] = (
     Field("SENTRY_CRON_INTERVAL", "60", _float(5, 3600), "Seconds between Sentry Crons check-ins."),
     Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
           "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
+    Field("PORT", "8000", _int(0, 65535), "Port gunicorn listens on (0.0.0.0:PORT; 0: any free port); platforms set it."),
+    Field("GUNICORN_BACKLOG", "64", _int(1, 65535), "Connections waiting to be accepted by gunicorn."),
+    Field("GUNICORN_MAX_REQUESTS", "100", _int(0, 1000000),
+          "Requests after which gunicorn replaces a worker (0: never)."),
+    Field("GUNICORN_MAX_REQUESTS_JITTER", "10", _int(0, 1000000),
+          "Up to this many more requests, at random, so workers do not restart together."),
+    Field("GUNICORN_TIMEOUT", "120", _int(1, 86400), "Seconds a silent worker lives before gunicorn replaces it."),
+    Field("GUNICORN_GRACEFUL_TIMEOUT", "25", _int(1, 86400),
+          "Seconds a worker gets to finish its request on restart or shutdown."),
+    Field("GUNICORN_KEEPALIVE", "2", _int(0, 3600), "Seconds gunicorn holds an idle connection."),
+    Field("GUNICORN_PRELOAD", "false", _bool, "Import the app in gunicorn's master before forking (off: see gunicorn.conf.py)."),
+    Field("GUNICORN_CONTROL_SOCKET", "false", _bool, "Open gunicorn's runtime control socket."),
     Field("RENDER_GIT_COMMIT", "", _text, "Set by Render: the deployed commit (the default Sentry release)."),
     Field("RENDER_SERVICE_NAME", "", _text, "Set by Render: the service name (the default SERVICE_NAME)."),
 )
@@ -185,6 +200,15 @@ class Settings:
     sentry_cron_monitor: str
     sentry_cron_interval: float
     prometheus_multiproc_dir: str
+    port: int
+    gunicorn_backlog: int
+    gunicorn_max_requests: int
+    gunicorn_max_requests_jitter: int
+    gunicorn_timeout: int
+    gunicorn_graceful_timeout: int
+    gunicorn_keepalive: int
+    gunicorn_preload: bool
+    gunicorn_control_socket: bool
     render_git_commit: str
     render_service_name: str
     instance_path: str = "instance"

@@ -3,38 +3,45 @@
 ``init_app`` attaches the request-side parts to the Flask app (Sentry, ``/metrics``, request
 counts). The process-side parts (watchdog thread, recycling, exit accounting) are started from
 gunicorn's hooks in ``gunicorn.conf.py`` through ``monitoring.hooks``.
+
+monitoring imports nothing from ``app``: the app hands over what monitoring needs (its settings,
+how to tell whether the model is loaded, how to label a request) in ``init_app``.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Callable
 
 from flask import Flask, Response, request
 
-from app.settings import Settings
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
-def init_app(app: Flask, settings: Settings) -> None:
+def init_app(app: Flask, settings: "Settings", *, model_loaded: Callable[[], bool],
+             request_label: Callable[[], str]) -> None:
+    """Register Sentry, ``/metrics`` and the request counter.
+
+    ``model_loaded()`` says whether this worker has the semantic model in memory; ``request_label()``
+    names the current request for the request counter (its search mode, or its endpoint). Both are
+    called inside a request and belong to the app, which owns the modes and endpoints.
+    """
     if settings.prometheus_multiproc_dir:
         # prometheus_client writes its per-process files there from the first metric on.
         os.makedirs(settings.prometheus_multiproc_dir, exist_ok=True)
     from . import metrics, sentry
+    from .watchdog import MemorySampler, export
 
     sentry.init(settings)
-
-    from .watchdog import MemoryWatchdog
-
-    # Used only for its sample(): alerting stays with the watchdog thread, so a scrape never alerts.
-    sampler = MemoryWatchdog(settings)
+    # Sampling only: alerting stays with the watchdog thread, so a scrape never alerts.
+    sampler = MemorySampler(settings.max_memory_mb)
 
     @app.get("/metrics", endpoint="metrics")
     def metrics_view():
-        from app.state import get_service
-
-        semantic = get_service(app)
-        metrics.model_loaded.set(1 if semantic.state == "loaded" else 0)
+        metrics.model_loaded.set(1 if model_loaded() else 0)
         try:
-            MemoryWatchdog.export(sampler.sample())  # this worker's figures as of the scrape
+            export(sampler.sample())  # this worker's figures as of the scrape
         except Exception:  # a failed sample leaves the last exported figures; the scrape still answers
             pass
         body, content_type = metrics.render(settings.prometheus_multiproc_dir)
@@ -43,11 +50,7 @@ def init_app(app: Flask, settings: Settings) -> None:
     @app.after_request
     def _count(response):
         try:
-            mode = request.args.get("mode", "text") if request.endpoint == "api.search_view" else (
-                request.endpoint or "unmatched")
-            if mode not in ("text", "tags", "semantic") and request.endpoint == "api.search_view":
-                mode = "invalid"
-            metrics.requests.labels(mode=mode, status=str(response.status_code)).inc()
+            metrics.requests.labels(mode=request_label(), status=str(response.status_code)).inc()
         except Exception:  # counting must never break a response
             pass
         return response

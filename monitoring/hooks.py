@@ -5,6 +5,8 @@ kills (gunicorn passes no exit status to ``child_exit``, so a worker that exits 
 a marker first; a worker that died without one was killed, e.g. by the OOM killer).
 Worker side: the watchdog thread, memory-based recycling after a request, and a Sentry flush
 before a recycled worker exits.
+
+gunicorn.conf.py builds the one ``Settings`` and passes it to every function here.
 """
 
 from __future__ import annotations
@@ -13,30 +15,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
-
-from app.settings import ConfigError, Settings
+from typing import TYPE_CHECKING
 
 from . import memory
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 log = logging.getLogger("memfit.ops")
 MB = memory.MB
 _state: dict = {}
 
 
-def settings() -> Settings:
-    if "settings" not in _state:
-        _state["settings"] = Settings.from_env()
-    return _state["settings"]
-
-
-def startup_report(server, cfg_summary: dict) -> None:
+def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
     """One log line: effective memory limit, tier, thresholds, features."""
-    try:
-        s = settings()
-    except ConfigError as exc:
-        # The workers would fail on the same value: stop here with the one-line reason.
-        server.log.error("configuration error: %s", exc)
-        raise SystemExit(f"configuration error: {exc}") from None
     cgroup = memory.read_cgroup()
     limit = memory.effective_limit(cgroup)
     server.log.info(
@@ -61,23 +53,23 @@ def reset_metrics_dir(path: str) -> None:
     Path(path, "exits").mkdir(parents=True, exist_ok=True)
 
 
-def worker_started(worker) -> None:
+def worker_started(worker, settings: "Settings") -> None:
     """post_worker_init: start this worker's watchdog thread."""
     from .watchdog import MemoryWatchdog
 
-    watchdog = MemoryWatchdog(settings())
+    watchdog = MemoryWatchdog(settings)
     watchdog.ensure_running()
     _state["watchdog"] = watchdog
 
 
-def after_request(worker) -> None:
+def after_request(worker, settings: "Settings") -> None:
     """post_request: a worker past MAX_WORKER_MEMORY_MB finishes this request, then exits gracefully.
 
     This is uWSGI's reload-on-rss for gunicorn. Setting ``alive = False`` is how gunicorn's own
     max_requests ends a worker: the response has been written and the connection closed, the
     worker leaves its loop, and the master starts a fresh one.
     """
-    limit = settings().max_worker_memory_mb
+    limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
         return
     rss = memory.process_rss()
@@ -92,7 +84,7 @@ def after_request(worker) -> None:
     worker.alive = False
 
 
-def worker_exiting(worker) -> None:
+def worker_exiting(worker, settings: "Settings") -> None:
     """worker_exit (in the worker, on a graceful exit): flush Sentry and leave the graceful marker."""
     from . import sentry
 
@@ -100,7 +92,7 @@ def worker_exiting(worker) -> None:
     if watchdog is not None:
         watchdog.stop()
     sentry.flush()
-    mark_dir = settings().prometheus_multiproc_dir
+    mark_dir = settings.prometheus_multiproc_dir
     if mark_dir:
         try:
             Path(mark_dir, "exits", str(os.getpid())).write_text("recycled" if _state.get("recycled") else "graceful")
@@ -108,11 +100,11 @@ def worker_exiting(worker) -> None:
             pass
 
 
-def child_exited(server, worker) -> None:
+def child_exited(server, worker, settings: "Settings") -> None:
     """child_exit (in the master): count how the worker ended and drop its live gauges."""
     from . import metrics
 
-    directory = settings().prometheus_multiproc_dir
+    directory = settings.prometheus_multiproc_dir
     marker = Path(directory, "exits", str(worker.pid)) if directory else None
     cause = "killed"
     if marker is not None and marker.exists():
@@ -126,22 +118,3 @@ def child_exited(server, worker) -> None:
     metrics.worker_exits.labels(cause=cause).inc()
     metrics.mark_process_dead(worker.pid, directory)
 
-
-def install_json_protocol_errors() -> None:
-    """Make gunicorn's own error responses (malformed request line, oversized headers) JSON.
-
-    Those requests never reach Flask; gunicorn answers them from ``util.write_error`` with an HTML
-    page. memfit promises JSON errors everywhere, so that one function is replaced, same signature.
-    """
-    import json
-
-    from gunicorn import util
-
-    def write_error(sock, status_int, reason, mesg):
-        code = reason.lower().replace(" ", "_")
-        body = json.dumps({"error": {"code": code, "message": str(mesg)[:300]}}).encode()
-        head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
-        util.write_nonblock(sock, head + body)
-
-    util.write_error = write_error

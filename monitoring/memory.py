@@ -10,7 +10,7 @@ cgroup, v1 (``memory.usage_in_bytes`` / ``memory.limit_in_bytes``) or v2 (``memo
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 MB = 1024 * 1024
@@ -26,9 +26,6 @@ class CgroupMemory:
     working_set: int
     peak: int | None
     oom_kills: int | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _read_int(path: Path) -> int | None:

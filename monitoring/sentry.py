@@ -8,14 +8,16 @@ up a request; a recycled worker flushes with a bounded timeout before it exits.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from app.settings import Settings
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 log = logging.getLogger(__name__)
 FLUSH_TIMEOUT = 2.0  # seconds a recycled worker waits for pending events, at most
 
 
-def init(settings: Settings) -> bool:
+def init(settings: "Settings") -> bool:
     """Initialise the SDK once per process; returns whether Sentry is on."""
     if not settings.sentry_dsn:
         return False
@@ -50,7 +52,7 @@ def active() -> bool:
     return sentry_sdk.get_client().is_active()
 
 
-def capture_memory_alert(subject: str, message: str, figures: dict, settings: Settings, pid: int) -> bool:
+def capture_memory_alert(subject: str, message: str, figures: dict, settings: "Settings", pid: int) -> bool:
     """Send one warning event for a memory crossing; returns whether it was handed to Sentry."""
     if not active():
         return False
@@ -68,7 +70,7 @@ def capture_memory_alert(subject: str, message: str, figures: dict, settings: Se
     return True
 
 
-def cron_checkin(settings: Settings) -> None:
+def cron_checkin(settings: "Settings") -> None:
     """Tell Sentry Crons this instance is alive; a missed check-in means it died (e.g. OOM-killed)."""
     if not settings.sentry_cron_monitor or not active():
         return

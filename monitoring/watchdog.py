@@ -1,8 +1,11 @@
 """The memory watchdog: a named daemon thread that samples memory and raises one alert per crossing.
 
-Started from a gunicorn hook in each worker (``post_worker_init``), never at import. It is
-fork-aware (a copy inherited through fork is not running: ``ensure_running`` starts a new one in
-the child) and it can never take its worker down: every sample is wrapped, and errors are logged.
+Its jobs are separate pieces: ``MemorySampler`` takes a sample, ``export`` publishes it as gauges,
+``MemoryAlarms`` decides and sends alerts, ``Heartbeat`` checks in with Sentry Crons, and
+``MemoryWatchdog`` runs them on its thread. Started from a gunicorn hook in each worker
+(``post_worker_init``), never at import. It is fork-aware (a copy inherited through fork is not
+running: ``ensure_running`` starts a new one in the child) and it can never take its worker down:
+every sample is wrapped, and errors are logged.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-
-from app.settings import Settings
+from typing import TYPE_CHECKING
 
 from . import memory, sentry
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 log = logging.getLogger("memfit.watchdog")
 MB = memory.MB
@@ -43,52 +48,19 @@ class Alarm:
         return False
 
 
-class MemoryWatchdog:
-    THREAD_NAME = "memfit-memory-watchdog"
+class MemorySampler:
+    """Reads this process's and its container's memory into one dict of figures (MB)."""
 
-    def __init__(self, settings: Settings, cgroup_root: str = "/sys/fs/cgroup"):
-        self.settings = settings
+    def __init__(self, threshold_mb: int, cgroup_root: str = "/sys/fs/cgroup"):
+        self.threshold_mb = threshold_mb
         self.cgroup_root = cgroup_root
-        threshold = settings.max_memory_mb * MB
-        rearm = int(threshold * settings.memory_rearm_ratio)
-        self.alarms = {
-            "process": Alarm(threshold, rearm, settings.memory_alert_cooldown),
-            "container": Alarm(threshold, rearm, settings.memory_alert_cooldown),
-        }
-        self.alerts_sent = 0
-        self.last_sample: dict | None = None
-        self._pid: int | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._last_checkin = 0.0
-
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    def ensure_running(self) -> None:
-        """Start the thread in this process if it is not running here (after fork it never is)."""
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.check()
-            self._stop.wait(self.settings.memory_check_interval)
-
-    # --- one sample ------------------------------------------------------------------------------
 
     def sample(self) -> dict:
         cgroup = memory.read_cgroup(self.cgroup_root)
         figures = {
             "pid": os.getpid(),
             "process_rss_mb": round(memory.process_rss() / MB, 1),
-            "threshold_mb": self.settings.max_memory_mb,
+            "threshold_mb": self.threshold_mb,
             "effective_limit_mb": round(memory.effective_limit(cgroup) / MB, 1),
         }
         if cgroup is not None:
@@ -100,18 +72,33 @@ class MemoryWatchdog:
             )
         return figures
 
-    def check(self, now: float | None = None) -> list[str]:
-        """Take a sample, update metrics, alert on crossings; never raises. Returns subjects alerted."""
-        try:
-            return self._check(time.monotonic() if now is None else now)
-        except Exception:  # the watchdog must outlive any surprise: log it and sample again later
-            log.exception("memory watchdog sample failed")
-            return []
 
-    def _check(self, now: float) -> list[str]:
-        figures = self.sample()
-        self.last_sample = figures
-        self.export(figures)
+def export(figures: dict) -> None:
+    """Publish one sample's figures as the process's gauges."""
+    from . import metrics
+
+    metrics.process_rss.set(figures["process_rss_mb"] * MB)
+    metrics.container_limit.set(figures["effective_limit_mb"] * MB)
+    if "container_usage_mb" in figures:
+        metrics.container_usage.set(figures["container_usage_mb"] * MB)
+        metrics.container_working_set.set(figures["container_working_set_mb"] * MB)
+
+
+class MemoryAlarms:
+    """One alarm per subject (process, container); an alert is logged, counted and sent to Sentry."""
+
+    def __init__(self, settings: "Settings"):
+        self.settings = settings
+        threshold = settings.max_memory_mb * MB
+        rearm = int(threshold * settings.memory_rearm_ratio)
+        self.alarms = {
+            "process": Alarm(threshold, rearm, settings.memory_alert_cooldown),
+            "container": Alarm(threshold, rearm, settings.memory_alert_cooldown),
+        }
+        self.alerts_sent = 0
+
+    def feed(self, figures: dict, now: float) -> list[str]:
+        """Update every alarm with one sample; alert on crossings and return the subjects alerted."""
         values = {"process": int(figures["process_rss_mb"] * MB)}
         # Without a limit the cgroup is the host's or a sandbox's, not this instance's: nothing to alert on.
         if figures.get("container_limit_mb"):
@@ -119,9 +106,6 @@ class MemoryWatchdog:
         fired = [s for s, v in values.items() if self.alarms[s].update(v, now)]
         for subject in fired:
             self._alert(subject, figures)
-        if self.settings.sentry_cron_monitor and now - self._last_checkin >= self.settings.sentry_cron_interval:
-            self._last_checkin = now
-            sentry.cron_checkin(self.settings)
         return fired
 
     def _alert(self, subject: str, figures: dict) -> None:
@@ -135,13 +119,78 @@ class MemoryWatchdog:
         metrics.alerts.labels(subject=subject).inc()
         sentry.capture_memory_alert(subject, message, figures, self.settings, figures["pid"])
 
-    @staticmethod
-    def export(figures: dict) -> None:
-        """Publish one sample's figures as the process's gauges."""
-        from . import metrics
 
-        metrics.process_rss.set(figures["process_rss_mb"] * MB)
-        metrics.container_limit.set(figures["effective_limit_mb"] * MB)
-        if "container_usage_mb" in figures:
-            metrics.container_usage.set(figures["container_usage_mb"] * MB)
-            metrics.container_working_set.set(figures["container_working_set_mb"] * MB)
+class Heartbeat:
+    """Sentry Crons check-ins at most once per SENTRY_CRON_INTERVAL; nothing when no monitor is set."""
+
+    def __init__(self, settings: "Settings"):
+        self.settings = settings
+        self._last = 0.0
+
+    def beat(self, now: float) -> None:
+        if self.settings.sentry_cron_monitor and now - self._last >= self.settings.sentry_cron_interval:
+            self._last = now
+            sentry.cron_checkin(self.settings)
+
+
+class MemoryWatchdog:
+    """The thread: every MEMORY_CHECK_INTERVAL, sample, export, feed the alarms, beat the heartbeat."""
+
+    THREAD_NAME = "memfit-memory-watchdog"
+
+    def __init__(self, settings: "Settings", cgroup_root: str = "/sys/fs/cgroup"):
+        self.settings = settings
+        self.sampler = MemorySampler(settings.max_memory_mb, cgroup_root)
+        self.alarms = MemoryAlarms(settings)
+        self.heartbeat = Heartbeat(settings)
+        self.last_sample: dict | None = None
+        self._pid: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def ensure_running(self) -> None:
+        """Start the thread in this process if it is not running here (after fork it never is).
+
+        The lock makes check-and-start one step, so two threads calling at once start one watchdog.
+        """
+        with self._lock:
+            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+                return
+            self._pid = os.getpid()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.check()
+            self._stop.wait(self.settings.memory_check_interval)
+
+    # --- one round -------------------------------------------------------------------------------
+
+    @property
+    def alerts_sent(self) -> int:
+        return self.alarms.alerts_sent
+
+    def sample(self) -> dict:
+        return self.sampler.sample()
+
+    def check(self, now: float | None = None) -> list[str]:
+        """Take a sample, update metrics, alert on crossings; never raises. Returns subjects alerted."""
+        try:
+            now = time.monotonic() if now is None else now
+            figures = self.sample()
+            self.last_sample = figures
+            export(figures)
+            fired = self.alarms.feed(figures, now)
+            self.heartbeat.beat(now)
+            return fired
+        except Exception:  # the watchdog must outlive any surprise: log it and sample again later
+            log.exception("memory watchdog sample failed")
+            return []

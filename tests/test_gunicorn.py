@@ -39,6 +39,30 @@ def test_defaults_and_environment_overrides():
     assert (overridden["max_requests"], overridden["timeout"]) == ("7", "30")
 
 
+def test_proc_name_follows_render_service_name_like_the_app():
+    assert printed_config(SERVICE_NAME="plain")["proc_name"] == "plain"
+    assert printed_config(SERVICE_NAME="plain", RENDER_SERVICE_NAME="memfit-render")["proc_name"] == "memfit-render"
+
+
+def test_gunicorn_protocol_errors_have_the_apps_json_body(monkeypatch):
+    import socket
+
+    from gunicorn import util
+
+    from app.errors import error_body, install_json_protocol_errors
+
+    monkeypatch.setattr(util, "write_error", util.write_error)  # restored after the test
+    install_json_protocol_errors()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        util.write_error(ours, 400, "Bad Request", "Invalid request line")
+        ours.shutdown(socket.SHUT_WR)
+        raw = b"".join(iter(lambda: theirs.recv(4096), b""))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request") and b"Content-Type: application/json" in head, head
+    assert json.loads(body) == error_body("bad_request", "Invalid request line")
+
+
 def test_bad_gunicorn_env_value_names_the_variable():
     out = subprocess.run([venv_bin("gunicorn"), "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -80,3 +80,31 @@ def test_metrics_scrapes_export_figures_but_never_alert(tmp_path):
     bodies = [app.test_client().get("/metrics").get_data(as_text=True) for _ in range(3)]
     assert metrics.alerts.labels(subject="process")._value.get() == before
     assert metric(bodies[-1], "memfit_process_rss_bytes") > 16 * MB  # over the threshold, yet no alert
+
+
+def test_two_threads_calling_ensure_running_start_one_watchdog(tmp_path, monkeypatch):
+    import threading
+
+    watchdog = MemoryWatchdog(make_settings(tmp_path, MEMORY_CHECK_INTERVAL="60"), cgroup_root=str(tmp_path))
+    started = []
+    real_start = threading.Thread.start
+    # Widen the race: the first start waits (up to 1 s) for a second one, which only an unlocked check lets in.
+    barrier = threading.Barrier(2, timeout=1)
+
+    def counting_start(self):
+        if self.name == MemoryWatchdog.THREAD_NAME:
+            started.append(self)
+            try:
+                barrier.wait()  # unlocked, the second caller arrives here too; locked, it cannot
+            except threading.BrokenBarrierError:
+                pass
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    callers = [threading.Thread(target=watchdog.ensure_running, name=f"caller-{i}") for i in range(2)]
+    for caller in callers:
+        real_start(caller)
+    for caller in callers:
+        caller.join(timeout=10)
+    watchdog.stop()
+    assert len(started) == 1, f"{len(started)} watchdog threads started by two concurrent callers"
