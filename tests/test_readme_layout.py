@@ -1,0 +1,41 @@
+"""The README's Layout section stays true: every room it names exists, and every room exists in it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def layout_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Layout", 1)[1]
+    return section.split("\n## ", 1)[0]
+
+
+def named_rooms() -> set[str]:
+    rows = [line for line in layout_section().splitlines() if line.startswith("| `")]
+    return {path.rstrip("/") for row in rows for path in re.findall(r"`([\w./-]+)`", row.split("|")[1])}
+
+
+def test_every_room_named_in_the_layout_exists():
+    missing = sorted(p for p in named_rooms() if not (ROOT / p).exists())
+    assert not missing, f"README Layout names rooms that do not exist: {missing}"
+
+
+def test_every_module_and_package_is_in_the_layout():
+    rooms = named_rooms()
+    modules = [p.relative_to(ROOT).as_posix() for folder in ("app", "monitoring") for p in (ROOT / folder).iterdir()
+               if (p.suffix == ".py" or (p.is_dir() and not p.name.startswith("__"))) and p.name != "__pycache__"]
+    top = [p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()] + ["migrations"]
+
+    def covered(path: str) -> bool:
+        return path in rooms or any(path.startswith(room + "/") for room in rooms)
+
+    def split_into_rooms(folder: str) -> bool:  # app/ itself is no room: its modules are
+        return any(room.startswith(folder + "/") for room in rooms)
+
+    unlisted = sorted([m for m in modules if not covered(m)] +
+                      [t for t in top if not covered(t) and not split_into_rooms(t)])
+    assert not unlisted, f"README Layout does not say where these live: {unlisted}"
