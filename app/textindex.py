@@ -35,6 +35,8 @@ ALT_FACTOR = 0.3
 # when the query has rarer words, it is not searched (its posting list would cost the most, say least).
 FREQUENT_FRACTION = 0.05
 FREQUENT_MIN_DOCS = 1000
+# A query word whose stripped stem is this many times more common is read as prefixes + that stem.
+PREFIXED_RATIO = 4
 # Column weights: title over body, exact forms over alternates. One ratio on both back ends.
 TITLE_WEIGHT, BODY_WEIGHT, TITLE_ALT_WEIGHT, BODY_ALT_WEIGHT = 4.0, 1.0, 2.0, 0.5
 COLUMNS = ("title", "body", "title_alt", "body_alt")
@@ -101,7 +103,7 @@ def _sqlite_ddl() -> list[str]:
         # tokenize=ascii: the columns hold analysed terms separated by spaces; nothing else to split.
         f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS} USING fts5({cols}, content='{FTS_SOURCE}', "
         "content_rowid='id', tokenize='ascii')",
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_VOCAB} USING fts5vocab({FTS}, 'row')",
+        f"CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_VOCAB} USING fts5vocab({FTS}, 'col')",
         # A row without index_text (an old row not analysed yet) is not in the index: see rebuild().
         f"CREATE TRIGGER IF NOT EXISTS {FTS}_ai AFTER INSERT ON items WHEN new.index_text IS NOT NULL BEGIN "
         f"INSERT INTO {FTS}(rowid, {cols}) VALUES (new.id, {values('new')}); END",
@@ -174,50 +176,62 @@ def _pg_query(terms: list[str], weights: str = "") -> str:
     return " | ".join(f"'{t}'{':' + weights if weights else ''}" for t in terms)
 
 
-def _probe(conn, dialect: str, terms: list[str], exact_only: bool, cap: int) -> dict[str, int]:
-    """Documents holding each term, counted up to ``cap`` (cheap: one posting list each, at most cap)."""
+def _document_frequencies(conn, dialect: str, terms: list[str], cap: int) -> dict[str, int]:
+    """How many titles and bodies hold each term as a word of their own (alternates not counted).
+
+    SQLite reads the counts from the FTS5 vocabulary table (one b-tree lookup a term); PostgreSQL
+    counts matches up to ``cap``, so a very frequent term costs at most ``cap`` index entries.
+    """
     if not terms:
         return {}
     if dialect == "sqlite":
-        counts = {}
-        scope = "{title body}: " if exact_only else ""
-        for term in terms:
-            counts[term] = conn.execute(
-                text(f"SELECT count(*) FROM (SELECT 1 FROM {FTS} WHERE {FTS} MATCH :q LIMIT :cap)"),
-                {"q": scope + _fts_phrase(term), "cap": cap}).scalar_one()
-        return counts
-    label = ":AB" if exact_only else ""
-    rows = conn.execute(text(
-        f"SELECT t, (SELECT count(*) FROM (SELECT 1 FROM items WHERE {TSV} @@ to_tsquery('simple', "
-        "quote_literal(t) || :label) LIMIT :cap) s) FROM unnest(CAST(:terms AS text[])) AS t"),
-        {"terms": terms, "cap": cap, "label": label})
-    return {t: n for t, n in rows}
+        rows = conn.execute(text(
+            f"SELECT term, sum(doc) FROM {FTS_VOCAB} WHERE term IN (SELECT value FROM json_each(:terms)) "
+            "AND col IN ('title', 'body') GROUP BY term"), {"terms": json.dumps(terms, ensure_ascii=False)})
+        found = {t: min(int(n), cap) for t, n in rows}
+    else:
+        rows = conn.execute(text(
+            f"SELECT t, (SELECT count(*) FROM (SELECT 1 FROM items WHERE {TSV} @@ to_tsquery('simple', "
+            "quote_literal(t) || :exact_only) LIMIT :cap) s) FROM unnest(CAST(:terms AS text[])) AS t"),
+            {"terms": terms, "cap": cap, "exact_only": ":AB"})
+        found = dict(rows.all())
+    return {t: found.get(t, 0) for t in terms}
 
 
 def plan(conn, query: str) -> Plan:
-    """Decide what a query searches (at most MAX_TERMS words, plausible alternates, frequent words)."""
+    """Decide what a query searches (at most MAX_TERMS words, plausible alternates, frequent words).
+
+    A prefix-stripped form of a query word is kept only when it is itself an indexed word; when it
+    is also far more common than the word as written (ובתוף / תוף), the written word is read as
+    prefixes + that stem: the stem is searched as the word and the written form as an alternate.
+    Otherwise (מלך / לך, both common words) the written word stays the word.
+    """
     dialect = _dialect(conn)
     raw, ignored = query_words(query)
-    words = list(dict.fromkeys(hebrew.fold_finals(w) for w in raw))
-    if not words:
+    if not raw:
         return Plan([], ignored=ignored)
     size = conn.execute(text("SELECT coalesce(max(id), 0) FROM items")).scalar_one()
     threshold = max(FREQUENT_MIN_DOCS, int(size * FREQUENT_FRACTION))
+    stems = {w: [hebrew.fold_finals(s) for s in hebrew.prefix_stems(w)] for w in raw}
+    every = list(dict.fromkeys([hebrew.fold_finals(w) for w in raw] + [s for ss in stems.values() for s in ss]))
+    df = _document_frequencies(conn, dialect, every, threshold + 1)
+    words, alternates = [], []
+    for written in raw:
+        word = hebrew.fold_finals(written)
+        accepted = [s for s in stems[written] if df[s] > 0]
+        best = max(accepted, key=lambda s: df[s], default=None)
+        if best is not None and df[best] >= PREFIXED_RATIO * max(df[word], 1):
+            word, accepted = best, [word] + [s for s in accepted if s != best]
+        words.append(word)
+        alternates.extend(accepted)
+    words = list(dict.fromkeys(words))
     dropped: list[str] = []
-    if len(words) > 1:
-        frequency = _probe(conn, dialect, words, exact_only=False, cap=threshold + 1)
-        frequent = [w for w in words if frequency[w] > threshold]
-        if len(frequent) < len(words):
-            dropped = frequent
-            words = [w for w in words if w not in frequent]
-            raw = [r for r in raw if hebrew.fold_finals(r) in words]
-    stems = [hebrew.fold_finals(s) for r in raw for s in hebrew.prefix_stems(r)]
-    stems = [s for s in dict.fromkeys(stems) if s not in words]
-    # A stripped query word counts only when it is itself a word of some title or body.
-    found = _probe(conn, dialect, stems, exact_only=True, cap=1)
-    accepted = [s for s in stems if found[s]]
-    skeletons = [k for w in words + accepted if (k := hebrew.skeleton(w))]
-    alternates = [a for a in dict.fromkeys(accepted + skeletons) if a not in words]
+    frequent = [w for w in words if df[w] > threshold]
+    if 0 < len(frequent) < len(words):
+        dropped = frequent
+        words = [w for w in words if w not in frequent]
+    skeletons = [k for w in words + alternates if (k := hebrew.skeleton(w))]
+    alternates = [a for a in dict.fromkeys(alternates + skeletons) if a not in words and a not in dropped]
     return Plan(words, alternates, dropped, ignored)
 
 

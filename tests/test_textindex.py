@@ -76,6 +76,16 @@ def test_a_stripped_query_word_counts_only_when_it_is_an_indexed_word(app):
     assert "גד" in plan(app, "בגד").alternates
 
 
+def test_a_rare_prefixed_form_of_a_common_stem_is_read_as_prefixes(app):
+    add(app, *[(f"כינור {n}", "") for n in range(10)])  # BM25 gives a word in most items no weight
+    drums = add(app, *[("תוף מרים", "")] * textindex.PREFIXED_RATIO)
+    (prefixed,) = add(app, ("שיר", "ערב של שירה ונגינה ובתוף"))
+    chosen = plan(app, "ובתוף")
+    assert chosen.words == ["תופ"] and "ובתופ" in chosen.alternates
+    assert ids(app, "ובתוף")[0] in drums  # the word in a title beats its rare form in a body
+    assert prefixed in ids(app, "ובתוף")
+
+
 def test_old_item_with_every_word_in_its_title_comes_first_past_any_cap(app):
     # The old engine kept the 500 newest LIKE matches: the old, best item fell out of its results.
     (old,) = add(app, ("עוגת שוקולד ביתית", "מתכון"))
