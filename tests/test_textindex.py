@@ -211,3 +211,12 @@ def test_rebuild_resumes_after_an_interruption(app):
         resumed = textindex.rebuild(db.engine, batch_size=2)
     assert resumed["updated"] == 2
     assert len(ids(app, "אפרסק")) == 1
+
+
+def test_search_leaves_the_planner_settings_as_it_found_them(app):
+    add(app, ("תפוחים", ""))
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("the planner setting exists on PostgreSQL only")
+        textindex.search(db.session, "תפוחים", 5)
+        assert db.session.execute(text("SELECT current_setting('enable_seqscan')")).scalar_one() == "on"
