@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from . import hebrew
+from . import hebrew, textindex
 from .settings import Settings
 
 TITLE_MAX = 200
@@ -76,6 +76,8 @@ class Item(Base):
     body: Mapped[str] = mapped_column(Text, nullable=False, default="")
     # Normalised "title body", kept in the row so that text search runs as SQL LIKE on both back ends.
     search_text: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    # Issue 12: analysed title and body (app/textindex.py); the text index is built from it.
+    index_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now, nullable=False
@@ -101,6 +103,10 @@ class Item(Base):
 @event.listens_for(Item, "before_update")
 def _refresh_search_text(_mapper, _conn, item: Item) -> None:
     item.search_text = hebrew.normalize(f"{item.title} {item.body}")
+    item.index_text = textindex.document(item.title, item.body)  # issue 12
+
+
+textindex.attach(Item.__table__)  # issue 12: the text index is created and dropped with items
 
 
 class Embedding(Base):

@@ -65,3 +65,82 @@ def word_score(query_word: str, doc_word: str) -> float:
 def escape_like(fragment: str) -> str:
     """Make %, _ and the escape character literal inside a LIKE pattern (ESCAPE '\\')."""
     return fragment.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# --- Index analysis (issue 12): the terms app/textindex.py stores and searches. ---
+
+HEBREW_LETTERS = "אבגדהוזחטיכךלמםנןסעפףצץקרשת"
+FINAL_FORMS = "ךםןףץ"
+# Final letters are positional spellings of כ מ נ פ צ: folded, a word typed without them still matches.
+_FOLD_FINALS = str.maketrans(FINAL_FORMS, "כמנפצ")
+# Index terms are runs of letters and digits: "_" would be a separator to FTS5 and PostgreSQL alike.
+_TERM = re.compile(r"[^\W_]+")
+# A defective-spelling skeleton is only made of words this long, so short words stay distinct.
+MIN_SKELETON_SOURCE = 4
+
+
+def fold_finals(word: str) -> str:
+    """The word with final letters (ך ם ן ף ץ) written as their ordinary forms."""
+    return word.translate(_FOLD_FINALS)
+
+
+def is_hebrew(word: str) -> bool:
+    return bool(word) and all(ch in HEBREW_LETTERS for ch in word)
+
+
+def raw_terms(text: str) -> list[str]:
+    """The words of a text after normalize(), split on anything but letters and digits."""
+    return _TERM.findall(normalize(text))
+
+
+def terms(text: str) -> list[str]:
+    """Index terms: the words of a text, final letters folded, in order and with repeats."""
+    return [fold_finals(w) for w in raw_terms(text)]
+
+
+def prefix_stems(word: str) -> list[str]:
+    """Forms of a (normalised, unfolded) Hebrew word with one to three prefix letters removed.
+
+    A stem keeps at least MIN_STEM letters and never starts with a final letter: no Hebrew word
+    does, so מלך is never read as מ + לך's ל + ך. Whether a stem is a real word is decided by the
+    index (app/textindex.py accepts a stripped query word only when it is itself an indexed word).
+    """
+    found = []
+    current = word
+    if not is_hebrew(word):
+        return found
+    for _ in range(MAX_PREFIXES):
+        if len(current) - 1 < MIN_STEM or current[0] not in PREFIX_LETTERS or current[1] in FINAL_FORMS:
+            break
+        current = current[1:]
+        found.append(current)
+    return found
+
+
+def skeleton(word: str) -> str | None:
+    """The defective spelling (כתיב חסר) of a folded word: ו and י inside it dropped; None if unchanged.
+
+    שולחן and שלחן both give שלחן, so a full spelling finds a defective one and back. Letters at the
+    ends are kept (the ו of ואו, the י of ילד are consonants there).
+    """
+    if len(word) < MIN_SKELETON_SOURCE or not is_hebrew(word):
+        return None
+    # The plural endings ים and ות keep their vowel letter in either spelling.
+    tail = 2 if word.endswith(("ימ", "ות")) else 1
+    inner = word[1:-tail].replace("ו", "").replace("י", "")
+    result = word[0] + inner + word[-tail:]
+    return result if result != word and len(result) >= MIN_STEM + 1 else None
+
+
+def alternate_terms(word: str) -> list[str]:
+    """Extra index terms of one (normalised, unfolded) word: its prefix stems and spelling skeletons."""
+    forms = []
+    for form in [word, *prefix_stems(word)]:
+        folded = fold_finals(form)
+        if form is not word:
+            forms.append(folded)
+        bare = skeleton(folded)
+        if bare:
+            forms.append(bare)
+    own = fold_finals(word)
+    return [f for f in dict.fromkeys(forms) if f != own]

@@ -37,3 +37,19 @@ def test_like_wildcards_are_escaped():
 
 def test_invisible_and_control_characters_are_dropped():
     assert hebrew.words("\u202eשלום\u200f\x00עולם") == ["שלום", "עולם"]
+
+
+def test_index_terms_fold_final_letters_and_split_on_underscore():
+    assert hebrew.terms("מלך_שלום a_b") == ["מלכ", "שלומ", "a", "b"]
+
+
+@pytest.mark.parametrize("word, expected", [("מלך", ["לך"]), ("והספרים", ["הספרים", "ספרים"]),
+                                            ("בן", []), ("ספר", []), ("book", [])])
+def test_prefix_stems_keep_two_letters_and_never_start_with_a_final_letter(word, expected):
+    assert hebrew.prefix_stems(word) == expected
+
+
+@pytest.mark.parametrize("word, expected", [("שולחנ", "שלחנ"), ("שלחנ", None), ("ספרימ", None),
+                                            ("תלמידימ", "תלמדימ"), ("ילד", None), ("מחברות", None), ("ממוחשבות", "ממחשבות")])
+def test_skeleton_drops_inner_vowel_letters_but_not_plural_endings(word, expected):
+    assert hebrew.skeleton(word) == expected

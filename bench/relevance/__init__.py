@@ -1,0 +1,1 @@
+"""A labelled Hebrew relevance set (issue 12): a generated corpus, graded queries, nDCG@10 / recall@10."""

@@ -1,0 +1,222 @@
+"""app/textindex.py: the Hebrew text index on SQLite (FTS5) and PostgreSQL (tsvector + GIN)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from app import textindex
+from app.db import Item, db
+
+
+def add(app, *items) -> list[int]:
+    """Insert (title, body) pairs in order (so later ones have larger ids); return their ids."""
+    with app.app_context():
+        rows = [Item(title=title, body=body) for title, body in items]
+        db.session.add_all(rows)
+        db.session.commit()
+        return [row.id for row in rows]
+
+
+def ids(app, query: str, limit: int = 10) -> list[int]:
+    with app.app_context():
+        return [item_id for item_id, _ in textindex.search(db.session, query, limit).hits]
+
+
+def plan(app, query: str) -> textindex.Plan:
+    with app.app_context():
+        return textindex.plan(db.session, query)
+
+
+def test_a_prefixed_word_finds_its_stem_and_back(app):
+    prefixed, bare = add(app, ("והספרים החדשים", ""), ("ספרים ישנים", ""))
+    assert set(ids(app, "ספרים")) == {prefixed, bare}
+    assert set(ids(app, "והספרים")) == {prefixed, bare}
+
+
+def test_exact_form_ranks_above_a_stripped_one(app):
+    exact, stripped = add(app, ("ספרים", "על המדף"), ("בספרים", "על המדף"))
+    assert ids(app, "ספרים") == [exact, stripped]
+    assert ids(app, "בספרים") == [stripped, exact]
+
+
+def test_niqqud_and_cantillation_are_ignored_both_ways(app):
+    pointed, plain = add(app, ("בְּרֵאשִׁ֖ית בָּרָ֣א", ""), ("בראשית", ""))
+    assert set(ids(app, "בראשית")) == {pointed, plain}
+    assert set(ids(app, "בְּרֵאשִׁית")) == {pointed, plain}
+
+
+def test_final_letters_and_maqaf(app):
+    king, school = add(app, ("מלך", ""), ("בית־ספר", ""))
+    assert ids(app, "מלכ") == [king]  # typed without the final letter
+    assert ids(app, "ספר") == [school]  # maqaf separates words
+
+
+def test_full_and_defective_spellings_find_each_other(app):
+    full, defective = add(app, ("שולחן עבודה", ""), ("שלחן ערוך", ""))
+    assert set(ids(app, "שלחן")) == {full, defective}
+    assert set(ids(app, "שולחן")) == {full, defective}
+
+
+def test_melekh_is_not_read_as_prefix_plus_final_letter():
+    from app import hebrew
+
+    assert "ך" not in hebrew.prefix_stems("מלך") and "כ" not in hebrew.prefix_stems("מלך")
+
+
+def test_king_ranks_above_an_item_holding_only_lekh(app):
+    king, go = add(app, ("מלך ישראל", ""), ("לך לשלום", ""))
+    assert ids(app, "מלך")[0] == king
+
+
+def test_a_stripped_query_word_counts_only_when_it_is_an_indexed_word(app):
+    add(app, ("בגדים חדשים", ""))
+    assert "גד" not in plan(app, "בגד").alternates  # ב + גד: גד is no word of this index
+    add(app, ("גד ואשר", ""))
+    assert "גד" in plan(app, "בגד").alternates
+
+
+def test_a_rare_prefixed_form_of_a_common_stem_is_read_as_prefixes(app):
+    add(app, *[(f"כינור {n}", "") for n in range(10)])  # BM25 gives a word in most items no weight
+    drums = add(app, *[("תוף מרים", "")] * textindex.PREFIXED_RATIO)
+    (prefixed,) = add(app, ("שיר", "ערב של שירה ונגינה ובתוף"))
+    chosen = plan(app, "ובתוף")
+    assert chosen.words == ["תופ"] and "ובתופ" in chosen.alternates
+    assert ids(app, "ובתוף")[0] in drums  # the word in a title beats its rare form in a body
+    assert prefixed in ids(app, "ובתוף")
+
+
+def test_old_item_with_every_word_in_its_title_comes_first_past_any_cap(app):
+    # The old engine kept the 500 newest LIKE matches: the old, best item fell out of its results.
+    (old,) = add(app, ("עוגת שוקולד ביתית", "מתכון"))
+    add(app, *[(f"פריט {n}", "שוקולד מריר מהמדף") for n in range(600)])
+    assert ids(app, "עוגת שוקולד ביתית", limit=5)[0] == old
+
+
+def test_index_follows_insert_update_and_delete(app):
+    (item_id,) = add(app, ("תפוזים", "מיץ טבעי"))
+    assert ids(app, "תפוזים") == [item_id]
+    with app.app_context():
+        db.session.get(Item, item_id).title = "אשכוליות"
+        db.session.commit()
+    assert ids(app, "תפוזים") == []
+    assert ids(app, "אשכוליות") == [item_id]
+    with app.app_context():
+        db.session.delete(db.session.get(Item, item_id))
+        db.session.commit()
+    assert ids(app, "אשכוליות") == []
+    assert ids(app, "מיץ") == []
+
+
+def test_index_matches_the_rows_after_writes(app):
+    """The index holds exactly the rows' analysed text (FTS5 integrity-check / tsvector recomputed)."""
+    first, second = add(app, ("אחד", "שתיים"), ("שלוש", "ארבע"))
+    with app.app_context():
+        db.session.get(Item, first).body = "חמש"
+        db.session.delete(db.session.get(Item, second))
+        db.session.commit()
+        if db.engine.dialect.name == "sqlite":
+            db.session.execute(text("INSERT INTO items_fts(items_fts, rank) VALUES ('integrity-check', 1)"))
+            assert db.session.execute(text("SELECT count(*) FROM items_fts")).scalar_one() == 1
+        else:
+            stale = db.session.execute(text(
+                "SELECT count(*) FROM items WHERE index_text IS DISTINCT FROM :doc"),
+                {"doc": textindex.document("אחד", "חמש")}).scalar_one()
+            assert stale == 0
+
+
+def test_a_failed_write_leaves_the_index_unchanged(app):
+    (item_id,) = add(app, ("עגבניות", ""))
+    with app.app_context():
+        db.session.get(Item, item_id).title = "מלפפונים"
+        db.session.flush()  # the index is written in this transaction...
+        db.session.rollback()  # ...and rolled back with it
+    assert ids(app, "עגבניות") == [item_id]
+    assert ids(app, "מלפפונים") == []
+
+
+def test_long_query_searches_at_most_max_terms_words(app):
+    words = [f"{a}{b}" for a in "אבגדהזחטכלמנסעפצקרשת" for b in "אבגדהזחטכלמנסעפצקרשת"][:170]
+    query = " ".join(words)[:500]
+    searched = len(set(query.split()))
+    assert searched > textindex.MAX_TERMS
+    first, beyond = add(app, ("x", f"{words[0]} " + "מילה " * 900), ("y", f"{words[40]} " + "מילה " * 900))
+    chosen = plan(app, query)
+    assert len(chosen.words) == textindex.MAX_TERMS
+    assert chosen.ignored == searched - textindex.MAX_TERMS
+    assert ids(app, query) == [first]  # a word past the cap is not searched at all
+
+
+def test_frequent_words_are_left_out_when_rarer_ones_are_present(app, monkeypatch):
+    monkeypatch.setattr(textindex, "FREQUENT_MIN_DOCS", 3)
+    monkeypatch.setattr(textindex, "FREQUENT_FRACTION", 0.0)
+    rare, *_ = add(app, ("שקד נדיר", ""), *[("שקד", "")] * 5)
+    chosen = plan(app, "שקד נדיר")
+    assert chosen.words == ["נדיר"] and chosen.dropped_frequent == ["שקד"]
+    assert ids(app, "שקד נדיר") == [rare]
+    assert len(ids(app, "שקד")) == 6  # alone, a frequent word is still searched
+
+
+def test_limit_is_respected_and_ties_go_to_the_newer_item(app):
+    created = add(app, *[("זהה", "")] * 5)
+    assert ids(app, "זהה", limit=3) == sorted(created, reverse=True)[:3]
+
+
+@pytest.mark.parametrize("query", ["", "   ", "!!! ??? %%%", "_"])
+def test_a_query_without_words_finds_nothing(app, query):
+    add(app, ("משהו", ""))
+    assert ids(app, query) == []
+
+
+def _forget_index(app) -> None:
+    """Make the database look like one created before the text index existed."""
+    with app.app_context(), db.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            textindex.drop(conn)
+            for suffix in ("ai", "ad", "au"):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS items_fts_{suffix}"))
+            conn.execute(text("ALTER TABLE items DROP COLUMN index_text"))
+        else:
+            conn.execute(text("ALTER TABLE items DROP COLUMN index_text CASCADE"))
+
+
+def _insert_raw(app, titles) -> None:
+    with app.app_context(), db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (title, body, search_text, created_at, updated_at) "
+                          "VALUES (:t, '', :t, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), [{"t": t} for t in titles])
+
+
+def test_rebuild_indexes_an_existing_database_and_is_idempotent(app):
+    _forget_index(app)
+    _insert_raw(app, ["ענבים", "תאנים", "רימונים"])
+    with app.app_context():
+        first = textindex.rebuild(db.engine, batch_size=2)
+        second = textindex.rebuild(db.engine, batch_size=2)
+    assert (first["checked"], first["updated"]) == (3, 3)
+    assert (second["checked"], second["updated"]) == (3, 0)
+    assert len(ids(app, "תאנים")) == 1
+
+
+def test_rebuild_resumes_after_an_interruption(app):
+    _forget_index(app)
+    _insert_raw(app, ["אגס", "שזיף", "משמש", "אפרסק"])
+
+    def stop(_message):
+        raise KeyboardInterrupt
+
+    with app.app_context():
+        with pytest.raises(KeyboardInterrupt):
+            textindex.rebuild(db.engine, batch_size=2, echo=stop)
+        assert len(ids(app, "אגס")) == 1  # the first batch was committed
+        resumed = textindex.rebuild(db.engine, batch_size=2)
+    assert resumed["updated"] == 2
+    assert len(ids(app, "אפרסק")) == 1
+
+
+def test_search_leaves_the_planner_settings_as_it_found_them(app):
+    add(app, ("תפוחים", ""))
+    with app.app_context():
+        if db.engine.dialect.name != "postgresql":
+            pytest.skip("the planner setting exists on PostgreSQL only")
+        textindex.search(db.session, "תפוחים", 5)
+        assert db.session.execute(text("SELECT current_setting('enable_seqscan')")).scalar_one() == "on"
