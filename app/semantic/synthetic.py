@@ -48,6 +48,25 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
+def write_sentence_transformer_files(folder: Path, dim: int, max_seq_length: int, normalize: bool = False) -> None:
+    """The sentence-transformers files around a BERT folder: modules (Transformer, mean Pooling and,
+    with normalize, Normalize), the sequence length and the pooling config."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                  "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2))
+
+
 def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int = 128) -> Path:
     """Write a random-weight sentence-transformers model of ``arch`` to ``output``."""
     import torch
@@ -69,18 +88,7 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
         config = BertConfig(type_vocab_size=1, **shape)
         BertModel(config).save_pretrained(str(work))
         fast.save_pretrained(str(work))
-        (work / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ], indent=2))
-        (work / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                                    "do_lower_case": False}))
-        (work / "1_Pooling").mkdir()
-        (work / "1_Pooling" / "config.json").write_text(json.dumps({
-            "word_embedding_dimension": shape["hidden_size"], "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        }, indent=2))
+        write_sentence_transformer_files(work, shape["hidden_size"], max_seq_length)
         if output.exists():
             shutil.rmtree(output)
         work.rename(output)
