@@ -26,10 +26,12 @@ DOCUMENTED_503 = {"database_unavailable", "semantic_unavailable", "schema_not_re
 
 
 @pytest.fixture(scope="module", autouse=True)
-def record_inputs_tried():
-    """Write the figure after the module's tests, so a partial run (-k) says which suites it counts."""
+def record_inputs_tried(request):
+    """Write the figure after the module's tests pass (a run with a failure writes nothing); by_suite says
+    which suites a partial run (-k) counted."""
+    failed_before = request.session.testsfailed
     yield
-    if not SENT:
+    if not SENT or request.session.testsfailed > failed_before:
         return
     RESULTS.write_text(json.dumps({
         "inputs_tried": sum(SENT.values()),
