@@ -84,7 +84,8 @@ def tier_env(tier: str) -> dict[str, str]:
 
 
 def scenarios(paths: dict[str, Path]) -> list[dict]:
-    common = {"SEMANTIC_CATCHUP_LIMIT": "1000", "SECRET_KEY": "bench-secret", "APP_ENV": "production"}
+    common = {"SEMANTIC_CATCHUP_LIMIT": "1000", "SECRET_KEY": "bench-secret", "APP_ENV": "production",
+              "WRITE_TOKEN": WRITE_TOKEN, "WRITE_RATE_LIMIT": "1000000 per minute"}  # writes need the token
     return [
         {"name": "naive", "label": "naive (module-top import, fp32 torch)", "memory_mb": 4096,
          "app": "bench.naive_app:app",
@@ -197,9 +198,13 @@ class Sampler(threading.Thread):
         return out
 
 
+WRITE_TOKEN = "bench-write-token"  # writes need a token in production (WRITE_TOKEN)
+
+
 def http(url: str, data: dict | None = None, timeout: float = 300) -> tuple[int, dict, float]:
     body = json.dumps(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {WRITE_TOKEN}"} if body else {}
+    request = urllib.request.Request(url, data=body, headers=headers)
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

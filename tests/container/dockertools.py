@@ -18,6 +18,7 @@ IMAGE = os.environ.get("MEMFIT_TEST_IMAGE", "memfit:container-test")
 TIERS = yaml.safe_load((ROOT / "deploy" / "tiers.yaml").read_text())["tiers"]
 IMAGE_BUDGET_MB = 800
 REPORT = {}
+WRITE_TOKEN = "container-write-token"  # the image runs in production: writes need a token
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
@@ -37,7 +38,8 @@ class Running:
     def request(self, path: str, data: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
         body = json.dumps(data).encode() if data is not None else None
         req = urllib.request.Request(self.url + path, data=body,
-                                     headers={"Content-Type": "application/json"} if body else {})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {WRITE_TOKEN}"} if body else {})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"{}")
