@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 import unicodedata
 
@@ -53,9 +54,20 @@ def _guard_writes(setup: BlueprintSetupState) -> None:
     if settings.write_token:
         return
     if settings.app_env == "production":
-        log.warning("writes are closed (403): WRITE_TOKEN is not set and APP_ENV=production")
+        warning = "writes are closed (403): WRITE_TOKEN is not set and APP_ENV=production"
     else:
-        log.warning("writes are open to anyone: WRITE_TOKEN is not set (APP_ENV=%s)", settings.app_env)
+        warning = f"writes are open to anyone: WRITE_TOKEN is not set (APP_ENV={settings.app_env})"
+    # Said when the process starts serving, once: CLI commands (release, seed) build the app too and
+    # serve nothing, and their output must stay theirs.
+    pending = [warning]
+    lock = threading.Lock()
+
+    @app.before_request
+    def _warn_once():
+        if pending:
+            with lock:
+                if pending:
+                    log.warning(pending.pop())
 
 
 def _client_address() -> str:
@@ -142,7 +154,8 @@ def search_view():
     args = request.args
     unknown = sorted(set(args) - {"q", "mode", "limit"})
     if unknown:
-        raise ApiError(400, "bad_parameter", f"unknown parameter(s): {', '.join(unknown)}; accepts q, mode, limit")
+        names = ", ".join(map(repr, unknown))[:200]
+        raise ApiError(400, "bad_parameter", f"unknown parameter(s): {names}; accepts q, mode, limit")
     if not args.get("q", "").strip():
         raise ApiError(400, "bad_query", "q is required: the text to search for")
     query = _checked_text("q", args["q"], limit=get_settings().max_query_length, required=True, code="bad_query")
@@ -180,8 +193,9 @@ def _json_object() -> dict:
 def _item_payload() -> dict:
     payload = _json_object()
     unknown = sorted(set(payload) - {"title", "body", "tags"})
-    if unknown:
-        raise ApiError(400, "bad_field", f"unknown field(s): {', '.join(unknown)[:200]}; accepts title, body, tags")
+    if unknown:  # repr: a name may hold a lone surrogate (unencodable) or a bidi control
+        names = ", ".join(map(repr, unknown))[:200]
+        raise ApiError(400, "bad_field", f"unknown field(s): {names}; accepts title, body, tags")
     title = _checked_text("title", payload.get("title"), limit=TITLE_MAX, required=True)
     body = _checked_text("body", payload.get("body", ""), limit=BODY_MAX, required=False, multiline=True)
     tags = payload.get("tags", [])

@@ -6,7 +6,6 @@ Every request sent is counted; the total of the last run is written to bench/res
 ("inputs tried", quoted by the README)."""
 
 import json
-import os
 import urllib.parse
 from collections import Counter
 from datetime import datetime, timezone
@@ -193,10 +192,12 @@ def quoted(text: str) -> str:
 
 @pytest.mark.postgres
 @given(title=st.one_of(edge_text, json_value), body=st.one_of(edge_text, json_value),
-       tags=st.one_of(st.lists(st.one_of(edge_text, json_value), max_size=22), json_value))
+       tags=st.one_of(st.lists(st.one_of(edge_text, json_value), max_size=22), json_value),
+       extra=st.dictionaries(edge_text, json_value, max_size=2))
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-def test_unicode_edge_items_through_gunicorn(served, http, title, body, tags):
-    data = json.dumps({"title": title, "body": body, "tags": tags})  # ensure_ascii: surrogates as \ud800 escapes
+def test_unicode_edge_items_through_gunicorn(served, http, title, body, tags, extra):
+    # ensure_ascii (the default) writes a lone surrogate as a \ud800 escape, as a hostile client would.
+    data = json.dumps({**extra, "title": title, "body": body, "tags": tags})
     response = http.post(served.url + "/items", data=data, headers={**AUTH, "Content-Type": "application/json"},
                          timeout=60)
     SENT["unicode_edges_gunicorn_postgresql"] += 1
