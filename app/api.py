@@ -1,22 +1,146 @@
-"""The JSON API: search, items, liveness and readiness."""
+"""The JSON API: search, items, liveness and readiness.
+
+Every input is checked here, before it reaches the database or a search engine: text must be valid
+Unicode without control or bidi-override characters, numbers are ASCII digits, lengths are counted
+after the normalisation the columns store. Writes need the WRITE_TOKEN and are rate-limited per client.
+"""
 
 from __future__ import annotations
 
+import hmac
+import json
+import logging
+import threading
 import time
+import unicodedata
 
 from flask import Blueprint, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from . import search
+from . import hebrew, search
 from .db import BODY_MAX, ID_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX, Item, db, tags_by_name
 from .errors import ApiError
 from .search import LIMIT_DEFAULT, LIMIT_MAX
 from .state import get_service, get_settings
 
+log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
 
 QUERY_STRING_MAX = 4096  # bytes; the q parameter has its own, smaller limit (MAX_QUERY_LENGTH)
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+# Embedding, override and isolate controls reorder how text is shown (a "Trojan source" title or tag
+# reads differently from what is stored). The marks LRM, RLM and ALM stay allowed: Hebrew text uses them.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+MULTILINE = frozenset("\t\n\r")
+
+
+# --- writes: token and rate limit -------------------------------------------------------------
+
+
+@bp.record_once
+def _guard_writes(setup: BlueprintSetupState) -> None:
+    """Rate-limit this blueprint's writes per client, and say at start-up how writes are authorised."""
+    from flask_limiter import Limiter
+
+    app = setup.app
+    settings = get_settings(app)
+    # memory:// counts per worker process: with WEB_CONCURRENCY workers a client gets up to that many
+    # times the limit. Acceptable on one small instance; several instances would need a shared store.
+    limiter = Limiter(key_func=_client_address, app=app, storage_uri="memory://", headers_enabled=True,
+                      default_limits=[], key_prefix="memfit-writes")
+    limiter.limit(settings.write_rate_limit, methods=["POST", "PUT", "PATCH", "DELETE"])(bp)
+    if settings.write_token:
+        return
+    if settings.app_env == "production":
+        warning = "writes are closed (403): WRITE_TOKEN is not set and APP_ENV=production"
+    else:
+        warning = f"writes are open to anyone: WRITE_TOKEN is not set (APP_ENV={settings.app_env})"
+    # Said when the process starts serving, once: CLI commands (release, seed) build the app too and
+    # serve nothing, and their output must stay theirs.
+    pending = [warning]
+    lock = threading.Lock()
+
+    @app.before_request
+    def _warn_once():
+        if pending:
+            with lock:
+                if pending:
+                    log.warning(pending.pop())
+
+
+def _client_address() -> str:
+    """The address a write is counted against: the peer, or what the outermost trusted proxy saw."""
+    hops = get_settings().trusted_proxies
+    forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+    # Each trusted proxy appends the address it received from; entries further left are the client's word.
+    if hops and len(forwarded) >= hops:
+        return forwarded[-hops][:64]
+    return request.remote_addr or "unknown"
+
+
+@bp.before_request
+def _authorise_writes():
+    if request.method in READ_METHODS:
+        return None
+    settings = get_settings()
+    token = settings.write_token
+    if not token:
+        if settings.app_env == "production":
+            raise ApiError(403, "writes_disabled", "writes are closed on this instance: WRITE_TOKEN is not configured")
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Compared as bytes in constant time; a header is latin-1 text, so encoding cannot fail.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
+        raise ApiError(401, "unauthorized", "writes need the write token: Authorization: Bearer <WRITE_TOKEN>",
+                       {"WWW-Authenticate": 'Bearer realm="memfit writes"'})
+    return None
+
+
+# --- input checks -----------------------------------------------------------------------------
+
+
+def _refuse(field: str, problem: str, code: str = "bad_field"):
+    raise ApiError(400, code, f"{field} {problem}")
+
+
+def _checked_text(field: str, value: object, *, limit: int, required: bool, multiline: bool = False,
+                  code: str = "bad_field") -> str:
+    """value as stored: NFC, stripped, valid Unicode, no controls, at most limit characters."""
+    if not isinstance(value, str):
+        _refuse(field, "is required: a non-empty string" if required else "must be a string", code)
+    for position, char in enumerate(value):
+        point = ord(char)
+        if 0xD800 <= point <= 0xDFFF:
+            _refuse(field, f"contains an unpaired surrogate (U+{point:04X}) at character {position}: "
+                           "text must be valid Unicode", code)
+    value = unicodedata.normalize("NFC", value).strip()
+    for char in value:
+        point, category = ord(char), unicodedata.category(char)
+        if category == "Cc" and not (multiline and char in MULTILINE):
+            _refuse(field, f"contains the control character U+{point:04X}, which is not allowed", code)
+        if char in BIDI_CONTROLS:
+            _refuse(field, f"contains the bidi control U+{point:04X} ({unicodedata.name(char)}), which is not allowed",
+                    code)
+        if (point & 0xFFFE) == 0xFFFE or 0xFDD0 <= point <= 0xFDEF:
+            _refuse(field, f"contains U+{point:04X}, a Unicode noncharacter", code)
+    if value and unicodedata.category(value[0]).startswith("M"):
+        _refuse(field, f"begins with a combining mark (U+{ord(value[0]):04X}) that has no letter to attach to", code)
+    # Letters, digits, punctuation or symbols: a text of only spaces and invisible marks says nothing.
+    if required and not any(unicodedata.category(char)[0] in "LNPS" for char in value):
+        _refuse(field, "is required: a non-empty string with visible text", code)
+    if len(value) > limit:
+        _refuse(field, f"is too long: at most {limit} characters (counted after Unicode NFC normalisation)", code)
+    return value
+
+
+def _whole_number(name: str, raw: str, low: int, high: int, code: str) -> int:
+    # str.isdigit() accepts '²' and '٣'; int() accepts '٣' but not '²'. Only ASCII digits are a number
+    # here, and a long string is refused before int() (which stops at 4,300 digits with a ValueError).
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not low <= int(raw) <= high:
+        raise ApiError(400, code, f"{name} accepts a whole number from {low} to {high}, in ASCII digits 0-9")
+    return int(raw)
 
 
 @bp.before_app_request
@@ -30,50 +154,66 @@ def search_view():
     args = request.args
     unknown = sorted(set(args) - {"q", "mode", "limit"})
     if unknown:
-        raise ApiError(400, "bad_parameter", f"unknown parameter(s): {', '.join(unknown)}; accepts q, mode, limit")
-    query = args.get("q", "").strip()
-    if not query:
+        names = ", ".join(map(repr, unknown))[:200]
+        raise ApiError(400, "bad_parameter", f"unknown parameter(s): {names}; accepts q, mode, limit")
+    if not args.get("q", "").strip():
         raise ApiError(400, "bad_query", "q is required: the text to search for")
-    max_length = get_settings().max_query_length
-    if len(query) > max_length:
-        raise ApiError(400, "bad_query", f"q is too long: at most {max_length} characters")
+    query = _checked_text("q", args["q"], limit=get_settings().max_query_length, required=True, code="bad_query")
     mode = args.get("mode", "text")
     if mode not in search.MODES:
         raise ApiError(400, "bad_mode", f"mode {mode[:20]!r} is unknown; accepts {', '.join(search.MODES)}")
-    raw_limit = args.get("limit", str(LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
-        raise ApiError(400, "bad_limit", f"limit accepts a whole number from 1 to {LIMIT_MAX}")
+    limit = _whole_number("limit", args.get("limit", str(LIMIT_DEFAULT)), 1, LIMIT_MAX, "bad_limit")
     started = time.perf_counter()
-    results = search.run(mode, query, int(raw_limit))
+    results = search.run(mode, query, limit)
     return jsonify(query=query, mode=mode, count=len(results), results=results,
                    took_ms=round((time.perf_counter() - started) * 1000, 1))
 
 
-def _item_payload() -> dict:
-    payload = request.get_json(silent=True)
+def _json_object() -> dict:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    shape = "the body must be a JSON object (Content-Type: application/json, UTF-8)"
+    if not request.is_json:
+        raise ApiError(400, "bad_json", shape)
+    raw = request.get_data(cache=False)  # past MAX_CONTENT_LENGTH this raises the 413
+    try:
+        payload = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not UTF-8 (byte 0x{raw[exc.start]:02x} at {exc.start})") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the body is nested too deeply to read") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    except ValueError:  # an integer of more than 4,300 digits
+        raise ApiError(400, "bad_json", "the body holds a number too long to read") from None
     if not isinstance(payload, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object (Content-Type: application/json, UTF-8)")
+        raise ApiError(400, "bad_json", shape)
+    return payload
+
+
+def _item_payload() -> dict:
+    payload = _json_object()
     unknown = sorted(set(payload) - {"title", "body", "tags"})
-    if unknown:
-        raise ApiError(400, "bad_field", f"unknown field(s): {', '.join(unknown)}; accepts title, body, tags")
-    title, body, tags = payload.get("title"), payload.get("body", ""), payload.get("tags", [])
-    if not isinstance(title, str) or not title.strip():
-        raise ApiError(400, "bad_field", "title is required: a non-empty string")
-    if len(title) > TITLE_MAX:
-        raise ApiError(400, "bad_field", f"title is too long: at most {TITLE_MAX} characters")
-    if not isinstance(body, str) or len(body) > BODY_MAX:
-        raise ApiError(400, "bad_field", f"body must be a string of at most {BODY_MAX} characters")
+    if unknown:  # repr: a name may hold a lone surrogate (unencodable) or a bidi control
+        names = ", ".join(map(repr, unknown))[:200]
+        raise ApiError(400, "bad_field", f"unknown field(s): {names}; accepts title, body, tags")
+    title = _checked_text("title", payload.get("title"), limit=TITLE_MAX, required=True)
+    body = _checked_text("body", payload.get("body", ""), limit=BODY_MAX, required=False, multiline=True)
+    tags = payload.get("tags", [])
     if not isinstance(tags, list) or len(tags) > TAGS_PER_ITEM_MAX:
         raise ApiError(400, "bad_field", f"tags must be a list of at most {TAGS_PER_ITEM_MAX} strings")
     clean = []
-    for tag in tags:
-        if not isinstance(tag, str) or not tag.strip() or len(tag.strip()) > TAG_MAX:
-            raise ApiError(400, "bad_field", f"each tag must be a non-empty string of at most {TAG_MAX} characters")
-        clean.append(tag.strip().lstrip("#").strip() or tag.strip())
-    for value in [title, body, *clean]:
-        if "\x00" in value:
-            raise ApiError(400, "bad_field", "text must not contain NUL characters")
-    return {"title": title.strip(), "body": body.strip(), "tags": list(dict.fromkeys(clean))}
+    for position, tag in enumerate(tags):
+        field = f"tags[{position}]"
+        tag = _checked_text(field, tag, limit=TAG_MAX, required=True)
+        if tag.lstrip("#").strip():  # "#חדש" is the tag "חדש"; a tag of only "#" stays as it is
+            tag = _checked_text(field, tag.lstrip("#"), limit=TAG_MAX, required=True)
+        # The search form (tags.norm) has the same width as the name, and lower-casing can lengthen
+        # text: 'İ' becomes 'i' + U+0307. Count what the column will hold, not what was sent.
+        if len(hebrew.normalize(tag)) > TAG_MAX:
+            _refuse(field, f"is too long once normalised for search (lower case can lengthen letters such as "
+                           f"'İ'): at most {TAG_MAX} characters")
+        clean.append(tag)
+    return {"title": title, "body": body, "tags": list(dict.fromkeys(clean))}
 
 
 @bp.post("/items")
@@ -97,12 +237,16 @@ def create_item():
     return jsonify(item.to_dict()), 201, {"Location": f"/items/{item.id}"}
 
 
-@bp.get("/items/<int:item_id>")
-def get_item(item_id: int):
-    # A number past ID_MAX cannot exist (and would overflow the driver): not found, not a 500.
-    item = db.session.get(Item, item_id) if item_id <= ID_MAX else None
+@bp.get("/items/<item_id>")
+def get_item(item_id: str):
+    # Parsed here, not by the <int:> converter: it accepts any Unicode digit and lets int() fail on
+    # thousands of them. A number past ID_MAX cannot exist (and would overflow the driver): not found.
+    if not (item_id.isascii() and item_id.isdigit()):
+        raise ApiError(400, "bad_id", "the item id is a whole number in ASCII digits 0-9")
+    number = int(item_id) if len(item_id) <= len(str(ID_MAX)) else ID_MAX + 1
+    item = db.session.get(Item, number) if number <= ID_MAX else None
     if item is None:
-        raise ApiError(404, "not_found", f"no item with id {item_id}")
+        raise ApiError(404, "not_found", f"no item with id {item_id[:20]}")
     return jsonify(item.to_dict())
 
 

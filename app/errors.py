@@ -13,9 +13,10 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """A request the app refuses; raised by views, rendered by the handler below."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
 
 
 def error_body(code: str, message: str) -> dict:
@@ -23,22 +24,44 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str):
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None):
     response = jsonify(error_body(code, message))
     response.status_code = status
+    response.headers.update(headers or {})
     return response
+
+
+def is_outage(exc: Exception) -> bool:
+    """Whether a database error means "the database is away" (503) rather than a bug in memfit (500).
+
+    Lost or refused connections, a pool with no free connection and a connection the driver
+    invalidated are outages; a DataError, ProgrammingError or an IntegrityError nobody expected is a
+    bug that must reach the error log and Sentry, not hide behind "try again shortly".
+    """
+    from sqlalchemy.exc import InterfaceError, OperationalError, TimeoutError as PoolTimeout
+
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeout)):
+        return True
+    return bool(getattr(exc, "connection_invalidated", False))
 
 
 def register_errors(app: Flask) -> None:
     # Imported here, not at the top: gunicorn's master imports this module for
     # install_json_protocol_errors and should not carry SQLAlchemy (about 13 MB) for it.
-    from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+    from flask_limiter import RateLimitExceeded
+    from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
 
     from .semantic.service import SemanticUnavailable
 
     @app.errorhandler(ApiError)
     def _api(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded):
+        # Flask-Limiter adds Retry-After (seconds) to this response after the request (headers_enabled).
+        return error_response(429, "rate_limited", f"too many writes from this address (limit: {exc.description}); "
+                                                   "retry after the number of seconds in Retry-After")
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
@@ -58,7 +81,6 @@ def register_errors(app: Flask) -> None:
     def _semantic(exc: SemanticUnavailable):
         return error_response(503, "semantic_unavailable", str(exc))
 
-    @app.errorhandler(OperationalError)
     @app.errorhandler(DBAPIError)
     @app.errorhandler(PoolTimeout)
     def _database(exc: Exception):
@@ -66,8 +88,13 @@ def register_errors(app: Flask) -> None:
 
         # The connection may be dead; drop the session so the next request starts clean.
         db.session.rollback()
-        log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
-        return error_response(503, "database_unavailable", "the database is unavailable; try again shortly")
+        if is_outage(exc):
+            log.warning("database unavailable: %s", str(exc).splitlines()[0][:200])
+            return error_response(503, "database_unavailable", "the database is unavailable; try again shortly")
+        # A statement the database refused: input validation missed a case, or a bug. ERROR with the
+        # exception, so Sentry's logging integration reports it; the client gets no detail.
+        log.error("database refused a statement: %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal_error", "internal error; it has been logged")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -42,20 +42,22 @@ def spec() -> dict:
             "/items": {"post": {
                 "operationId": "createItem",
                 "requestBody": {"required": True, "content": json_of("NewItem")},
+                # The token is required when WRITE_TOKEN is set (always in production; 403 without one).
+                "security": [{"writeToken": []}, {}],
                 "responses": {"201": {"description": "created", "content": json_of("Item")},
-                              **_responses({}, 400, 409, 413, 503)},
+                              **_responses({}, 400, 401, 403, 409, 413, 429, 503)},
             }},
             "/items/{item_id}": {"get": {
                 "operationId": "getItem",
                 "parameters": [{"name": "item_id", "in": "path", "required": True,
                                 "schema": {"type": "integer", "minimum": 0}}],
-                "responses": _responses({"description": "the item", "content": json_of("Item")}, 404, 503),
+                "responses": _responses({"description": "the item", "content": json_of("Item")}, 400, 404, 503),
             }},
             "/healthz": {"get": {"operationId": "healthz", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"operationId": "readyz", "responses": {
                 "200": {"description": "ready"}, "503": {"description": "database unavailable"}}}},
         },
-        "components": {"schemas": {
+        "components": {"securitySchemes": {"writeToken": {"type": "http", "scheme": "bearer"}}, "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"],
                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},

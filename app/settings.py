@@ -90,6 +90,17 @@ def _database_url(raw: str) -> str:
     return value
 
 
+def _rate_limit(raw: str) -> str:
+    from limits import parse_many  # Flask-Limiter's own notation, so the setting means what it will do
+
+    value = raw.strip()
+    try:
+        parse_many(value)
+    except ValueError:
+        raise ValueError("accepts a rate such as '30 per minute' or '5/second; 100/hour'") from None
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     env: str
@@ -133,6 +144,15 @@ FIELDS: tuple[Field, ...] = (
           "Test a pooled connection before use, so a restarted database is survived."),
     Field("MAX_CONTENT_LENGTH", "65536", _int(1024, 10485760), "Largest request body in bytes (413 above)."),
     Field("MAX_QUERY_LENGTH", "500", _int(1, 10000), "Longest search query in characters (400 above)."),
+    Field("WRITE_TOKEN", "", _text,
+          "Bearer token that writes (POST /items) require (Authorization: Bearer ...). Empty: writes are "
+          "open in development (a warning at start-up) and closed (403) when APP_ENV=production.", secret=True),
+    Field("WRITE_RATE_LIMIT", "30 per minute", _rate_limit,
+          "Writes allowed per client address (Flask-Limiter notation, e.g. 30 per minute; several with ;); "
+          "past it, 429 with Retry-After. Counted per worker."),
+    Field("TRUSTED_PROXIES", "0", _int(0, 5),
+          "Proxies in front of the app that append to X-Forwarded-For (Render, Heroku, Fly: 1); the rate "
+          "limit keys on the address the outermost trusted proxy saw. 0: the socket's peer address."),
     Field("MEMORY_TIER", "custom", _choice(*TIERS), "The deployment tier, reported in logs and alerts."),
     Field("MAX_MEMORY_MB", "450", _int(16, 1048576),
           "Memory alert threshold (MB) for the process and the container."),
@@ -187,6 +207,9 @@ class Settings:
     sqlalchemy_pool_pre_ping: bool
     max_content_length: int
     max_query_length: int
+    write_token: str
+    write_rate_limit: str
+    trusted_proxies: int
     memory_tier: str
     max_memory_mb: int
     max_worker_memory_mb: int

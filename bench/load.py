@@ -27,6 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
 
 
+WRITE_TOKEN = "load-test-token"  # writes need a token in production (WRITE_TOKEN)
+
+
 async def client_loop(client, deadline: float, rng: random.Random, stats: dict) -> None:
     while time.monotonic() < deadline:
         kind = rng.choices(["text", "tags", "semantic", "create"], weights=[3, 2, 3, 2])[0]
@@ -56,7 +59,8 @@ async def drive(url: str, seconds: float, clients: int) -> dict:
     stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}}
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits,
+                                 headers={"Authorization": f"Bearer {WRITE_TOKEN}"}) as client:
         await asyncio.gather(*(client_loop(client, deadline, random.Random(i), stats) for i in range(clients)))
         missing = []
         for item_id, title in stats["created"]:
@@ -78,6 +82,7 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
     port = free_port()
     env = {**os.environ, **tier_env("512mb"), "SEMANTIC_MODEL": model, "DATABASE_URL": f"sqlite:///{db_path}",
            "PORT": str(port), "SECRET_KEY": "load-test", "APP_ENV": "production",
+           "WRITE_TOKEN": WRITE_TOKEN, "WRITE_RATE_LIMIT": "1000000 per minute",  # the limit has its own tests
            "GUNICORN_MAX_REQUESTS": str(max_requests), "GUNICORN_MAX_REQUESTS_JITTER": "5",
            "GUNICORN_BACKLOG": "256", "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-load-{port}")}
     flask("seed", env=env)

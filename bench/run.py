@@ -93,7 +93,8 @@ def tier_env(tier: str) -> dict[str, str]:
 
 
 def scenarios(paths: dict[str, Path]) -> list[dict]:
-    common = {"SEMANTIC_CATCHUP_LIMIT": "1000", "SECRET_KEY": "bench-secret", "APP_ENV": "production"}
+    common = {"SEMANTIC_CATCHUP_LIMIT": "1000", "SECRET_KEY": "bench-secret", "APP_ENV": "production",
+              "WRITE_TOKEN": WRITE_TOKEN, "WRITE_RATE_LIMIT": "1000000 per minute"}  # writes need the token
     return [
         {"name": "naive", "label": "naive (module-top import, fp32 torch)", "memory_mb": 4096,
          "app": "bench.naive_app:app",
@@ -222,9 +223,13 @@ class Sampler(threading.Thread):
         return out
 
 
+WRITE_TOKEN = "bench-write-token"  # writes need a token in production (WRITE_TOKEN)
+
+
 def http(url: str, data: dict | None = None, timeout: float = 300) -> tuple[int, dict, float]:
-    """fetch_json() with the bench's long timeout: a first semantic query loads the model."""
-    return fetch_json(url, data, timeout)
+    """fetch_json() with the bench's long timeout (a first semantic query loads the model) and the
+    write token (writes need one in production)."""
+    return fetch_json(url, data, timeout, token=WRITE_TOKEN)
 
 
 def pseudo_words(rng: random.Random, n: int) -> list[str]:

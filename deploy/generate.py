@@ -26,6 +26,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 HEADER = "Generated from deploy/tiers.yaml by `make manifests`: edit that file, not this one."
 SERVICE = "memfit"
 FLY_REGION = "fra"
+# Render, Heroku and Fly each put one proxy in front of the app, which appends the client's address
+# to X-Forwarded-For: the write rate limit keys on that address (app.api._client_address).
+PLATFORM_PROXIES = "1"
 
 
 def load_tiers(path: Path = TIERS_FILE) -> dict:
@@ -61,6 +64,9 @@ def render_blueprint(data: dict, tier: str) -> str:
         {"key": "APP_ENV", "value": "production"},
         {"key": "DATABASE_URL", "fromDatabase": {"name": database, "property": "connectionString"}},
         {"key": "SECRET_KEY", "generateValue": True},
+        # Writes (POST /items) need this bearer token in production; read it in the dashboard to write.
+        {"key": "WRITE_TOKEN", "generateValue": True},
+        {"key": "TRUSTED_PROXIES", "value": PLATFORM_PROXIES},
         {"key": "SENTRY_DSN", "sync": False},  # entered by the user in the dashboard, never committed
         {"key": "SENTRY_CRON_MONITOR", "sync": False},
     ] + [{"key": k, "value": v} for k, v in spec["env"].items()]
@@ -97,6 +103,8 @@ def heroku_app(data: dict, tier: str) -> str:
     env = {
         "APP_ENV": {"value": "production"},
         "SECRET_KEY": {"description": "Flask secret key", "generator": "secret"},
+        "WRITE_TOKEN": {"description": "Bearer token that writes (POST /items) require", "generator": "secret"},
+        "TRUSTED_PROXIES": {"value": PLATFORM_PROXIES},
         "SENTRY_DSN": {"description": "Sentry DSN for errors and memory alerts (optional)", "required": False},
         "SENTRY_CRON_MONITOR": {"description": "Sentry Crons monitor slug (optional)", "required": False},
     }
@@ -115,12 +123,12 @@ def heroku_app(data: dict, tier: str) -> str:
 
 def fly_toml(data: dict, tier: str) -> str:
     spec = data["tiers"][tier]
-    env = {"APP_ENV": "production", "PORT": "8000", **spec["env"]}
+    env = {"APP_ENV": "production", "PORT": "8000", "TRUSTED_PROXIES": PLATFORM_PROXIES, **spec["env"]}
     lines = [
         f"# {HEADER}",
         f"# Tier {tier}: {spec['summary']}",
         "# Deploy from the repository root: fly deploy --config " + paths(tier)["fly"] + " --dockerfile Dockerfile",
-        "# Secrets (never here): fly secrets set SECRET_KEY=... DATABASE_URL=... SENTRY_DSN=...",
+        "# Secrets (never here): fly secrets set SECRET_KEY=... WRITE_TOKEN=... DATABASE_URL=... SENTRY_DSN=...",
         f'app = "{service_name(tier)}"',
         f'primary_region = "{FLY_REGION}"',
         'kill_signal = "SIGTERM"',

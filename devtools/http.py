@@ -17,10 +17,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fetch(url: str, data: dict | None = None, timeout: float = 30.0) -> tuple[int, bytes, float]:
-    """GET (or POST a JSON body): status, raw body and milliseconds taken; HTTP errors are returned, not raised."""
+def fetch(url: str, data: dict | None = None, timeout: float = 30.0,
+          token: str | None = None) -> tuple[int, bytes, float]:
+    """GET (or POST a JSON body, with the write token when given): status, raw body and milliseconds
+    taken; HTTP errors are returned, not raised."""
     body = json.dumps(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    headers = {"Content-Type": "application/json"} if body else {}
+    if token and body:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers)
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -30,9 +35,10 @@ def fetch(url: str, data: dict | None = None, timeout: float = 30.0) -> tuple[in
     return status, raw, (time.perf_counter() - started) * 1000
 
 
-def fetch_json(url: str, data: dict | None = None, timeout: float = 30.0) -> tuple[int, dict, float]:
+def fetch_json(url: str, data: dict | None = None, timeout: float = 30.0,
+               token: str | None = None) -> tuple[int, dict, float]:
     """fetch() with the body decoded as JSON (an empty body reads as {})."""
-    status, raw, ms = fetch(url, data, timeout)
+    status, raw, ms = fetch(url, data, timeout, token)
     return status, json.loads(raw or b"{}"), ms
 
 

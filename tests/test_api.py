@@ -36,7 +36,7 @@ def test_existing_tags_are_reused(client):
     ({"title": "x" * 201}, "at most 200"),
     ({"title": "x", "body": 3}, "body must be"),
     ({"title": "x", "tags": "a,b"}, "tags must be a list"),
-    ({"title": "x", "tags": [1]}, "each tag"),
+    ({"title": "x", "tags": [1]}, "tags[0] is required"),
     ({"title": "x", "tags": ["t"] * 21}, "at most 20"),
     ({"title": "x", "colour": "red"}, "unknown field"),
     ([1, 2], "JSON object"),

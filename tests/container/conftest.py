@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dockertools import DOCKER, IMAGE, IMAGE_BUDGET_MB, REPORT, TIERS, Running, docker
+from dockertools import DOCKER, IMAGE, IMAGE_BUDGET_MB, REPORT, TIERS, WRITE_TOKEN, Running, docker
 from support import ROOT, require, wait_http
 
 def pytest_collection_modifyitems(items):
@@ -46,7 +46,8 @@ def container(request, image):
     tier = request.param
     memory = f"{TIERS[tier]['memory_mb']}m"
     args = ["run", "-d", "--memory", memory, "--memory-swap", memory, "-p", "127.0.0.1::8000",
-            "--env-file", str(ROOT / "deploy" / "env" / f"{tier}.env"), "-e", "SECRET_KEY=container-test-secret"]
+            "--env-file", str(ROOT / "deploy" / "env" / f"{tier}.env"), "-e", "SECRET_KEY=container-test-secret",
+            "-e", f"WRITE_TOKEN={WRITE_TOKEN}", "-e", "WRITE_RATE_LIMIT=1000000 per minute"]
     if tier == "512mb":
         # Read-only root: the app writes only to tmpfs /tmp and the /data volume.
         args += ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/data:uid=10001,gid=10001"]
