@@ -66,6 +66,21 @@ def embed_command(check_text: bool, prune: bool):
     click.echo(json.dumps(service.counts()))
 
 
+@click.command("text-index")
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=1000, show_default=True,
+              help="Items per transaction.")
+@click.option("--start-id", type=click.IntRange(0), default=0, help="Resume after this item id.")
+@with_appcontext
+def text_index_command(batch_size: int, start_id: int):
+    """Build or refresh the text index of an existing database (idempotent, resumable): the release's
+    migration builds it once; this re-analyses rows after a change of analysis or rows written by raw SQL."""
+    from .textindex import rebuild
+
+    create_schema()
+    done = rebuild(db.engine, batch_size=batch_size, start_id=start_id, echo=click.echo)
+    click.echo(f"text index ready: {done['checked']} items checked, {done['updated']} analysed")
+
+
 @click.group("model")
 def model_group():
     """Prepare and inspect semantic models."""
@@ -102,5 +117,5 @@ def build_synthetic_command(output: Path, arch: str, seed: int):
 
 
 def register(app: Flask) -> None:
-    for command in (init_db_command, seed_command, embed_command, model_group):
+    for command in (init_db_command, seed_command, embed_command, text_index_command, model_group):
         app.cli.add_command(command)

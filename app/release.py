@@ -31,6 +31,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import and_, create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
+from . import textindex
 from .db import MIGRATIONS_DIR, Embedding, Item, Tag, db
 from .state import get_service, get_settings, get_state
 
@@ -123,7 +124,14 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
     """Alembic filter (migrations/env.py): leave out what this module makes, not migrations.
     pgvector's `vec` column and the HNSW indexes exist only where the server has the extension, so
     autogenerate must never propose dropping them."""
-    if type_ == "column" and name == "vec" and getattr(getattr(obj, "table", None), "name", None) == "embeddings":
+    table = getattr(getattr(obj, "table", None), "name", None)
+    if type_ == "column" and name == "vec" and table == "embeddings":
+        return False
+    # The text index (app/textindex.py, migration 0002): FTS5 tables and PostgreSQL's generated
+    # tsvector column and its GIN index are DDL the models do not describe.
+    if type_ == "table" and name and name.startswith(textindex.FTS):
+        return False
+    if table == "items" and name in (textindex.TSV, f"ix_items_{textindex.TSV}"):
         return False
     return not (type_ == "index" and name and name.startswith(RELEASE_MANAGED_INDEX_PREFIX))
 
