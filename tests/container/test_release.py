@@ -219,3 +219,18 @@ def test_every_semantic_result_is_the_same_after_the_migration(rehearsal, query)
     before, after = rehearsal["before"]["semantic"][query], rehearsal["after"]["semantic"][query]
     assert before, f"no semantic results for {query!r} before the migration"
     assert after == before
+
+
+def test_without_the_release_the_app_names_the_command_to_run(image):
+    # The image's CMD serves only (the Dockerfile says why): before any release, data requests get a
+    # 503 that says what to run, and liveness still answers so the platform does not loop on restarts.
+    cid = docker("run", "-d", "-p", "127.0.0.1::8000", "-e", "SECRET_KEY=rehearsal",
+                 "--tmpfs", "/data:uid=10001,gid=10001", image)
+    try:
+        app = Running(cid, "512mb")
+        wait_http(app.url + "/healthz", timeout=60)
+        status, body = app.request("/search?q=%D7%A1%D7%A4%D7%A8&mode=text")
+        assert status == 503 and body["error"]["code"] == "schema_not_ready", body
+        assert "flask --app app release" in body["error"]["message"], body
+    finally:
+        docker("rm", "-f", cid, check=False)
