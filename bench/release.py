@@ -23,6 +23,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     tier_env = yaml.safe_load((ROOT / "deploy" / "tiers.yaml").read_text(encoding="utf-8"))["tiers"][TIER]["env"]
     base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SEMANTIC_MODEL")}
-    base.setdefault("XDG_RUNTIME_DIR", str(WORK))
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(WORK))
+    # pgserver asks platformdirs for a runtime folder, which must be private (0700).
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="memfit-release-"))
     model = model_dir(base)
     server = pgserver.get_server(str(WORK / "pg"), cleanup_mode="stop")
     try:
