@@ -77,6 +77,8 @@ COPY --from=model /models/semantic /models/semantic
 WORKDIR /app
 # Code and model stay root-owned and read-only to the app user; it writes only /data and /tmp.
 COPY app ./app
+# The release command (`flask --app app release`) runs these; without them workers answer 503.
+COPY migrations ./migrations
 COPY monitoring ./monitoring
 COPY gunicorn.conf.py ./
 VOLUME ["/data"]
@@ -86,4 +88,8 @@ EXPOSE 8000
 # (it loads on the first semantic request, and /healthz never touches it).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+# The CMD serves only: schema work is the release step's, which each platform runs before new code
+# takes traffic (render.yaml preDeployCommand, heroku.yml release, fly.toml release_command). With no
+# platform step (plain docker), run it first, on the same database:
+#   docker run --rm -v memfit-data:/data memfit flask --app app release
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

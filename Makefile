@@ -16,7 +16,7 @@ FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run seed model test test-fast container-test bench load docs manifests constraints clean
+.PHONY: help venv release run seed model test test-fast container-test bench load docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -37,7 +37,13 @@ seed: venv ## Create the schema and load the sample Hebrew data (once)
 model: venv ## Prepare the semantic model artifact (MODEL_SOURCE -> MODEL_DIR, 8-bit ONNX)
 	$(FLASK) model prepare $(MODEL_SOURCE) $(MODEL_DIR) --precision q8 --force
 
-run: seed ## Serve with gunicorn on PORT (default 8000), SQLite and the sample data
+release: venv ## Migrate, set up pgvector, backfill embeddings (what each platform runs before a deploy)
+	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
+	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
+	$(FLASK) release
+
+# seed migrates an empty database; release then brings an existing one up to date and embeds with the model run uses.
+run: seed release ## Serve with gunicorn on PORT (default 8000), SQLite and the sample data
 	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
 	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
 	PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"

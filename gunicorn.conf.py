@@ -150,11 +150,41 @@ install_json_protocol_errors()
 #
 
 
+def schema_revision():
+    """The database's schema revision for the start-up line (monitoring does not import the app, so
+    it is read here): one connection of its own in the master, closed before any worker forks. It
+    never stops the start: a database that is away is the workers' 503 to report."""
+    try:
+        from alembic.script import ScriptDirectory
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        from app.db import MIGRATIONS_DIR, engine_options
+        from app.release import RELEASE_COMMAND, current_revisions
+
+        found = frozenset()
+        # Connecting would create a missing SQLite file; the release makes it, not the report.
+        if not settings.sqlite_path or os.path.exists(settings.sqlite_path):
+            engine = create_engine(settings.database_url, poolclass=NullPool,
+                                   connect_args=engine_options(settings)["connect_args"])
+            try:
+                with engine.connect() as connection:
+                    found = current_revisions(connection)
+            finally:
+                engine.dispose()
+        heads = frozenset(ScriptDirectory(MIGRATIONS_DIR).get_heads())
+    except Exception as exc:  # a start-up report must not be the reason a server fails to start
+        return f"unknown ({type(exc).__name__})"
+    current = ",".join(sorted(found)) or "none"
+    return current if found == heads else f"{current} (code needs {','.join(sorted(heads))}: run {RELEASE_COMMAND})"
+
+
 def on_starting(server):
     from monitoring import hooks
 
     hooks.reset_metrics_dir(settings.prometheus_multiproc_dir)
-    hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class, "max_requests": max_requests})
+    hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
+                                            "max_requests": max_requests, "schema": schema_revision()})
 
 
 def post_worker_init(worker):

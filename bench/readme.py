@@ -1,4 +1,4 @@
-"""Write the container and load suites' last results into the README's marker sections
+"""Write the container, load and release benchmarks' last results into the README's marker sections
 (devtools/markers.py), so the README shows the last run's figures and nothing typed by hand.
 
     python -m bench.readme            # every section whose results file exists
@@ -42,15 +42,39 @@ def load_section(data: dict) -> str:
     ])
 
 
-SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section)}
+def release_section(data: dict) -> str:
+    items = data["backfill"].get("items", {})
+    return "\n".join([
+        "| figure | last run |", "| --- | --- |",
+        f"| corpus | {data['items']} generated Hebrew items, {data['tags']} tags; {data['database']} |",
+        f"| model | {data['model']}, {data['tier_settings']} tier settings (batch {data['embedding_batch_size']}, "
+        f"{data['max_seq_length']} tokens), {data['cpus']} CPUs |",
+        f"| first release (migrate, pgvector, backfill) | {data['release_seconds']} s |",
+        f"| backfill rate | {items.get('rows_per_second', '-')} items/s ({items.get('rows', 0)} items in "
+        f"{items.get('seconds', '-')} s) |",
+        f"| second release (nothing to do) | {data['second_release_seconds']} s, "
+        f"{'no-op' if data['second_release_nothing_to_do'] else '**did work**'} |",
+    ])
+
+
+SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
+            # bench/release.py; the README needs <!-- release-results:start/end --> markers for it.
+            "release-results": ("release.json", release_section)}
 
 
 def main() -> int:
     text = README.read_text(encoding="utf-8")
     for name, (filename, render) in SECTIONS.items():
         path = RESULTS / filename
-        if path.exists():
-            text = replace_section(text, name, render(json.loads(path.read_text())))
+        if not path.exists():
+            continue
+        body = render(json.loads(path.read_text()))
+        if f"<!-- {name}:start -->" not in text:
+            # A section the README does not show yet: print it for whoever adds the markers, rather than
+            # failing every suite that ends with this command.
+            print(f"README has no <!-- {name}:start/end --> markers; the section would be:\n{body}\n", file=sys.stderr)
+            continue
+        text = replace_section(text, name, body)
     README.write_text(text, encoding="utf-8")
     return 0
 

@@ -29,6 +29,17 @@ FLY_REGION = "fra"
 # Render, Heroku and Fly each put one proxy in front of the app, which appends the client's address
 # to X-Forwarded-For: the write rate limit keys on that address (app.api._client_address).
 PLATFORM_PROXIES = "1"
+# The port gunicorn binds in the image ($PORT) and where Fly routes traffic and scrapes /metrics.
+APP_PORT = 8000
+METRICS_PATH = "/metrics"
+
+
+def release_command() -> str:
+    """The release step every platform runs before new code takes traffic; its one written place is
+    app/release.py (imported here, not copied, so a renamed command cannot leave a manifest behind)."""
+    from app.release import RELEASE_COMMAND
+
+    return RELEASE_COMMAND
 
 
 def load_tiers(path: Path = TIERS_FILE) -> dict:
@@ -81,6 +92,9 @@ def render_blueprint(data: dict, tier: str) -> str:
             "dockerContext": ".",
             "healthCheckPath": "/healthz",
             "maxShutdownDelaySeconds": render["max_shutdown_delay_seconds"],
+            # Migrations, pgvector and the embedding backfill, before the new image takes traffic
+            # (a pre-deploy command exists on paid plans; every tier's plan is one).
+            "preDeployCommand": release_command(),
             "envVars": env_vars,
         }],
         "databases": [{
@@ -88,6 +102,8 @@ def render_blueprint(data: dict, tier: str) -> str:
             "plan": render["database_plan"],
             "region": render["region"],
             "postgresMajorVersion": render["postgres_major_version"],
+            # No outside address may connect: only services of this account, over Render's private network.
+            "ipAllowList": [],
         }],
     }
     note = (f"# Tier {tier}: {spec['summary']}\n"
@@ -123,7 +139,7 @@ def heroku_app(data: dict, tier: str) -> str:
 
 def fly_toml(data: dict, tier: str) -> str:
     spec = data["tiers"][tier]
-    env = {"APP_ENV": "production", "PORT": "8000", "TRUSTED_PROXIES": PLATFORM_PROXIES, **spec["env"]}
+    env = {"APP_ENV": "production", "PORT": str(APP_PORT), "TRUSTED_PROXIES": PLATFORM_PROXIES, **spec["env"]}
     lines = [
         f"# {HEADER}",
         f"# Tier {tier}: {spec['summary']}",
@@ -134,11 +150,24 @@ def fly_toml(data: dict, tier: str) -> str:
         'kill_signal = "SIGTERM"',
         f"kill_timeout = {data['render']['max_shutdown_delay_seconds']}",
         "",
+        # Why release_command and not a migration at start: written into the file for whoever edits it.
+        "# The release step runs once per deploy, in a temporary machine of the new image, before any",
+        "# machine is replaced. It suits PostgreSQL (DATABASE_URL, a secret), the database of these tiers:",
+        "# there is no [mounts] here, and the release machine never has a volume, so a SQLite set-up would",
+        '# have to migrate at start instead (sh -c "flask --app app release && exec gunicorn ...").',
+        "[deploy]",
+        f'  release_command = "{release_command()}"',
+        "",
         "[env]",
         *(f'  {k} = "{v}"' for k, v in env.items()),
         "",
+        "# Fly's Prometheus scrapes each machine's /metrics (every gunicorn worker merged) on the app port.",
+        "[metrics]",
+        f"  port = {APP_PORT}",
+        f'  path = "{METRICS_PATH}"',
+        "",
         "[http_service]",
-        "  internal_port = 8000",
+        f"  internal_port = {APP_PORT}",
         "  force_https = true",
         '  auto_stop_machines = "off"',
         "  min_machines_running = 1",
@@ -169,12 +198,15 @@ def env_file(data: dict, tier: str) -> str:
 def render_all(data: dict | None = None) -> dict[str, str]:
     """Every generated file: path relative to the root -> content."""
     data = data or load_tiers()
+    release = release_command()
+    # Heroku's release phase runs before every deploy, the first one of an app.json button included:
+    # app.json needs no postdeploy script of its own.
     files = {
         "Procfile": ("# " + HEADER + "\n"
                      "web: gunicorn -c gunicorn.conf.py \"app:create_app()\"\n"
-                     "release: flask --app app init-db\n"),
+                     f"release: {release}\n"),
         "heroku.yml": ("# " + HEADER + "\nbuild:\n  docker:\n    web: Dockerfile\n"
-                       "release:\n  image: web\n  command:\n    - flask --app app init-db\n"),
+                       f"release:\n  image: web\n  command:\n    - {release}\n"),
     }
     for tier in data["tiers"]:
         where = paths(tier)
@@ -183,6 +215,16 @@ def render_all(data: dict | None = None) -> dict[str, str]:
         files[where["fly"]] = fly_toml(data, tier)
         files[where["env"]] = env_file(data, tier)
     return files
+
+
+def drifted(files: dict[str, str], root: Path = ROOT) -> list[str]:
+    """The generated files whose committed copy under root is missing or differs."""
+    stale = []
+    for rel, content in files.items():
+        target = root / rel
+        if not target.exists() or target.read_text(encoding="utf-8") != content:
+            stale.append(rel)
+    return stale
 
 
 def blueprints(data: dict | None = None) -> list[str]:
@@ -234,21 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail on drift instead of writing")
     parser.add_argument("--schema", type=Path, help="validate every Blueprint against this JSON Schema")
     args = parser.parse_args(argv)
-    files = render_all()
-    drifted = []
-    for rel, content in files.items():
-        target = ROOT / rel
-        current = target.read_text(encoding="utf-8") if target.exists() else None
-        if current == content:
-            continue
-        if args.check:
-            drifted.append(rel)
-        else:
+    files = render_all(load_tiers())
+    stale = drifted(files)
+    if not args.check:
+        for rel in stale:
+            target = ROOT / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(content, encoding="utf-8")
+            target.write_text(files[rel], encoding="utf-8")
             print(f"wrote {rel}")
-    if drifted:
-        print("out of date with deploy/tiers.yaml (run `make manifests`): " + ", ".join(drifted), file=sys.stderr)
+        stale = []
+    if stale:
+        print("out of date with deploy/tiers.yaml (run `make manifests`): " + ", ".join(stale), file=sys.stderr)
         return 1
     problems = copies_drift()
     for problem in problems:

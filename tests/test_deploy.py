@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.release import RELEASE_COMMAND
 from deploy import generate
 from support import ROOT, require
 
@@ -27,10 +28,34 @@ def test_committed_manifest_matches_the_tier_table(rel):
     assert path.read_text(encoding="utf-8") == generate.render_all()[rel], f"{rel} drifted: run `make manifests`"
 
 
-def test_drift_is_detected(tmp_path, monkeypatch):
+def test_drift_check_fails_and_names_the_files(monkeypatch, capsys):
+    # The committed files are what `--check` compares against: a changed table must make it exit 1.
     changed = yaml.safe_load(generate.TIERS_FILE.read_text())
     changed["tiers"]["512mb"]["env"]["MAX_MEMORY_MB"] = "460"
-    assert generate.render_all(changed)["render.yaml"] != (ROOT / "render.yaml").read_text()
+    monkeypatch.setattr(generate, "load_tiers", lambda path=generate.TIERS_FILE: changed)
+    assert generate.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    for rel in ("render.yaml", "app.json", "deploy/fly/512mb/fly.toml", "deploy/env/512mb.env"):
+        assert rel in err, err
+    assert "deploy/render/1gb.yaml" not in err  # only the tier that changed
+
+
+def test_drift_check_passes_on_the_committed_files():
+    assert generate.main(["--check"]) == 0
+
+
+def release_lines(rel: str) -> list[str]:
+    return [line for line in generate.render_all()[rel].splitlines() if RELEASE_COMMAND in line]
+
+
+@pytest.mark.parametrize("rel", sorted(r for r in generate.render_all() if release_lines(r)))
+def test_drift_check_catches_a_manifest_without_the_release_step(rel, tmp_path):
+    files = generate.render_all()
+    for other, content in files.items():
+        (tmp_path / other).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / other).write_text(content, encoding="utf-8")
+    (tmp_path / rel).write_text(files[rel].replace(RELEASE_COMMAND, "flask --app app init-db"), encoding="utf-8")
+    assert generate.drifted(files, tmp_path) == [rel]
 
 
 def test_unquoted_values_are_refused(tmp_path):
@@ -143,3 +168,116 @@ def test_makefile_takes_the_model_from_settings():
     out = subprocess.run(["make", "-s", "-f", "Makefile", "-f", "-", "show"], cwd=ROOT, input=show, text=True,
                          capture_output=True, check=True)
     assert out.stdout.strip() == DEFAULT_MODEL
+
+
+# --- The release step on every platform (issue 13) ---------------------------------------------
+
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_render_runs_the_release_before_traffic(tier):
+    (service,) = yaml.safe_load((ROOT / generate.paths(tier)["render"]).read_text())["services"]
+    assert service.get("preDeployCommand") == RELEASE_COMMAND
+    # Render runs a pre-deploy command on paid plans only.
+    assert service["plan"] != "free"
+
+
+def test_heroku_release_phase_runs_the_release():
+    heroku = yaml.safe_load((ROOT / "heroku.yml").read_text())
+    assert heroku["release"] == {"image": "web", "command": [RELEASE_COMMAND]}
+    procfile = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines()
+                    if not line.startswith("#"))
+    assert procfile["release"] == RELEASE_COMMAND
+
+
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_fly_release_command_and_no_volume(tier):
+    fly = tomllib.loads((ROOT / generate.paths(tier)["fly"]).read_text())
+    assert fly["deploy"]["release_command"] == RELEASE_COMMAND
+    # release_command suits PostgreSQL only: Fly's release machine has no volume. A [mounts] section
+    # would mean SQLite on a volume, which must migrate at start instead (see the file's comment).
+    assert "mounts" not in fly
+    assert "DATABASE_URL" not in fly["env"]  # a secret, pointing at PostgreSQL
+
+
+def test_release_command_is_the_apps_command():
+    from flask.testing import FlaskCliRunner
+
+    from app import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings.from_env({"DATABASE_URL": "sqlite:///:memory:", "ENABLE_SEMANTIC_SEARCH": "false"}))
+    command = RELEASE_COMMAND.split()[-1]
+    result = FlaskCliRunner(app).invoke(args=[command, "--help"])
+    assert result.exit_code == 0 and "Migrate the schema" in result.output, result.output
+
+
+# --- Platform conventions (issue 13 item 4) ----------------------------------------------------
+
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_fly_metrics_point_at_the_apps_metrics(tier):
+    fly = tomllib.loads((ROOT / generate.paths(tier)["fly"]).read_text())
+    assert fly["metrics"] == {"port": fly["http_service"]["internal_port"], "path": "/metrics"}
+    assert int(fly["env"]["PORT"]) == fly["metrics"]["port"]  # gunicorn binds $PORT
+
+
+def test_the_app_serves_the_metrics_path():
+    from app import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings.from_env({"DATABASE_URL": "sqlite:///:memory:", "ENABLE_SEMANTIC_SEARCH": "false"}))
+    assert generate.METRICS_PATH in {rule.rule for rule in app.url_map.iter_rules()}
+
+
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_render_database_reachable_only_from_the_service(tier):
+    (database,) = yaml.safe_load((ROOT / generate.paths(tier)["render"]).read_text())["databases"]
+    assert database["ipAllowList"] == []
+
+
+def load_gunicorn_conf(monkeypatch, tmp_path, database_url: str):
+    """gunicorn.conf.py as a module, with its environment pointed at tmp_path."""
+    import importlib.util
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("ENABLE_SEMANTIC_SEARCH", "false")
+    spec = importlib.util.spec_from_file_location("memfit_gunicorn_conf", ROOT / "gunicorn.conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_startup_report_names_the_schema_revision(monkeypatch, tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from app import create_app
+    from app.db import create_schema
+    from app.settings import Settings
+    from monitoring import hooks
+
+    path = tmp_path / "memfit.sqlite3"
+    conf = load_gunicorn_conf(monkeypatch, tmp_path, f"sqlite:///{path}")
+    before = conf.schema_revision()
+    assert before.startswith("none (code needs ") and RELEASE_COMMAND in before, before
+    assert not path.exists()  # reading the revision must not create the database
+
+    app = create_app(Settings.from_env({"DATABASE_URL": f"sqlite:///{path}", "ENABLE_SEMANTIC_SEARCH": "false"}))
+    with app.app_context():
+        create_schema()
+    from alembic.script import ScriptDirectory
+    from app.db import MIGRATIONS_DIR
+
+    (head,) = ScriptDirectory(MIGRATIONS_DIR).get_heads()
+    assert conf.schema_revision() == head
+
+    monkeypatch.setattr(hooks, "_state", {})
+    server = SimpleNamespace(log=logging.getLogger("test.startup"))
+    with caplog.at_level(logging.INFO, logger="test.startup"):
+        hooks.startup_report(server, {"workers": 1, "worker_class": "sync", "max_requests": 100,
+                                      "schema": conf.schema_revision()})
+    assert f"schema={head}" in caplog.text, caplog.text
+
+
+def test_startup_revision_of_an_unreachable_database_does_not_stop_the_start(monkeypatch, tmp_path):
+    conf = load_gunicorn_conf(monkeypatch, tmp_path, "postgresql://nobody:x@127.0.0.1:9/none")
+    assert conf.schema_revision().startswith("unknown ("), conf.schema_revision()

@@ -45,20 +45,28 @@ def container(request, image):
     """The image running under its tier's memory limit, settings and (512mb) a read-only root."""
     tier = request.param
     memory = f"{TIERS[tier]['memory_mb']}m"
-    args = ["run", "-d", "--memory", memory, "--memory-swap", memory, "-p", "127.0.0.1::8000",
-            "--env-file", str(ROOT / "deploy" / "env" / f"{tier}.env"), "-e", "SECRET_KEY=container-test-secret",
-            "-e", f"WRITE_TOKEN={WRITE_TOKEN}", "-e", "WRITE_RATE_LIMIT=1000000 per minute"]
-    if tier == "512mb":
-        # Read-only root: the app writes only to tmpfs /tmp and the /data volume.
-        args += ["--read-only", "--tmpfs", "/tmp", "--tmpfs", "/data:uid=10001,gid=10001"]
-    cid = docker(*args, image)
-    running = Running(cid, tier)
+    env = ["--env-file", str(ROOT / "deploy" / "env" / f"{tier}.env"), "-e", "SECRET_KEY=container-test-secret",
+           "-e", f"WRITE_TOKEN={WRITE_TOKEN}", "-e", "WRITE_RATE_LIMIT=1000000 per minute"]
+    # The image serves only; like a platform, run the release step first, in a container of its own on
+    # the same /data volume (a named volume the image's /data initialises, owned by uid 10001).
+    volume = docker("volume", "create", f"memfit-container-test-{tier}-{os.getpid()}")
+    cid = None
     try:
+        docker("run", "--rm", *env, "-v", f"{volume}:/data", image, "flask", "--app", "app", "release", timeout=600)
+        args = ["run", "-d", "--memory", memory, "--memory-swap", memory, "-p", "127.0.0.1::8000", *env,
+                "-v", f"{volume}:/data"]
+        if tier == "512mb":
+            # Read-only root: the app writes only to tmpfs /tmp and the /data volume.
+            args += ["--read-only", "--tmpfs", "/tmp"]
+        cid = docker(*args, image)
+        running = Running(cid, tier)
         wait_http(running.url + "/healthz", timeout=60)
         yield running
     finally:
-        REPORT.setdefault("logs", {})[tier] = docker("logs", "--tail", "20", cid, check=False)
-        docker("rm", "-f", cid, check=False)
+        if cid:
+            REPORT.setdefault("logs", {})[tier] = docker("logs", "--tail", "20", cid, check=False)
+            docker("rm", "-f", cid, check=False)
+        docker("volume", "rm", "-f", volume, check=False)
 
 
 @pytest.fixture(scope="session")
