@@ -57,9 +57,49 @@ def release_section(data: dict) -> str:
     ])
 
 
+def sharing_section(data: dict) -> str:
+    rows = ["| layout | processes | PSS sum | USS (private) sum | RSS sum (shared pages counted per process) | load |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for run in data["runs"]:
+        rows.append(f"| {run['layout']} | {run['n']} | {run['pss_mb']} MB | {run['uss_mb']} MB | {run['rss_mb']} MB | "
+                    f"{run['load_seconds']} s |")
+    rows.append("")
+    rows.append(f"{data['model']}, {data['sentences']} sentences encoded per process, {data['threads']} thread; "
+                f"largest embedding difference between the layouts: {data['max_embedding_diff']}.")
+    return "\n".join(rows)
+
+
+def textscale_section(data: dict) -> str:
+    rows = ["| back end | items | query p50 | p95 | index on disk | write per item (insert + analysis) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for run in sorted(data.values(), key=lambda r: (r["backend"], r["items"])):
+        rows.append(f"| {run['backend']} | {run['items']:,} | {run['p50_ms']} ms | {run['p95_ms']} ms | "
+                    f"{run['index_bytes'] / 2**20:.1f} MB | {run['insert_ms_per_item'] + run['analyse_ms_per_item']:.2f} ms |")
+    return "\n".join(rows)
+
+
+def relevance_section(data: dict) -> str:
+    rows = ["| back end | engine | nDCG@10 | recall@10 | queries / items |", "| --- | --- | --- | --- | --- |"]
+    for backend, report in sorted(data.items()):
+        for engine, score in report["engines"].items():
+            rows.append(f"| {backend} | {engine} | {score['ndcg@10']:.3f} | {score['recall@10']:.3f} | "
+                        f"{report['queries']} / {report['items']} |")
+    return "\n".join(rows)
+
+
+def fuzz_section(data: dict) -> str:
+    suites = ", ".join(f"{name} {count:,}" for name, count in sorted(data["by_suite"].items()))
+    return (f"Last run: **{data['inputs_tried']:,} generated requests** ({suites}), "
+            f"**{data['server_errors']} server errors** outside the documented 503s.")
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; the README needs <!-- release-results:start/end --> markers for it.
-            "release-results": ("release.json", release_section)}
+            "release-results": ("release.json", release_section),
+            "sharing-results": ("sharing.json", sharing_section),
+            "textscale-results": ("textscale.json", textscale_section),
+            "relevance-results": ("relevance.json", relevance_section),
+            "fuzz-results": ("fuzz.json", fuzz_section)}
 
 
 def main() -> int:
