@@ -22,7 +22,8 @@ def container_section(data: dict) -> str:
         rows.append(f"| `{tier}` | {m['limit_mb']} MB | {m['cgroup_peak_mb']} MB | {m['processes_rss_mb']} MB | "
                     f"{m['max_memory_mb']} MB | {m['oom_kills']} | {m['requests']} |")
     rows.append("")
-    rows.append(f"Image size: {data.get('image_size_mb')} MB (test budget 800 MB).")
+    rows.append(f"Image size: {data.get('image_size_mb')} MB (test budget {data.get('image_budget_mb')} MB: the model is baked "
+                "in twice, portable and optimized, see Performance).")
     return "\n".join(rows)
 
 

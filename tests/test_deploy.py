@@ -270,10 +270,9 @@ def test_startup_report_names_the_schema_revision(monkeypatch, tmp_path, caplog)
     (head,) = ScriptDirectory(MIGRATIONS_DIR).get_heads()
     assert conf.schema_revision() == head
 
-    monkeypatch.setattr(hooks, "_state", {})
     server = SimpleNamespace(log=logging.getLogger("test.startup"))
     with caplog.at_level(logging.INFO, logger="test.startup"):
-        hooks.startup_report(server, {"workers": 1, "worker_class": "sync", "max_requests": 100,
+        hooks.startup_report(server, conf.settings, {"workers": 1, "worker_class": "sync", "max_requests": 100,
                                       "schema": conf.schema_revision()})
     assert f"schema={head}" in caplog.text, caplog.text
 

@@ -37,6 +37,7 @@ def image() -> str:
     assert out.returncode == 0, f"docker build failed:\n{(out.stdout + out.stderr)[-4000:]}"
     REPORT["build_seconds"] = round(time.monotonic() - started, 1)
     REPORT["image_size_mb"] = round(int(docker("image", "inspect", IMAGE, "--format", "{{.Size}}")) / 2**20, 1)
+    REPORT["image_budget_mb"] = IMAGE_BUDGET_MB
     return IMAGE
 
 
