@@ -58,9 +58,20 @@ container-test: venv ## Build the image and prove it stays under each tier's bud
 	$(PY) -m pytest -m container tests/container $(PYTEST_ARGS)
 	$(PY) -m bench.readme
 
-bench: venv ## Benchmark the naive set-up against both tiers, and the vector stores; writes bench/results/
+# BENCH_DATABASE_URL: a scratch PostgreSQL database (its tables are dropped) for the PostgreSQL rows of
+# the text-search figures; without it they are measured on SQLite only.
+BENCH_DATABASE_URL ?=
+
+bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance; writes bench/results/
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
+	$(PY) -m bench.sharing
+	$(PY) -m bench.textscale
+	$(PY) -m bench.relevance.evaluate
+	@if [ -n "$(BENCH_DATABASE_URL)" ]; then \
+	  $(PY) -m bench.textscale --database-url "$(BENCH_DATABASE_URL)" && \
+	  $(PY) -m bench.relevance.evaluate --database-url "$(BENCH_DATABASE_URL)"; fi
+	$(PY) -m bench.readme
 
 load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench/results/load.json
 	$(PY) -m bench.load --seconds 60
