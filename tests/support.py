@@ -18,7 +18,13 @@ from app.settings import Settings  # noqa: E402
 from devtools.gunicorn import GunicornServer  # noqa: E402
 from devtools.http import free_port, wait_http  # noqa: E402,F401  (re-exported for the suites)
 
-IN_CI = os.environ.get("CI") == "true"
+def in_ci(environ=os.environ) -> bool:
+    """Whether this run is CI: any value but an empty one or an explicit no. CI systems spell it true,
+    True, 1 or yes; reading only "true" would silently skip every service suite under the others."""
+    return environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+IN_CI = in_ci()
 
 
 def require(condition: bool, reason: str) -> None:

@@ -40,3 +40,17 @@ def imported_modules(path):
                                         for p in (ROOT / room).rglob("*.py")), ids=str)
 def test_app_and_monitoring_never_import_devtools(path):
     assert not [m for m in imported_modules(ROOT / path) if m.split(".")[0] == "devtools"]
+
+
+@pytest.mark.parametrize("value", ["true", "True", "TRUE", "1", "yes", "on", "anything"])
+def test_any_truthy_ci_value_counts_as_ci(value):
+    from support import in_ci
+
+    assert in_ci({"CI": value}), f"CI={value!r} would skip the service suites"
+
+
+@pytest.mark.parametrize("env", [{}, {"CI": ""}, {"CI": "false"}, {"CI": "0"}, {"CI": "no"}])
+def test_no_ci_value_means_a_developer_machine(env):
+    from support import in_ci
+
+    assert not in_ci(env)
