@@ -142,7 +142,8 @@ install_json_protocol_errors()
 # Server hooks: plain functions handing the settings above to monitoring/hooks.py (tested there).
 #
 #   on_starting - master, before workers: clear stale metric files; log the start-up report.
-#   post_worker_init - worker, after the app loaded: start the memory watchdog thread.
+#   post_worker_init - worker, after the app loaded: start the memory watchdog thread; with
+#       SEMANTIC_WARM, load the model and answer one query before the first request arrives.
 #   post_request - worker, after each response: recycle the worker if its RSS passed
 #       MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
 #   worker_exit - worker, graceful exit: flush Sentry, mark the exit as graceful.
@@ -191,6 +192,12 @@ def post_worker_init(worker):
     from monitoring import hooks
 
     hooks.worker_started(worker, settings)
+    if settings.semantic_warm and settings.enable_semantic_search:
+        # After fork, before this worker accepts a request: no session exists before fork, and a
+        # recycled worker's first user gets an answer, not a model load.
+        from app.state import warm
+
+        warm(worker.wsgi)
 
 
 def post_request(worker, req, environ, resp):

@@ -134,6 +134,10 @@ FIELDS: tuple[Field, ...] = (
           "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
     Field("SEMANTIC_CATCHUP_LIMIT", "200", _int(0, 100000),
           "Most missing embeddings a semantic request computes before searching (0: only `flask embed`)."),
+    Field("SEMANTIC_WARM", "false", _bool,
+          "Under gunicorn, load the model and run one query in each new worker before it takes requests, "
+          "so a recycled worker's first semantic query pays no load (the weights are shared pages). "
+          "Off: fully lazy (the model loads on the first semantic request)."),
     Field("EMBEDDING_BATCH_SIZE", "10", _int(1, 256),
           "Texts encoded per batch when computing tag and item embeddings."),
     Field("SQLALCHEMY_POOL_SIZE", "2", _int(1, 50), "Database connections kept open per worker."),
@@ -200,6 +204,7 @@ class Settings:
     web_concurrency: int
     semantic_index_max_mb: int
     semantic_catchup_limit: int
+    semantic_warm: bool
     embedding_batch_size: int
     sqlalchemy_pool_size: int
     sqlalchemy_max_overflow: int

@@ -46,3 +46,10 @@ def get_settings(app: Flask | None = None) -> Settings:
 
 def get_service(app: Flask | None = None) -> SemanticService:
     return get_state(app).semantic
+
+
+def warm(app: Flask) -> bool:
+    """Warm app's semantic service in this process (SEMANTIC_WARM: gunicorn.conf.py calls it in each
+    new worker); returns whether the model is loaded. Never raises."""
+    with app.app_context():
+        return get_service(app).warm()

@@ -30,6 +30,7 @@ RETRY_AFTER_SECONDS = 300.0
 KINDS = ("tag", "item")  # tags first: they are few, and every item's score reads them
 TAG_CANDIDATES = 50  # closest tags read per query
 CARRYING_TAGS = 10  # items carrying one of this many closest tags are candidates too
+WARM_QUERY = "חיפוש"  # "search": any short Hebrew text exercises the tokenizer and the session
 
 
 class SemanticUnavailable(RuntimeError):
@@ -187,6 +188,24 @@ class SemanticService:
             scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
         scored.sort(key=lambda entry: (-entry[0], -entry[1]))
         return SemanticHits(scored=scored[:limit], tag_scores=tag_hits, item_tags=tagged)
+
+
+    def warm(self) -> bool:
+        """Load the model and answer one query, so this process's first user query pays no load.
+
+        Called in a new gunicorn worker before it accepts requests (SEMANTIC_WARM, gunicorn.conf.py).
+        The weights are memory-mapped pages every worker shares, so a warm worker costs what any worker
+        costs after its first semantic request: its session's own buffers and the query's activations.
+        Never raises: a worker that cannot warm still serves text and tags, and semantic search reports
+        its state as it would have on the first request. Returns whether the model is loaded.
+        """
+        if self._state == DISABLED:
+            return False
+        try:
+            self.search(WARM_QUERY, 1)  # the whole path: model, catch-up, vector store, one query
+        except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
+            log.warning("semantic warm-up did not complete: %s", _describe(exc))
+        return self._encoder is not None
 
 
 def _describe(exc: BaseException) -> str:
