@@ -53,15 +53,17 @@ backlog = settings.gunicorn_backlog
 # Worker processes
 #
 #   workers - Worker processes. From WEB_CONCURRENCY (the variable Render and Heroku set), default 1.
-#       Each worker holds its own copy of the semantic model, so on the 512 MB tier one worker is all
-#       the memory allows; the 1 GB tier runs two (deploy/tiers.yaml).
+#       The model's weights are a memory-mapped file every worker shares (app/semantic/encoders.py),
+#       so a worker adds only its own interpreter, session buffers and activations: the 512 MB tier
+#       runs three, the 1 GB tier six (deploy/tiers.yaml, measured in README "Serving").
 #
 workers = settings.web_concurrency
 
-#   worker_class - "sync": one request at a time per worker. Semantic search is CPU-bound (the model
-#       runs on the request's thread), so threads or greenlets would add no throughput on a shared
-#       CPU, only concurrent activations and allocator arenas: more memory for nothing. A sync
-#       worker's memory is bounded by one request's work. The platform's proxy buffers slow clients.
+#   worker_class - "sync": one request at a time per worker. Measured against gthread (one or two
+#       workers with threads sharing one session): under the same request mix sync workers answered
+#       more requests per second, because search and request handling in Python hold the GIL; the
+#       model's share of the CPU is bounded per instance instead (SEMANTIC_MAX_INFLIGHT), so text
+#       and tag requests always find a free worker. The platform's proxy buffers slow clients.
 #
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 
