@@ -73,8 +73,9 @@ bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text sea
 	  $(PY) -m bench.relevance.evaluate --database-url "$(BENCH_DATABASE_URL)"; fi
 	$(PY) -m bench.readme
 
-load: venv ## Full 60 s load test under the 512 MB tier's settings; writes bench/results/load.json
+load: venv ## 60 s load under the 512 MB tier, then today's design vs shared weights per tier and an overload run; writes bench/results/load.json, serving.*
 	$(PY) -m bench.load --seconds 60
+	$(PY) -m bench.serving --seconds 60
 	$(PY) -m bench.readme
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py

@@ -94,13 +94,20 @@ def fuzz_section(data: dict) -> str:
             f"**{data['server_errors']} server errors** outside the documented 503s.")
 
 
+def serving_section(data: dict) -> str:
+    from bench.serving import table
+
+    return table(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; the README needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
             "sharing-results": ("sharing.json", sharing_section),
             "textscale-results": ("textscale.json", textscale_section),
             "relevance-results": ("relevance.json", relevance_section),
-            "fuzz-results": ("fuzz.json", fuzz_section)}
+            "fuzz-results": ("fuzz.json", fuzz_section),
+            "serving-results": ("serving.json", serving_section)}
 
 
 def main() -> int:

@@ -1,0 +1,362 @@
+"""Serving, side by side in one run (issue 11 item 7): today's design against the new one, in memory
+cgroups of each tier's size, under the README's 16-client mix, then an overload run.
+
+    python -m bench.serving                 # make load: both designs, both tiers, then the overload run
+    python -m bench.serving --seconds 20    # shorter runs (the figures are then not the README's)
+
+Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's models()):
+  today   the previous release: the weights inside one model.onnx (a version 1 artifact, private to
+          each worker), one sync worker on 512 MB and two on 1 GB, the model loaded on the first
+          semantic request of every worker (and again after every recycle), no bound on semantic work
+  shared  deploy/tiers.yaml as it is: the version 2 artifact whose weights every worker maps from one
+          file, the tier's workers, each warmed before its first request, semantic work bounded per
+          instance with sheds past a short wait (SEMANTIC_MAX_INFLIGHT, SEMANTIC_QUEUE_TIMEOUT_MS)
+
+Runs:
+  mix       16 clients, each looping over text 3 : tags 2 : semantic 3 : create 2 (bench/load.py's
+            mix), max_requests 40 so workers recycle during the run; per tier and design
+  overload  64 clients on the 512 MB tier: half the mix above, half sending 500-token texts (semantic
+            queries at MAX_QUERY_LENGTH and new items whose bodies the model must embed)
+
+Each run records latency per request kind (p50/p95/p99), throughput, every status (503 sheds with and
+without Retry-After apart), the instance's peak memory (cgroup peak, and the largest PSS sum of the
+gunicorn tree sampled every 50 ms), OOM kills, recycles, and the first semantic query each recycled
+worker served (server-side milliseconds from gunicorn's access log). Results: bench/results/serving.json,
+bench/results/serving.md (with the goals checked) and bench/results/serving.png. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from devtools.gunicorn import GunicornServer
+from devtools.http import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MB = 1024 * 1024
+WRITE_TOKEN = "serving-bench-token"
+QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
+MIX = {"text": 3, "tags": 2, "semantic": 3, "create": 2}
+LONG_MIX = {"semantic": 1, "create": 1}  # the overload run's heavy half
+LONG_TOKENS = 500
+TIERS = {"512mb": 512, "1gb": 1024}
+# The goals of issue 11, written once; report() checks every run against those that apply to it.
+GOALS = {
+    "text_p50_ms": 30, "tags_p50_ms": 30, "all_p99_ms": 500, "throughput_vs_today": 2.0,
+    "peak_mb": {"512mb": 400, "1gb": 800}, "first_semantic_ms": 150, "overload_text_p99_ms": 1000,
+}
+
+
+def designs(tier: str, models: dict[str, Path]) -> dict[str, dict]:
+    """The environment each design adds to the tier's (deploy/env/<tier>.env)."""
+    return {
+        "today": {"SEMANTIC_MODEL": str(models["v1"]), "WEB_CONCURRENCY": {"512mb": "1", "1gb": "2"}[tier],
+                  "SEMANTIC_WARM": "false", "MAX_WORKER_MEMORY_MB": {"512mb": "400", "1gb": "420"}[tier],
+                  "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_QUEUE_TIMEOUT_MS": "60000"},
+        "shared": {"SEMANTIC_MODEL": str(models["v2"])},
+    }
+
+
+def long_text(rng: random.Random, tokens: int = LONG_TOKENS) -> str:
+    """About `tokens` model tokens of Hebrew words (most words are one or two tokens)."""
+    return " ".join(rng.choice(QUERIES) for _ in range(tokens // 2))
+
+
+async def client_loop(client, deadline: float, rng: random.Random, stats: dict, mix: dict[str, int],
+                      long: bool = False, max_query: int = 500) -> None:
+    kinds, weights = list(mix), list(mix.values())
+    while time.monotonic() < deadline:
+        kind = rng.choices(kinds, weights)[0]
+        started = time.perf_counter()
+        try:
+            if kind == "create":
+                title = f"פריט עומס {rng.randrange(10**9)}"
+                body = long_text(rng) if long else rng.choice(QUERIES) * 3
+                response = await client.post("/items", json={"title": title, "body": body,
+                                                              "tags": rng.sample(QUERIES, 2)})
+                if response.status_code == 201:
+                    stats["created"].append((response.json()["id"], title))
+            else:
+                q = long_text(rng)[:max_query] if long else rng.choice(QUERIES)
+                response = await client.get("/search", params={"q": q, "mode": kind})
+        except Exception as exc:  # connection refused/reset, timeout: all count as failures
+            stats["errors"].append(f"{kind}: {type(exc).__name__}")
+            continue
+        label = f"{kind}-long" if long else kind
+        stats["latency"].setdefault(label, []).append((time.perf_counter() - started) * 1000)
+        status = response.status_code
+        if status == 503 and response.headers.get("Retry-After"):
+            status = "503-retry-after"
+        stats["status"][str(status)] = stats["status"].get(str(status), 0) + 1
+
+
+async def drive(url: str, seconds: float, clients: int, long_clients: int = 0) -> dict:
+    import httpx
+
+    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}}
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
+                                 headers={"Authorization": f"Bearer {WRITE_TOKEN}"}) as client:
+        loops = [client_loop(client, deadline, random.Random(i), stats, MIX) for i in range(clients - long_clients)]
+        loops += [client_loop(client, deadline, random.Random(1000 + i), stats, LONG_MIX, long=True)
+                  for i in range(long_clients)]
+        await asyncio.gather(*loops)
+        missing = []
+        for item_id, title in stats["created"]:
+            response = await client.get(f"/items/{item_id}")
+            if response.status_code != 200 or response.json()["title"] != title:
+                missing.append(item_id)
+    stats["missing"] = missing
+    return stats
+
+
+def pss_sum(pid: int) -> int:
+    """PSS of pid and its children in bytes: shared pages split among the processes mapping them."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class PssSampler(threading.Thread):
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.samples, self.stop = pid, 0, [], threading.Event()
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            value = pss_sum(self.pid)
+            self.peak = max(self.peak, value)
+            self.samples.append((round(time.monotonic() - self.started, 2), round(value / MB, 1)))
+            self.stop.wait(0.05)
+
+
+ACCESS = re.compile(r'"GET /search\?[^"]*mode=semantic[^"]*" (\d+) \S+ (\d+)ms pid=(\d+)')
+BOOT = re.compile(r"Booting worker with pid: (\d+)")
+
+
+def first_semantic_of_recycled(log: str, initial_workers: int) -> list[int]:
+    """Server-side milliseconds of the first semantic query each replacement worker served."""
+    boots = BOOT.findall(log)
+    replacements = set(boots[initial_workers:])
+    seen, firsts = set(), []
+    for status, ms, pid in ACCESS.findall(log):
+        if pid in replacements and pid not in seen and status == "200":
+            seen.add(pid)
+            firsts.append(int(ms))
+    return firsts
+
+
+def quantiles(values: list[float]) -> dict:
+    if len(values) < 3:
+        return {"p50_ms": round(statistics.median(values), 1) if values else None}
+    q = statistics.quantiles(values, n=100)
+    return {"p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "p99_ms": round(q[98], 1), "n": len(values)}
+
+
+def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
+             long_clients: int = 0) -> dict:
+    from bench.run import WORK, Cgroup, flask, tier_env
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    db_path = WORK / f"serving-{name}.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    port = free_port()
+    env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
+           "SECRET_KEY": "serving-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,
+           "WRITE_RATE_LIMIT": "1000000 per minute",  # the limit has its own tests
+           "GUNICORN_MAX_REQUESTS": "40", "GUNICORN_MAX_REQUESTS_JITTER": "5", "GUNICORN_BACKLOG": "256",
+           "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-serving-{port}"), **env_extra}
+    flask("seed", env=env)
+    flask("embed", env=env)
+    print(f"[serving] {name}: {tier} {design}, {clients} clients ({long_clients} long), {seconds:.0f} s", flush=True)
+    cgroup = Cgroup(f"serving-{name}", TIERS[tier])
+    log_path = WORK / f"serving-{name}-gunicorn.log"
+    server = GunicornServer(env, log_path, port=port, wrap=cgroup.wrap, ready_timeout=180)
+    sampler = PssSampler(server.start().pid)
+    try:
+        server.wait_ready()
+        if cgroup.enabled:  # judged from here: the boot is not what the tier is judged on
+            (cgroup.path / "memory.max_usage_in_bytes").write_text("0")
+        sampler.start()
+        started = time.monotonic()
+        stats = asyncio.run(drive(server.url, seconds, clients, long_clients))
+        wall = time.monotonic() - started
+    finally:
+        cgroup_peak = cgroup.read("memory.max_usage_in_bytes")
+        oom = cgroup.oom_kills()
+        sampler.stop.set()
+        server.stop()
+        cgroup.remove()
+    log = log_path.read_text(errors="replace")
+    latency = stats["latency"]
+    requests = sum(stats["status"].values())
+    firsts = first_semantic_of_recycled(log, int(env["WEB_CONCURRENCY"]))
+    return {
+        "name": name, "tier": tier, "design": design, "seconds": seconds, "clients": clients,
+        "long_clients": long_clients, "workers": int(env["WEB_CONCURRENCY"]), "requests": requests,
+        "throughput_rps": round(requests / wall, 1),
+        "all": quantiles([x for values in latency.values() for x in values]),
+        "by_kind": {kind: quantiles(values) for kind, values in sorted(latency.items())},
+        "status": dict(sorted(stats["status"].items())),
+        "server_errors": sum(v for k, v in stats["status"].items() if k.startswith("5") and k != "503-retry-after"),
+        "sheds": stats["status"].get("503-retry-after", 0),
+        "failed": len(stats["errors"]), "failures": stats["errors"][:10],
+        "created": len(stats["created"]), "created_missing": len(stats["missing"]),
+        "recycles": log.count("Autorestarting worker") + log.count("memfit recycle:"),
+        "first_semantic_after_recycle_ms": {"n": len(firsts), "median": statistics.median(firsts) if firsts else None,
+                                            "max": max(firsts, default=None)},
+        "cgroup": cgroup.enabled, "cgroup_peak_mb": round(cgroup_peak / MB, 1) if cgroup_peak else None,
+        "pss_peak_mb": round(sampler.peak / MB, 1), "oom_kills": oom, "pss_samples": sampler.samples[::4],
+    }
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def checks(data: dict) -> list[tuple[str, bool]]:
+    """Each goal of GOALS against the run it applies to: (wording, met)."""
+    runs = {run["name"]: run for run in data["runs"]}
+    out = []
+    for tier in TIERS:
+        new, old = runs.get(f"{tier}-shared"), runs.get(f"{tier}-today")
+        if not new:
+            continue
+        peak = max(new["cgroup_peak_mb"] or 0, new["pss_peak_mb"])
+        out.append((f"{tier}: instance peak (cgroup and PSS sum) {peak:.0f} MB ≤ {GOALS['peak_mb'][tier]} MB, "
+                    f"{new['oom_kills'] or 0} OOM kills", peak <= GOALS["peak_mb"][tier] and not new["oom_kills"]))
+        if tier != "512mb":
+            continue
+        for kind in ("text", "tags"):
+            p50 = new["by_kind"].get(kind, {}).get("p50_ms")
+            out.append((f"512mb: {kind} p50 {_ms(p50)} ms ≤ {GOALS[kind + '_p50_ms']} ms",
+                        p50 is not None and p50 <= GOALS[kind + "_p50_ms"]))
+        p99 = new["all"].get("p99_ms")
+        out.append((f"512mb: all requests p99 {_ms(p99)} ms ≤ {GOALS['all_p99_ms']} ms",
+                    p99 is not None and p99 <= GOALS["all_p99_ms"]))
+        if old:
+            ratio = new["throughput_rps"] / max(old["throughput_rps"], 0.1)
+            out.append((f"512mb: throughput {ratio:.1f}× today's in the same run (≥ {GOALS['throughput_vs_today']}×)",
+                        ratio >= GOALS["throughput_vs_today"]))
+        first = new["first_semantic_after_recycle_ms"]
+        out.append((f"512mb: a recycled worker's first semantic query, max {_ms(first['max'])} ms over {first['n']} "
+                    f"recycles ≤ {GOALS['first_semantic_ms']} ms",
+                    first["max"] is not None and first["max"] <= GOALS["first_semantic_ms"]))
+    over = runs.get("overload-shared")
+    if over:
+        text_p99 = over["by_kind"].get("text", {}).get("p99_ms")
+        out.append((f"overload (64 clients, 32 sending {LONG_TOKENS}-token texts, 512 MB): {over['oom_kills'] or 0} OOM "
+                    f"kills, {over['server_errors']} 5xx other than {over['sheds']} counted 503 sheds with "
+                    f"Retry-After, text p99 {_ms(text_p99)} ms ≤ {GOALS['overload_text_p99_ms']} ms",
+                    not over["oom_kills"] and over["server_errors"] == 0 and over["failed"] == 0
+                    and text_p99 is not None and text_p99 <= GOALS["overload_text_p99_ms"]))
+    return out
+
+
+def table(data: dict) -> str:
+    """The runs side by side, then the goals: bench/results/serving.md and the README's Serving section."""
+    rows = ["| run | workers | requests/s | text p50 | tags p50 | semantic p50 | all p99 | 5xx | 503 sheds "
+            "| cgroup peak | PSS peak | OOM kills | first semantic query after a recycle (median / max) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in data["runs"]:
+        kind = run["by_kind"]
+        first = run["first_semantic_after_recycle_ms"]
+        rows.append(f"| {run['name']} | {run['workers']} | {run['throughput_rps']} "
+                    f"| {_ms(kind.get('text', {}).get('p50_ms'))} ms | {_ms(kind.get('tags', {}).get('p50_ms'))} ms "
+                    f"| {_ms(kind.get('semantic', {}).get('p50_ms'))} ms | {_ms(run['all'].get('p99_ms'))} ms "
+                    f"| {run['server_errors']} | {run['sheds']} | {_ms(run['cgroup_peak_mb'])} MB "
+                    f"| {_ms(run['pss_peak_mb'])} MB | {run['oom_kills']} "
+                    f"| {_ms(first['median'])} / {_ms(first['max'])} ms ({first['n']}) |")
+    goals = [f"- {'met' if ok else '**not met**'}: {text}" for text, ok in checks(data)]
+    return "\n".join(rows + ["", f"{data['seconds']:.0f} s per run, measured {data['measured_at']} "
+                              f"(load average {data['load_average'][0]:.1f} at the end). Goals:", *goals])
+
+
+def plot(data: dict, path: Path) -> None:
+    """PSS sum of the gunicorn tree over each run, one line per run, tier limits dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for run in data["runs"]:
+        if run["pss_samples"]:
+            t, mb = zip(*run["pss_samples"])
+            ax.plot(t, mb, label=run["name"], linewidth=1.2)
+    for tier, limit in TIERS.items():
+        ax.axhline(limit, linestyle="--", color="grey", linewidth=0.8)
+        ax.text(0, limit, f" {tier} limit", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("PSS sum of the gunicorn tree (MB)")
+    ax.set_title("Serving: today's design against shared weights, per tier")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prepare_models() -> dict[str, Path]:
+    from bench.run import WORK, models
+    from bench.sharing import single_file_copy
+
+    v2 = models()["q8"]
+    v1 = WORK / "models" / "alephbert-q8-v1"
+    if not (v1 / "memfit_model.json").exists():
+        single_file_copy(v2, v1)
+    return {"v1": v1, "v2": v2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--only", help="comma-separated run names (e.g. 512mb-shared,overload-shared)")
+    args = parser.parse_args(argv)
+    models = prepare_models()
+    cases = []
+    for tier in TIERS:
+        for design, extra in designs(tier, models).items():
+            cases.append((f"{tier}-{design}", tier, design, extra, 16, 0))
+    for design, extra in designs("512mb", models).items():
+        cases.append((f"overload-{design}", "512mb", design, extra, 64, 32))
+    wanted = set(args.only.split(",")) if args.only else None
+    runs = [run_case(name, tier, design, extra, args.seconds, clients, long_clients)
+            for name, tier, design, extra, clients, long_clients in cases if not wanted or name in wanted]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+              "seconds": args.seconds, "goals": GOALS, "runs": runs}
+    (RESULTS / "serving.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (RESULTS / "serving.md").write_text(table(result) + "\n")
+    plot(result, RESULTS / "serving.png")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
