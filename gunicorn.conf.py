@@ -155,8 +155,29 @@ install_json_protocol_errors()
 
 def schema_revision():
     """The database's schema revision for the start-up line (monitoring does not import the app, so
-    it is read here): one connection of its own in the master, closed before any worker forks. It
-    never stops the start: a database that is away is the workers' 503 to report."""
+    it is read here), read in a short-lived forked child: the imports it needs (SQLAlchemy, Alembic,
+    the app) would otherwise stay in the master for its whole life, ~30 MB that every instance pays
+    (measured with psutil: master 24 MB after this file, 54 MB after reading the revision in-process).
+    It never stops the start: a database that is away is the workers' 503 to report."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, then leave without running the master's exit code
+        os.close(read_end)
+        try:
+            answer = _read_schema_revision()
+        except BaseException as exc:  # noqa: BLE001 -- the report line says what went wrong
+            answer = f"unknown ({type(exc).__name__})"
+        os.write(write_end, answer.encode()[:4096])
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return answer or "unknown (the reader exited without an answer)"
+
+
+def _read_schema_revision():
+    """schema_revision()'s work, in the child: one connection of its own, closed before it exits."""
     try:
         from alembic.script import ScriptDirectory
         from sqlalchemy import create_engine

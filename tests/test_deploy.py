@@ -3,9 +3,12 @@ Dockerfile's defaults in step with the 512mb tier, and the facts copied outside 
 model, settings.TIERS) in step with their one source."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -280,3 +283,23 @@ def test_startup_report_names_the_schema_revision(monkeypatch, tmp_path, caplog)
 def test_startup_revision_of_an_unreachable_database_does_not_stop_the_start(monkeypatch, tmp_path):
     conf = load_gunicorn_conf(monkeypatch, tmp_path, "postgresql://nobody:x@127.0.0.1:9/none")
     assert conf.schema_revision().startswith("unknown ("), conf.schema_revision()
+
+
+def test_reading_the_revision_leaves_the_masters_memory_alone(tmp_path):
+    # The revision is read in a forked child: the master, which lives as long as the instance, must not
+    # keep SQLAlchemy, Alembic and the app (~30 MB) that reading it imports. A fresh process, since this
+    # one has imported them all.
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("conf", {str(ROOT / "gunicorn.conf.py")!r})
+        conf = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(conf)
+        print(conf.schema_revision())
+        print(sorted(m for m in ("alembic", "sqlalchemy", "flask_sqlalchemy", "app.db") if m in sys.modules))
+    """)
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'm.sqlite3'}", "ENABLE_SEMANTIC_SEARCH": "false",
+           "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    revision, loaded = out.stdout.strip().splitlines()[-2:]
+    assert revision.startswith("none (code needs "), out.stdout + out.stderr
+    assert loaded == "[]"
