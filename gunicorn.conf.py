@@ -67,6 +67,10 @@ workers = settings.web_concurrency
 #
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 
+#   threads - Request threads per worker (GUNICORN_THREADS); above 1 gunicorn runs its gthread worker.
+#
+threads = settings.gunicorn_threads
+
 #   max_requests / max_requests_jitter - Restart a worker after this many requests (plus 0..jitter,
 #       so that several workers do not restart together). Fragmentation in glibc's heap and Python's
 #       object pools makes a long-lived worker's RSS creep; a fresh worker starts lean. 100 requests

@@ -176,6 +176,9 @@ FIELDS: tuple[Field, ...] = (
     Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
           "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
     Field("PORT", "8000", _int(0, 65535), "Port gunicorn listens on (0.0.0.0:PORT; 0: any free port); platforms set it."),
+    Field("GUNICORN_THREADS", "1", _int(1, 64),
+          "Request threads per gunicorn worker (above 1, gunicorn's gthread worker): handlers that wait "
+          "for the model sleep without holding a worker's only thread."),
     Field("GUNICORN_BACKLOG", "64", _int(1, 65535), "Connections waiting to be accepted by gunicorn."),
     Field("GUNICORN_MAX_REQUESTS", "100", _int(0, 1000000),
           "Requests after which gunicorn replaces a worker (0: never)."),
@@ -229,6 +232,7 @@ class Settings:
     sentry_cron_interval: float
     prometheus_multiproc_dir: str
     port: int
+    gunicorn_threads: int
     gunicorn_backlog: int
     gunicorn_max_requests: int
     gunicorn_max_requests_jitter: int
