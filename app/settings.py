@@ -134,8 +134,9 @@ FIELDS: tuple[Field, ...] = (
           "the instance really has (as SEMANTIC_THREADS counts them). Lock files in PROMETHEUS_MULTIPROC_DIR, "
           "else the instance folder."),
     Field("SEMANTIC_QUEUE_TIMEOUT_MS", "250", _int(0, 60000),
-          "Longest wait (ms) for a free semantic slot; past it a semantic search is shed with 503 "
-          "overloaded and Retry-After, and catch-up embedding is left to a later request."),
+          "Longest wait (ms) of a semantic search for a free semantic slot; past it the search is shed with "
+          "503 overloaded and Retry-After. Catch-up embedding never waits: with every slot busy it is left "
+          "to a later request."),
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
