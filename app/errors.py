@@ -51,7 +51,7 @@ def register_errors(app: Flask) -> None:
     from flask_limiter import RateLimitExceeded
     from sqlalchemy.exc import DBAPIError, TimeoutError as PoolTimeout
 
-    from .semantic.service import SemanticUnavailable
+    from .semantic.service import Overloaded, SemanticUnavailable
 
     @app.errorhandler(ApiError)
     def _api(exc: ApiError):
@@ -80,6 +80,10 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(SemanticUnavailable)
     def _semantic(exc: SemanticUnavailable):
         return error_response(503, "semantic_unavailable", str(exc))
+
+    @app.errorhandler(Overloaded)  # Flask picks the most specific class, so this wins over the one above
+    def _overloaded(exc: Overloaded):
+        return error_response(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.errorhandler(DBAPIError)
     @app.errorhandler(PoolTimeout)

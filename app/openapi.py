@@ -11,6 +11,14 @@ from .state import get_settings
 bp = Blueprint("openapi", __name__)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+# A search's 503: semantic search off or failing, or shed because the instance's semantic slots stayed busy.
+SEARCH_UNAVAILABLE = {
+    "description": "semantic search unavailable (code semantic_unavailable), or shed under load (code "
+                   "overloaded: retry after the seconds in Retry-After, or search with mode=text)",
+    "headers": {"Retry-After": {"description": "seconds to wait before retrying (with code overloaded)",
+                                "schema": {"type": "integer", "minimum": 0}}},
+    "content": {"application/json": {"schema": ERROR}},
+}
 
 
 def _responses(ok: dict, *errors: int) -> dict:
@@ -36,8 +44,8 @@ def spec() -> dict:
                     {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX}},
                 ],
-                "responses": _responses({"description": "results", "content": json_of("SearchResults")},
-                                        400, 414, 503),
+                "responses": {**_responses({"description": "results", "content": json_of("SearchResults")},
+                                           400, 414), "503": SEARCH_UNAVAILABLE},
             }},
             "/items": {"post": {
                 "operationId": "createItem",

@@ -128,6 +128,15 @@ FIELDS: tuple[Field, ...] = (
     Field("SEMANTIC_THREADS", "0", _int(0, 64),
           "Intra-op threads of the model runtime per worker; 0: the CPUs the instance really has "
           "(affinity and cgroup quota) shared among WEB_CONCURRENCY workers, at least 1, at most 4."),
+    Field("SEMANTIC_MAX_INFLIGHT", "0", _int(0, 256),
+          "Model runs (semantic queries and catch-up batches) in flight at once on the whole instance, all "
+          "workers and threads together, so text and tag search always find a free handler; 0: the CPUs "
+          "the instance really has (as SEMANTIC_THREADS counts them). Lock files in PROMETHEUS_MULTIPROC_DIR, "
+          "else the instance folder."),
+    Field("SEMANTIC_QUEUE_TIMEOUT_MS", "250", _int(0, 60000),
+          "Longest wait (ms) of a semantic search for a free semantic slot; past it the search is shed with "
+          "503 overloaded and Retry-After. Catch-up embedding never waits: with every slot busy it is left "
+          "to a later request."),
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
@@ -204,6 +213,8 @@ class Settings:
     semantic_model: str
     semantic_max_seq_length: int
     semantic_threads: int
+    semantic_max_inflight: int
+    semantic_queue_timeout_ms: int
     web_concurrency: int
     semantic_index_max_mb: int
     semantic_catchup_limit: int

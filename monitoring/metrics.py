@@ -31,6 +31,8 @@ recycles = Counter(PREFIX + "worker_recycles_total", "Workers that exited gracef
 worker_exits = Counter(PREFIX + "worker_exits_total", "Worker processes that ended, by how.", ["cause"])
 requests = Counter(PREFIX + "requests_total", "HTTP requests by search mode (or endpoint) and status.",
                    ["mode", "status"])
+semantic_shed = Counter(PREFIX + "semantic_shed_total", "Semantic queries shed (503 overloaded, Retry-After) "
+                        "because every semantic slot of the instance stayed busy past SEMANTIC_QUEUE_TIMEOUT_MS.")
 
 
 def render(multiprocess_dir: str) -> tuple[bytes, str]:

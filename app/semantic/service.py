@@ -2,6 +2,9 @@
 nearest-neighbour query. The model is loaded on the first semantic request, once.
 
 Its state (encoder, vector store, catch-up memo) lives on the instance, one per app (``app.state``).
+Every model run (a query, a catch-up batch) holds one of the instance's semantic slots (slots.py), so
+semantic work never takes every handler from text and tag search: past a short wait a query is shed
+(Overloaded: 503 with Retry-After) and catch-up is left to a later request.
 Nothing here imports numpy, onnxruntime, torch or transformers at module level: a worker that only
 serves text and tag search never pays for them (torch alone is ~220 MB of RSS on import).
 """
@@ -18,6 +21,7 @@ from sqlalchemy import func, select
 
 from ..db import Item, Tag, db
 from ..settings import Settings
+from .slots import Slots
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .encoders import Encoder
@@ -31,10 +35,30 @@ KINDS = ("tag", "item")  # tags first: they are few, and every item's score read
 TAG_CANDIDATES = 50  # closest tags read per query
 CARRYING_TAGS = 10  # items carrying one of this many closest tags are candidates too
 WARM_QUERY = "חיפוש"  # "search": any short Hebrew text exercises the tokenizer and the session
+# What a shed query is told to wait: a query holds a slot for tens of ms, so a slot is very likely
+# free a second later, and a longer wait would only make text-only clients of a busy instance slower.
+SHED_RETRY_AFTER_SECONDS = 1
+# How long a catch-up batch waits for a semantic slot: not at all. Catch-up runs inside a user's
+# semantic request, whose query then waits up to SEMANTIC_QUEUE_TIMEOUT_MS itself; a batch that
+# waited too would double that wait on a saturated instance, where deferring costs nothing visible.
+CATCH_UP_SLOT_WAIT = 0.0
 
 
 class SemanticUnavailable(RuntimeError):
     """Semantic search cannot answer now; the message says why (shown to the client with a 503)."""
+
+
+class Overloaded(SemanticUnavailable):
+    """Every semantic slot of the instance stayed busy past SEMANTIC_QUEUE_TIMEOUT_MS: the query is shed
+    (503 overloaded with Retry-After). A SemanticUnavailable, so callers that fall back on one fall back."""
+
+    def __init__(self, message: str, retry_after: int = SHED_RETRY_AFTER_SECONDS):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _CatchUpDeferred(Exception):
+    """No slot freed up for a catch-up batch in time: the batches done stay, the rest wait for a later request."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class SemanticService:
         self.load_count = 0
         self._store = None  # the vector store, chosen on first use: see vector_store()
         self._caught_up: tuple | None = None  # (fingerprint, max tag id, max item id) with nothing missing
+        self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
 
     @property
     def state(self) -> str:
@@ -117,6 +142,12 @@ class SemanticService:
                 self._store = store
         return self._store
 
+    def slots(self) -> Slots:
+        """The instance's semantic slots (the lock files every worker shares); a race makes two equal ones."""
+        if self._slots is None:
+            self._slots = Slots.from_settings(self.settings)
+        return self._slots
+
     def pending(self, kind: str, check_text: bool = False, limit: int | None = None) -> list:
         """Rows of kind ("tag" or "item") with no vector for this model (with check_text, also those
         whose text changed); loads the model."""
@@ -125,11 +156,15 @@ class SemanticService:
         return index.missing(kind, self.encoder().fingerprint, limit, check_text=check_text)
 
     def embed(self, kind: str, rows: Sequence, progress: Callable[[int], None] | None = None) -> int:
-        """Encode and store the vectors of rows, in batches of EMBEDDING_BATCH_SIZE; returns how many."""
+        """Encode and store the vectors of rows, in batches of EMBEDDING_BATCH_SIZE, each batch holding
+        a semantic slot; returns how many. When every slot is busy (CATCH_UP_SLOT_WAIT) it stops with
+        _CatchUpDeferred: the batches stored so far are committed (and were reported to progress),
+        the others are left for later."""
         from . import index
 
-        return index.embed_rows(self.encoder(), kind, rows, self.settings.embedding_batch_size,
-                                progress=progress, vector_store=self.vector_store())
+        return index.embed_rows(_SlotPerBatch(self.encoder(), self.slots()), kind, rows,
+                                self.settings.embedding_batch_size, progress=progress,
+                                vector_store=self.vector_store())
 
     def prune(self) -> int:
         """Delete the vectors of every other model; returns how many went."""
@@ -148,6 +183,9 @@ class SemanticService:
 
         The search for missing rows is skipped while the newest tag and item ids are those this worker
         saw when it last found nothing missing (one cheap query instead of two anti-joins per request).
+        Each batch holds a semantic slot like a query, but is never shed with an error: when every
+        slot is busy the rest is deferred to a later request (searching meanwhile without the newest
+        rows' vectors).
         """
         limit = self.settings.semantic_catchup_limit
         if limit <= 0:
@@ -157,10 +195,19 @@ class SemanticService:
         if self._caught_up == newest:
             return 0
         done = 0
-        for kind in KINDS:
-            done += self.embed(kind, self.pending(kind, limit=limit - done))
-            if done >= limit:
-                return done
+
+        def count(stored: int) -> None:
+            nonlocal done
+            done += stored
+
+        try:
+            for kind in KINDS:
+                self.embed(kind, self.pending(kind, limit=limit - done), progress=count)
+                if done >= limit:
+                    return done
+        except _CatchUpDeferred:
+            log.info("catch-up deferred after %d embeddings: every semantic slot stayed busy", done)
+            return done
         self._caught_up = newest  # nothing was left missing up to these ids
         return done
 
@@ -173,7 +220,7 @@ class SemanticService:
         from . import index
 
         self.catch_up()
-        vector = encoder.encode([query], 1)[0]
+        vector = self._encode_query(encoder, query)
         store = self.vector_store()
         tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
         item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
@@ -188,6 +235,43 @@ class SemanticService:
             scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
         scored.sort(key=lambda entry: (-entry[0], -entry[1]))
         return SemanticHits(scored=scored[:limit], tag_scores=tag_hits, item_tags=tagged)
+
+    def _encode_query(self, encoder: "Encoder", query: str):
+        """The query's vector, computed while holding a semantic slot; raises Overloaded (counted in
+        /metrics) when none frees up within SEMANTIC_QUEUE_TIMEOUT_MS."""
+        slots = self.slots()
+        slot = slots.acquire()
+        if slot is None:
+            _count_shed()
+            raise Overloaded(f"semantic search is at capacity ({slots.count} model runs in flight on this "
+                             f"instance); retry after {SHED_RETRY_AFTER_SECONDS} s, or search with mode=text")
+        with slot:
+            return encoder.encode([query], 1)[0]
+
+
+class _SlotPerBatch:
+    """An encoder whose every encode() call (one catch-up batch) holds a semantic slot; when none is
+    free it raises _CatchUpDeferred instead of shedding, before the batch touches the database."""
+
+    def __init__(self, encoder: "Encoder", slots: Slots):
+        self._encoder, self._slots = encoder, slots
+        self.fingerprint, self.dim = encoder.fingerprint, encoder.dim
+
+    def encode(self, texts: Sequence[str], batch_size: int):
+        slot = self._slots.acquire(timeout=CATCH_UP_SLOT_WAIT)
+        if slot is None:
+            raise _CatchUpDeferred()
+        with slot:
+            return self._encoder.encode(texts, batch_size)
+
+
+def _count_shed() -> None:
+    try:
+        from monitoring import metrics
+
+        metrics.semantic_shed.inc()
+    except Exception:  # counting must never turn a clean 503 into a 500
+        log.debug("the shed counter could not be incremented", exc_info=True)
 
 
     def warm(self) -> bool:

@@ -1,0 +1,186 @@
+"""app/semantic/slots.py and its use by the semantic service (issue 11, item 4): semantic work holds one
+of the instance's N slots (flocks on lock files every worker shares); past SEMANTIC_QUEUE_TIMEOUT_MS a
+query is shed with 503 overloaded + Retry-After and counted, while text and tag search never wait.
+
+"Another worker" is played by a second Python process that takes slots with the same code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+
+import pytest
+
+from app.semantic import encoders
+from app.semantic.slots import Slots
+from app.state import get_service
+from support import ROOT, make_settings, metric
+
+SHED = "memfit_semantic_shed_total"
+SEMANTIC = {"q": "ספרים לילדים", "mode": "semantic"}
+# Takes every slot of a folder with the app's own code, says so, and holds them until stdin closes.
+HOLDER = """
+import sys
+from app.semantic.slots import Slots
+slots = Slots(sys.argv[1], int(sys.argv[2]), 30.0)
+held = [slots.acquire() for _ in range(slots.count)]
+if not all(slot is not None and slot.fd is not None for slot in held):
+    sys.exit("the holder could not take every slot")
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def holder(slots: Slots):
+    """Another process holding every one of ``slots``' lock files while the block runs."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(slots.directory.parent), str(slots.count)],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()  # blocks until the flocks are taken (or the holder died)
+        if line.strip() != "holding":
+            proc.stdin.close()
+            pytest.fail(f"the holder process could not take the slots: {proc.stderr.read()[-500:]}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+
+def shed_count(client) -> float:
+    return metric(client.get("/metrics").get_data(as_text=True), SHED)
+
+
+@pytest.fixture
+def bounded_app(make_app, tiny_onnx):
+    """A seeded app with two semantic slots, its vectors computed and its model loaded."""
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="2", SEMANTIC_QUEUE_TIMEOUT_MS="50",
+                   SEMANTIC_CATCHUP_LIMIT="1000")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200
+    return app
+
+
+def test_semantic_search_is_shed_while_another_process_holds_every_slot(bounded_app):
+    client = bounded_app.test_client()
+    before = shed_count(client)
+    with holder(get_service(bounded_app).slots()):
+        response = client.get("/search", query_string=SEMANTIC)
+        assert response.status_code == 503, response.get_data(as_text=True)[:300]
+        assert response.get_json()["error"]["code"] == "overloaded", response.get_json()
+        assert response.headers.get("Retry-After", "").isdigit(), dict(response.headers)
+        assert shed_count(client) == before + 1
+        # Text and tag search take no slot: they answer while the model's slots are all busy.
+        for mode in ("text", "tags"):
+            response = client.get("/search", query_string={"q": "ספר", "mode": mode})
+            assert response.status_code == 200, (mode, response.get_data(as_text=True)[:300])
+    assert client.get("/search", query_string=SEMANTIC).status_code == 200  # the holder has let go
+
+
+def test_a_slot_held_by_a_killed_process_is_free_again(make_app, tiny_onnx):
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="50")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    client = app.test_client()
+    with holder(get_service(app).slots()) as proc:
+        assert client.get("/search", query_string=SEMANTIC).status_code == 503
+        proc.kill()  # SIGKILL: no cleanup code of the holder runs; only the kernel can free the slot
+        proc.wait(timeout=30)
+        response = client.get("/search", query_string=SEMANTIC)
+        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+
+
+def test_with_free_slots_semantic_search_works_and_gives_its_slot_back(make_app, tiny_onnx):
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="50")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    client = app.test_client()
+    for query in ("ספרים לילדים", "טיול בצפון", "מתכון לעוגה"):  # one slot: each must release it
+        body = client.get("/search", query_string={"q": query, "mode": "semantic"}).get_json()
+        assert body.get("count") == 10, body
+    slot = get_service(app).slots().acquire(timeout=0)
+    assert slot is not None and slot.fd is not None, "a search kept its slot"
+    slot.release()
+
+
+def test_threads_of_one_process_never_hold_more_slots_than_the_bound(tmp_path):
+    bound, threads = 2, 6
+    slots = Slots(tmp_path, bound, timeout=60.0)
+    cond = threading.Condition()
+    seen = {"inside": 0, "most": 0, "missed": 0}
+    holding: list[threading.Event] = []  # one gate per thread inside, opened by the main thread
+
+    def work():
+        slot = slots.acquire()
+        if slot is None:
+            with cond:
+                seen["missed"] += 1
+                cond.notify_all()
+            return
+        gate = threading.Event()
+        with cond:
+            seen["inside"] += 1
+            seen["most"] = max(seen["most"], seen["inside"])
+            holding.append(gate)
+            cond.notify_all()
+        gate.wait(60)
+        with cond:
+            seen["inside"] -= 1  # before the release, so a successor never overlaps in the count
+        slot.release()
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    # Let the threads through one at a time, each time once `bound` of them hold a slot together.
+    for released in range(threads):
+        with cond:
+            assert cond.wait_for(lambda: len(holding) >= min(bound, threads - released) or seen["missed"], 60)
+            assert not seen["missed"], "a thread got no slot within the wait"
+            gate = holding.pop(0)
+        gate.set()
+    for thread in pool:
+        thread.join(60)
+    assert seen["most"] == bound, f"{seen['most']} threads held a slot at once; the bound is {bound}"
+
+
+def test_catch_up_waits_for_a_slot_and_is_deferred_without_an_error(bounded_app):
+    from app.db import Item, db
+
+    service = get_service(bounded_app)
+    with bounded_app.app_context():
+        db.session.add_all(Item(title=f"פריט חדש {i}", body="טקסט") for i in range(3))
+        db.session.commit()
+        with holder(service.slots()):
+            done = service.catch_up()  # no slot: deferred, and no error either
+            assert done == 0, f"catch-up embedded {done} rows without holding a slot"
+        done = service.catch_up()
+        assert done == 3, f"catch-up embedded {done} of the 3 deferred rows once a slot was free"
+
+
+def test_slot_count_is_the_runtime_cpu_count_unless_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(encoders, "available_cpus", lambda: 7)
+    auto = Slots.from_settings(make_settings(tmp_path))
+    assert auto.count == 7 and auto.directory.parent == tmp_path / "instance"
+    assert auto.timeout == 0.25
+    shared = Slots.from_settings(make_settings(tmp_path, SEMANTIC_MAX_INFLIGHT="3",
+                                               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics")))
+    assert shared.count == 3 and shared.directory.parent == tmp_path / "metrics"
+
+
+def test_unusable_lock_folder_leaves_semantic_work_unbounded_and_says_so(tmp_path, caplog):
+    (tmp_path / "not-a-folder").write_text("")
+    slots = Slots(tmp_path / "not-a-folder", 1, timeout=0)
+    first, second = slots.acquire(), slots.acquire()
+    assert first is not None and second is not None  # both run: no bound, but search still answers
+    errors = [r for r in caplog.records if "semantic slots" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR", caplog.text
+
+
+def test_the_api_description_documents_the_overloaded_503(app):
+    with app.test_request_context():
+        from app.openapi import spec
+
+        unavailable = spec()["paths"]["/search"]["get"]["responses"]["503"]
+    assert "overloaded" in unavailable["description"] and "Retry-After" in unavailable["headers"]
