@@ -249,6 +249,24 @@ class SemanticService:
             return encoder.encode([query], 1)[0]
 
 
+    def warm(self) -> bool:
+        """Load the model and answer one query, so this process's first user query pays no load.
+
+        Called in a new gunicorn worker before it accepts requests (SEMANTIC_WARM, gunicorn.conf.py).
+        The weights are memory-mapped pages every worker shares, so a warm worker costs what any worker
+        costs after its first semantic request: its session's own buffers and the query's activations.
+        Never raises: a worker that cannot warm still serves text and tags, and semantic search reports
+        its state as it would have on the first request. Returns whether the model is loaded.
+        """
+        if self._state == DISABLED:
+            return False
+        try:
+            self.search(WARM_QUERY, 1)  # the whole path: model, catch-up, vector store, one query
+        except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
+            log.warning("semantic warm-up did not complete: %s", _describe(exc))
+        return self._encoder is not None
+
+
 class _SlotPerBatch:
     """An encoder whose every encode() call (one catch-up batch) holds a semantic slot; when none is
     free it raises _CatchUpDeferred instead of shedding, before the batch touches the database."""
@@ -272,24 +290,6 @@ def _count_shed() -> None:
         metrics.semantic_shed.inc()
     except Exception:  # counting must never turn a clean 503 into a 500
         log.debug("the shed counter could not be incremented", exc_info=True)
-
-
-    def warm(self) -> bool:
-        """Load the model and answer one query, so this process's first user query pays no load.
-
-        Called in a new gunicorn worker before it accepts requests (SEMANTIC_WARM, gunicorn.conf.py).
-        The weights are memory-mapped pages every worker shares, so a warm worker costs what any worker
-        costs after its first semantic request: its session's own buffers and the query's activations.
-        Never raises: a worker that cannot warm still serves text and tags, and semantic search reports
-        its state as it would have on the first request. Returns whether the model is loaded.
-        """
-        if self._state == DISABLED:
-            return False
-        try:
-            self.search(WARM_QUERY, 1)  # the whole path: model, catch-up, vector store, one query
-        except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
-            log.warning("semantic warm-up did not complete: %s", _describe(exc))
-        return self._encoder is not None
 
 
 def _describe(exc: BaseException) -> str:
