@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,19 @@ def worker_started(worker, settings: "Settings") -> None:
     _state["watchdog"] = watchdog
 
 
+# Reading private memory walks the worker's page tables (/proc/self/smaps_rollup: milliseconds of CPU for a
+# few hundred MB), too dear for every request once the shared weights lift RSS past the bound: a reading
+# is reused for this long, so a worker that grew is recycled at most this much later.
+PRIVATE_READING_MAX_AGE = 1.0  # seconds
+
+
+def _private_memory(now: float) -> "memory.ProcessMemory":
+    reading = _state.get("private_reading")
+    if reading is None or now - reading[0] >= PRIVATE_READING_MAX_AGE:
+        reading = _state["private_reading"] = (now, memory.read_process())
+    return reading[1]
+
+
 def after_request(worker, settings: "Settings") -> None:
     """post_request: a worker whose private memory is past MAX_WORKER_MEMORY_MB finishes this request, then
     exits gracefully.
@@ -76,7 +90,9 @@ def after_request(worker, settings: "Settings") -> None:
     limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
         return
-    figures = memory.read_process()
+    if memory.process_rss() <= limit * MB:  # private memory is part of RSS: the cheap reading settles it
+        return
+    figures = _private_memory(time.monotonic())
     if figures.private <= limit * MB:
         return
     worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "

@@ -179,6 +179,13 @@ def read_process(pid: int | None = None, proc: str | Path = "/proc") -> ProcessM
     return ProcessMemory(pid, rss, None, rss, "psutil")
 
 
+def process_rss(pid: int | None = None) -> int:
+    """RSS alone, cheaply (/proc/PID/statm, no page-table walk): an upper bound of private memory."""
+    import psutil
+
+    return psutil.Process(pid or os.getpid()).memory_info().rss
+
+
 def process_tree(root: int) -> list[int]:
     """root and its live descendants: the gunicorn master and its workers (zombies left out)."""
     import psutil

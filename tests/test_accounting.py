@@ -108,6 +108,7 @@ def decide():
     return {"alive": worker.alive, "rss": figures.rss, "pss": figures.pss, "private": figures.private}
 
 
+hooks.PRIVATE_READING_MAX_AGE = 0  # read afresh at each decision (the reuse has its own test)
 start = memory.read_process()
 limit_mb = start.private // MB + 48
 settings = SimpleNamespace(max_worker_memory_mb=limit_mb)
@@ -163,6 +164,38 @@ def test_private_growth_past_the_bound_is_recycled(sharing):
     assert report["grown"]["private"] > report["limit_mb"] * MB, report
     assert not report["grown"]["alive"], report
     assert "memfit recycle: worker pid=" in log and "private=" in log and "MAX_WORKER_MEMORY_MB=" in log, log
+
+
+def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_second(monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from monitoring import hooks
+
+    state = {"rss": 100 * MB, "private": 100 * MB, "now": 1000.0, "reads": 0}
+
+    def read_process(pid=None, proc="/proc"):
+        state["reads"] += 1
+        return memory.ProcessMemory(1, state["rss"], state["private"], state["private"], "smaps_rollup")
+
+    monkeypatch.setattr(hooks, "_state", {})
+    monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: state["now"]))
+    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: state["rss"])
+    monkeypatch.setattr(hooks.memory, "read_process", read_process)
+    settings = SimpleNamespace(max_worker_memory_mb=150)
+    worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
+
+    hooks.after_request(worker, settings)
+    assert (state["reads"], worker.alive) == (0, True)  # RSS under the bound: private memory is not read
+    state["rss"] = 400 * MB  # shared pages
+    hooks.after_request(worker, settings)
+    assert (state["reads"], worker.alive) == (1, True)
+    state["private"], state["now"] = 200 * MB, state["now"] + 0.5
+    hooks.after_request(worker, settings)
+    assert (state["reads"], worker.alive) == (1, True)  # the reading of half a second ago is reused
+    state["now"] += 0.6
+    hooks.after_request(worker, settings)
+    assert (state["reads"], worker.alive) == (2, False)  # read again, past the bound: recycled
 
 
 def test_the_instance_tree_sums_the_processes_and_sees_their_sharing(tmp_path):
