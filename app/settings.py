@@ -168,9 +168,11 @@ FIELDS: tuple[Field, ...] = (
           "limit keys on the address the outermost trusted proxy saw. 0: the socket's peer address."),
     Field("MEMORY_TIER", "custom", _choice(*TIERS), "The deployment tier, reported in logs and alerts."),
     Field("MAX_MEMORY_MB", "450", _int(16, 1048576),
-          "Memory alert threshold (MB) for the process and the container."),
+          "Memory alert threshold (MB) for the instance: its cgroup working set where the cgroup has a "
+          "limit, else the PSS sum of its processes."),
     Field("MAX_WORKER_MEMORY_MB", "0", _int(0, 1048576),
-          "A worker whose RSS passes this (MB) after a request exits gracefully and is replaced (0: off)."),
+          "A worker whose private memory (USS; shared model weights not counted) passes this (MB) after a "
+          "request exits gracefully and is replaced (0: off)."),
     Field("MEMORY_CHECK_INTERVAL", "15", _float(0.05, 3600), "Seconds between memory watchdog samples."),
     Field("MEMORY_ALERT_COOLDOWN", "600", _float(0, 86400), "Least seconds between two memory alerts."),
     Field("MEMORY_REARM_RATIO", "0.9", _float(0.1, 1.0),

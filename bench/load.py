@@ -6,12 +6,18 @@ time and stops by itself.
     python -m bench.load --seconds 60      # make load: the full run, figures to bench/results/load.json
 
 Afterwards every created item is read back. A short run of this is tests/test_load.py.
+
+Memory is judged as the instance is: the peak PSS sum of gunicorn's process tree (the workers share the
+memory-mapped weights; PSS splits them among the workers) and, in the cgroup, its peak working set and
+the kernel's peak (v1 memory.max_usage_in_bytes, v2 memory.peak). The peak RSS sum is reported too,
+labelled: it counts the shared weights once per worker. A cgroup that gives no peak fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -30,9 +36,19 @@ QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בר�
 WRITE_TOKEN = "load-test-token"  # writes need a token in production (WRITE_TOKEN)
 
 
-async def client_loop(client, deadline: float, rng: random.Random, stats: dict) -> None:
-    while time.monotonic() < deadline:
-        kind = rng.choices(["text", "tags", "semantic", "create"], weights=[3, 2, 3, 2])[0]
+KINDS = ("text", "tags", "semantic", "create")
+
+
+def keep_going(deadline: float, stats: dict, min_requests: int, hard_deadline: float) -> bool:
+    """Until the deadline and at least min_requests answered; never past hard_deadline."""
+    if time.monotonic() >= hard_deadline:
+        return False
+    return time.monotonic() < deadline or sum(stats["status"].values()) < min_requests
+
+
+async def client_loop(client, go, rng: random.Random, stats: dict) -> None:
+    while go():
+        kind = rng.choices(KINDS, weights=[3, 2, 3, 2])[0]
         started = time.perf_counter()
         try:
             if kind == "create":
@@ -49,19 +65,25 @@ async def client_loop(client, deadline: float, rng: random.Random, stats: dict) 
             continue
         stats["latency"].setdefault(kind, []).append((time.perf_counter() - started) * 1000)
         stats["status"][status] = stats["status"].get(status, 0) + 1
+        if status < 300:
+            stats["answered"][kind] = stats["answered"].get(kind, 0) + 1
         if status >= 500:
             stats["errors"].append(f"{kind}: HTTP {status}")
 
 
-async def drive(url: str, seconds: float, clients: int) -> dict:
+async def drive(url: str, seconds: float, clients: int, min_requests: int = 0) -> dict:
+    """clients loops for seconds, and on until min_requests were answered (a slow machine then runs longer
+    instead of testing less), but never past 10 × seconds + 120 s."""
     import httpx
 
-    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}}
-    deadline = time.monotonic() + seconds
+    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}, "answered": {}}
+    now = time.monotonic()
+    deadline, hard_deadline = now + seconds, now + 10 * seconds + 120
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits,
                                  headers={"Authorization": f"Bearer {WRITE_TOKEN}"}) as client:
-        await asyncio.gather(*(client_loop(client, deadline, random.Random(i), stats) for i in range(clients)))
+        go = functools.partial(keep_going, deadline, stats, min_requests, hard_deadline)
+        await asyncio.gather(*(client_loop(client, go, random.Random(i), stats) for i in range(clients)))
         missing = []
         for item_id, title in stats["created"]:
             response = await client.get(f"/items/{item_id}")
@@ -71,8 +93,11 @@ async def drive(url: str, seconds: float, clients: int) -> dict:
     return stats
 
 
-def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | None = None) -> dict:
-    from bench.run import WORK, Cgroup, Sampler, flask, models, tier_env
+def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | None = None,
+        min_recycles: int = 0) -> dict:
+    """One load run. With min_recycles, the clients go on past seconds until enough requests were answered
+    for gunicorn's max_requests to have replaced that many workers (requests, not speed, decide)."""
+    from bench.run import WORK, Cgroup, Sampler, flask, models, strict_peak, tier_env
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = model or str(models()["q8"])
@@ -88,6 +113,10 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
     flask("seed", env=env)
     flask("embed", env=env)
     max_memory = int(env["MAX_MEMORY_MB"])
+    workers = int(env.get("WEB_CONCURRENCY", "1"))
+    # A worker serves at most max_requests + jitter requests; the first `workers` lifetimes are not recycles.
+    min_requests = (workers + min_recycles) * (max_requests + int(env["GUNICORN_MAX_REQUESTS_JITTER"])) \
+        if min_recycles else 0
     cgroup = Cgroup("load", 512)
     server = GunicornServer(env, WORK / "load-gunicorn.log", port=port, wrap=cgroup.wrap)
     sampler = Sampler(server.start().pid, cgroup)
@@ -96,31 +125,36 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
         server.wait_ready()
         sampler.phase = "load"
         started = time.monotonic()
-        stats = asyncio.run(drive(server.url, seconds, clients))
+        stats = asyncio.run(drive(server.url, seconds, clients, min_requests))
         wall = time.monotonic() - started
     finally:
-        cgroup_peak = cgroup.read("memory.max_usage_in_bytes")
-        oom = cgroup.oom_kills()
         server.stop()
         sampler.stop.set()
         sampler.join()
-        cgroup.remove()
+        try:
+            cgroup_figures = cgroup.final_figures()  # raises when the cgroup gives no peak or OOM count
+        finally:
+            cgroup.remove()
+    samples = sampler.samples
     text = (WORK / "load-gunicorn.log").read_text(errors="replace")
     all_latency = sorted(x for values in stats["latency"].values() for x in values)
     q = statistics.quantiles(all_latency, n=100) if len(all_latency) > 2 else [0] * 99
     requests = sum(stats["status"].values())
     return {
-        "seconds": seconds, "clients": clients, "max_requests": max_requests, "requests": requests,
+        "seconds": seconds, "wall_seconds": round(wall, 1), "clients": clients, "workers": workers,
+        "max_requests": max_requests, "min_requests": min_requests, "requests": requests,
         "throughput_rps": round(requests / wall, 1), "p50_ms": round(q[49], 1), "p99_ms": round(q[98], 1),
         "by_mode_p50_ms": {k: round(statistics.median(v), 1) for k, v in stats["latency"].items()},
+        "answered": {kind: stats["answered"].get(kind, 0) for kind in KINDS},
         "status": {str(k): v for k, v in sorted(stats["status"].items())},
         "failed": len(stats["errors"]), "failures": stats["errors"][:20],
         "created": len(stats["created"]), "created_missing": len(stats["missing"]),
         "recycles": text.count("Autorestarting worker") + text.count("memfit recycle:"),
         "killed": text.count("SIGKILL"),
-        "peak_rss_mb": max((s["rss_mb"] for s in sampler.samples), default=0),
-        "cgroup": cgroup.enabled, "cgroup_peak_mb": round(cgroup_peak / 2**20, 1) if cgroup_peak else None,
-        "oom_kills": oom, "max_memory_mb": max_memory,
+        "peak_pss_mb": strict_peak(samples, "pss_mb"),
+        "peak_working_set_mb": strict_peak(samples, "working_set_mb") if cgroup.enabled else None,
+        "peak_rss_mb": strict_peak(samples, "rss_mb"),  # RSS sum: the shared weights counted per worker
+        **cgroup_figures, "max_memory_mb": max_memory,
     }
 
 

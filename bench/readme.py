@@ -16,10 +16,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def container_section(data: dict) -> str:
-    rows = ["| tier | limit | cgroup peak | sum of VmRSS | alert threshold | OOM kills | requests |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| tier | limit | cgroup peak | working set after | PSS sum | RSS sum (shared pages per process) "
+            "| alert threshold | OOM kills | requests |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for tier, m in sorted(data.get("memory", {}).items(), key=lambda kv: kv[1]["limit_mb"]):
-        rows.append(f"| `{tier}` | {m['limit_mb']} MB | {m['cgroup_peak_mb']} MB | {m['processes_rss_mb']} MB | "
+        rows.append(f"| `{tier}` | {m['limit_mb']} MB | {m['cgroup_peak_mb']} MB | {m.get('working_set_mb', '-')} MB | "
+                    f"{m.get('processes_pss_mb', '-')} MB | {m['processes_rss_mb']} MB | "
                     f"{m['max_memory_mb']} MB | {m['oom_kills']} | {m['requests']} |")
     rows.append("")
     rows.append(f"Image size: {data.get('image_size_mb')} MB (test budget {data.get('image_budget_mb')} MB: the model is baked "
@@ -28,7 +30,8 @@ def container_section(data: dict) -> str:
 
 
 def load_section(data: dict) -> str:
-    cgroup = (f"{data['cgroup_peak_mb']} MB cgroup peak in a 512 MB memory cgroup, {data['oom_kills']} OOM kills"
+    cgroup = (f"{data['cgroup_peak_mb']} MB cgroup peak (working set {data.get('peak_working_set_mb', '-')} MB) in a "
+              f"512 MB memory cgroup (v{data.get('cgroup_version', 1)}), {data['oom_kills']} OOM kills"
               if data.get("cgroup") else "no cgroup available")
     modes = ", ".join(f"{k} {v} ms" for k, v in sorted(data["by_mode_p50_ms"].items()))
     return "\n".join([
@@ -38,7 +41,8 @@ def load_section(data: dict) -> str:
         f"| latency | p50 {data['p50_ms']} ms, p99 {data['p99_ms']} ms; p50 by kind: {modes} |",
         f"| workers recycled during the run | {data['recycles']} (max_requests={data['max_requests']}), "
         f"{data['killed']} killed |",
-        f"| memory | {data['peak_rss_mb']} MB peak RSS of the process tree; {cgroup}; threshold {data['max_memory_mb']} MB |",
+        f"| memory | {data.get('peak_pss_mb', '-')} MB peak PSS sum of the process tree ({data['peak_rss_mb']} MB RSS sum, "
+        f"shared weights counted per worker); {cgroup}; threshold {data['max_memory_mb']} MB |",
         f"| data lost | **{data['created_missing']}** of {data['created']} created items unreadable afterwards |",
     ])
 

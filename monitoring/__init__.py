@@ -35,7 +35,10 @@ def init_app(app: Flask, settings: "Settings", *, model_loaded: Callable[[], boo
 
     sentry.init(settings)
     # Sampling only: alerting stays with the watchdog thread, so a scrape never alerts.
-    sampler = MemorySampler(settings.max_memory_mb)
+    # Multi-process metrics are set up by gunicorn.conf.py only, so there this process is a worker and its
+    # parent the master: the instance is the master's tree. Elsewhere (flask run, tests) it is this process.
+    sampler = MemorySampler(settings.max_memory_mb,
+                            instance_root=os.getppid() if settings.prometheus_multiproc_dir else None)
 
     @app.get("/metrics", endpoint="metrics")
     def metrics_view():

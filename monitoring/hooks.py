@@ -3,7 +3,7 @@
 Master side: the start-up report, clearing stale metric files, and telling graceful exits from
 kills (gunicorn passes no exit status to ``child_exit``, so a worker that exits on purpose leaves
 a marker first; a worker that died without one was killed, e.g. by the OOM killer).
-Worker side: the watchdog thread, memory-based recycling after a request, and a Sentry flush
+Worker side: the watchdog thread, recycling on private memory after a request, and a Sentry flush
 before a recycled worker exits.
 
 gunicorn.conf.py builds the one ``Settings`` and passes it to every function here.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,26 +59,45 @@ def worker_started(worker, settings: "Settings") -> None:
     """post_worker_init: start this worker's watchdog thread."""
     from .watchdog import MemoryWatchdog
 
-    watchdog = MemoryWatchdog(settings)
+    watchdog = MemoryWatchdog(settings, instance_root=worker.ppid)  # the instance: the master and its workers
     watchdog.ensure_running()
     _state["watchdog"] = watchdog
 
 
-def after_request(worker, settings: "Settings") -> None:
-    """post_request: a worker past MAX_WORKER_MEMORY_MB finishes this request, then exits gracefully.
+# Reading private memory walks the worker's page tables (/proc/self/smaps_rollup: milliseconds of CPU for a
+# few hundred MB), too dear for every request once the shared weights lift RSS past the bound: a reading
+# is reused for this long, so a worker that grew is recycled at most this much later.
+PRIVATE_READING_MAX_AGE = 1.0  # seconds
 
-    This is uWSGI's reload-on-rss for gunicorn. Setting ``alive = False`` is how gunicorn's own
-    max_requests ends a worker: the response has been written and the connection closed, the
-    worker leaves its loop, and the master starts a fresh one.
+
+def _private_memory(now: float) -> "memory.ProcessMemory":
+    reading = _state.get("private_reading")
+    if reading is None or now - reading[0] >= PRIVATE_READING_MAX_AGE:
+        reading = _state["private_reading"] = (now, memory.read_process())
+    return reading[1]
+
+
+def after_request(worker, settings: "Settings") -> None:
+    """post_request: a worker whose private memory is past MAX_WORKER_MEMORY_MB finishes this request, then
+    exits gracefully.
+
+    This is uWSGI's reload-on-rss for gunicorn, decided on private memory (USS) rather than RSS: the
+    model weights are memory-mapped and shared by every worker, so they fill each worker's RSS without
+    being that worker's growth, and a replacement would map them again. Setting ``alive = False`` is how
+    gunicorn's own max_requests ends a worker: the response has been written and the connection
+    closed, the worker leaves its loop, and the master starts a fresh one.
     """
     limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
         return
-    rss = memory.process_rss()
-    if rss <= limit * MB:
+    if memory.process_rss() <= limit * MB:  # private memory is part of RSS: the cheap reading settles it
         return
-    worker.log.warning("memfit recycle: worker pid=%d rss=%.0fMB > MAX_WORKER_MEMORY_MB=%d after %d requests; "
-                       "exiting gracefully", os.getpid(), rss / MB, limit, getattr(worker, "nr", -1))
+    figures = _private_memory(time.monotonic())
+    if figures.private <= limit * MB:
+        return
+    worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "
+                       "after %d requests; exiting gracefully", figures.pid, figures.private / MB, figures.rss / MB,
+                       "-" if figures.pss is None else f"{figures.pss / MB:.0f}MB", limit, getattr(worker, "nr", -1))
     from . import metrics
 
     metrics.recycles.inc()

@@ -1,10 +1,19 @@
-"""Memory figures of this process and of its container.
+"""Memory figures of this process, of the instance's processes, and of its container.
 
 psutil's host figures (``virtual_memory``) describe the machine, not the container: a 512 MB
 instance on a 24 GB host would look nearly empty. The container's figures come from its memory
 cgroup, v1 (``memory.usage_in_bytes`` / ``memory.limit_in_bytes``) or v2 (``memory.current`` /
 ``memory.max``). "Working set" subtracts reclaimable page cache (inactive file pages), as
 ``docker stats`` and the kubelet do: that cache is dropped before the OOM killer acts.
+
+The workers share the memory-mapped model weights, so a sum of their RSS counts those pages once per
+worker. A process is described by three figures from ``/proc/PID/smaps_rollup``:
+
+- RSS: every resident page it maps, shared or not (shown, labelled as RSS; never summed to judge);
+- PSS: each page divided by the number of processes mapping it, so the PSS of all the instance's
+  processes adds up to what they really occupy;
+- private (USS, Private_Clean + Private_Dirty): the pages only this process maps, what it alone adds.
+  Where smaps_rollup is missing (kernels before 4.14) ``RssAnon`` from ``/proc/PID/status`` stands in.
 """
 
 from __future__ import annotations
@@ -84,40 +93,164 @@ def _own_cgroup_dirs(root: Path, proc_self_cgroup: Path) -> tuple[Path | None, P
     return v2, v1
 
 
+def read_cgroup_dir(path: Path, version: int) -> CgroupMemory | None:
+    """The figures of one memory cgroup folder of the given version, or None where its usage is unreadable."""
+    if version == 2:
+        usage = _read_int(path / "memory.current")
+        if usage is None:
+            return None
+        stat = _read_stat(path / "memory.stat")
+        events = _read_stat(path / "memory.events")
+        return CgroupMemory(2, usage, _read_int(path / "memory.max"), max(0, usage - stat.get("inactive_file", 0)),
+                            _read_int(path / "memory.peak"), events.get("oom_kill"))
+    usage = _read_int(path / "memory.usage_in_bytes")
+    if usage is None:
+        return None
+    limit = _read_int(path / "memory.limit_in_bytes")
+    stat = _read_stat(path / "memory.stat")
+    # total_ counts the hierarchy below too; a leaf cgroup without children writes both.
+    inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    oom = _read_stat(path / "memory.oom_control").get("oom_kill")
+    return CgroupMemory(1, usage, None if limit is None or limit >= V1_NO_LIMIT else limit,
+                        max(0, usage - inactive), _read_int(path / "memory.max_usage_in_bytes"), oom)
+
+
 def read_cgroup(root: str | Path = "/sys/fs/cgroup", proc_self_cgroup: str | Path = "/proc/self/cgroup"
                 ) -> CgroupMemory | None:
     """The container's memory figures, or None outside any memory cgroup we can read."""
     v2, v1 = _own_cgroup_dirs(Path(root), Path(proc_self_cgroup))
-    if v2 is not None:
-        usage = _read_int(v2 / "memory.current")
-        if usage is not None:
-            stat = _read_stat(v2 / "memory.stat")
-            events = _read_stat(v2 / "memory.events")
-            return CgroupMemory(2, usage, _read_int(v2 / "memory.max"),
-                                max(0, usage - stat.get("inactive_file", 0)),
-                                _read_int(v2 / "memory.peak"), events.get("oom_kill"))
-    if v1 is not None:
-        usage = _read_int(v1 / "memory.usage_in_bytes")
-        if usage is not None:
-            limit = _read_int(v1 / "memory.limit_in_bytes")
-            stat = _read_stat(v1 / "memory.stat")
-            inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
-            oom = _read_stat(v1 / "memory.oom_control").get("oom_kill")
-            return CgroupMemory(1, usage, None if limit is None or limit >= V1_NO_LIMIT else limit,
-                                max(0, usage - inactive), _read_int(v1 / "memory.max_usage_in_bytes"), oom)
-    return None
+    found = read_cgroup_dir(v2, 2) if v2 is not None else None
+    if found is None and v1 is not None:
+        found = read_cgroup_dir(v1, 1)
+    return found
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """One process's memory in bytes. pss is None where the kernel gives no smaps_rollup."""
+
+    pid: int
+    rss: int
+    pss: int | None
+    private: int
+    source: str  # "smaps_rollup", "status" (RssAnon stands in for private) or "psutil"
+
+
+def _read_kb_fields(path: Path) -> dict[str, int]:
+    """The "Name:   123 kB" lines of a /proc file, in bytes."""
+    fields = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition(":")
+        parts = value.split()
+        if sep and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            fields[name.strip()] = int(parts[0]) * 1024
+    return fields
+
+
+def read_process(pid: int | None = None, proc: str | Path = "/proc") -> ProcessMemory:
+    """RSS, PSS and private memory of one process (this one by default).
+
+    Raises OSError (ProcessLookupError, PermissionError) when the process is gone or unreadable.
+    """
+    pid = pid or os.getpid()
+    base = Path(proc) / str(pid)
+    try:
+        rollup = _read_kb_fields(base / "smaps_rollup")
+    except FileNotFoundError:
+        if not base.exists():
+            raise ProcessLookupError(pid) from None
+        rollup = {}
+    if "Rss" in rollup and "Pss" in rollup:
+        return ProcessMemory(pid, rollup["Rss"], rollup["Pss"],
+                             rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0), "smaps_rollup")
+    try:
+        status = _read_kb_fields(base / "status")
+    except FileNotFoundError:
+        status = {}
+    if "VmRSS" in status and "RssAnon" in status:
+        return ProcessMemory(pid, status["VmRSS"], None, status["RssAnon"], "status")
+    # No /proc (macOS, a developer's laptop): all of RSS counts as private, the cautious reading.
+    import psutil
+
+    try:
+        rss = psutil.Process(pid).memory_info().rss
+    except psutil.Error as exc:
+        raise ProcessLookupError(pid) from exc
+    return ProcessMemory(pid, rss, None, rss, "psutil")
 
 
 def process_rss(pid: int | None = None) -> int:
+    """RSS alone, cheaply (/proc/PID/statm, no page-table walk): an upper bound of private memory."""
     import psutil
 
     return psutil.Process(pid or os.getpid()).memory_info().rss
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its live descendants: the gunicorn master and its workers (zombies left out)."""
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return []
+    pids = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    """Sums over a set of processes. pss is None if any process had no PSS (no smaps_rollup)."""
+
+    processes: int
+    rss: int
+    pss: int | None
+    private: int
+
+
+def total(rows: list[ProcessMemory]) -> TreeMemory:
+    """Sums over processes already read."""
+    pss = None if any(r.pss is None for r in rows) else sum(r.pss for r in rows)
+    return TreeMemory(len(rows), sum(r.rss for r in rows), pss, sum(r.private for r in rows))
+
+
+def read_processes(pids: list[int], proc: str | Path = "/proc") -> list[ProcessMemory]:
+    """read_process for each pid; a process that ended meanwhile (or is unreadable) is left out."""
+    rows = []
+    for pid in pids:
+        try:
+            rows.append(read_process(pid, proc))
+        except OSError:
+            continue
+    return rows
+
+
+def read_tree(pids: list[int], proc: str | Path = "/proc") -> TreeMemory:
+    """Sum RSS, PSS and private memory over pids; a process that ended meanwhile is left out."""
+    return total(read_processes(pids, proc))
 
 
 def host_total() -> int:
     import psutil
 
     return psutil.virtual_memory().total
+
+
+def instance_figure(cgroup: CgroupMemory | None, pss_sum: int | None) -> tuple[str, int] | None:
+    """What the instance is judged on, and its name: the cgroup's working set where the cgroup has a
+    limit (what the OOM killer weighs), else the PSS sum of the instance's processes; None if neither."""
+    if cgroup is not None and cgroup.limit is not None:
+        return "cgroup_working_set", cgroup.working_set
+    if pss_sum is not None:
+        return "pss_sum", pss_sum
+    return None
 
 
 def effective_limit(cgroup: CgroupMemory | None = None) -> int:

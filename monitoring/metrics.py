@@ -13,8 +13,22 @@ from prometheus_client import multiprocess
 
 PREFIX = "memfit_"
 
-process_rss = Gauge(PREFIX + "process_rss_bytes", "Resident memory of each worker process.",
-                    multiprocess_mode="liveall")
+# Per worker. The workers share the memory-mapped model weights: RSS counts those pages in every worker,
+# PSS splits them among the workers, private memory leaves them out. Never add up RSS to judge memory.
+worker_private = Gauge(PREFIX + "worker_private_bytes", "Private memory (USS) of each worker: what it alone "
+                       "adds; memory recycling (MAX_WORKER_MEMORY_MB) decides on it.", multiprocess_mode="liveall")
+worker_pss = Gauge(PREFIX + "worker_pss_bytes", "Proportional set size of each worker: shared pages split "
+                   "among the processes mapping them.", multiprocess_mode="liveall")
+worker_rss = Gauge(PREFIX + "worker_rss_bytes", "Resident memory (RSS) of each worker, shared pages included: "
+                   "do not add up across workers.", multiprocess_mode="liveall")
+process_rss = Gauge(PREFIX + "process_rss_bytes", "RSS of each worker (the same as memfit_worker_rss_bytes, "
+                    "kept for existing dashboards).", multiprocess_mode="liveall")
+# Per instance: each worker samples the whole instance; the latest sample of a live worker is shown.
+instance_pss = Gauge(PREFIX + "instance_pss_bytes", "Sum of the PSS of the instance's processes (gunicorn "
+                     "master and workers): what they really occupy.", multiprocess_mode="livemostrecent")
+instance_working_set = Gauge(PREFIX + "instance_working_set_bytes", "The instance's cgroup memory in use "
+                             "minus reclaimable page cache; alerts (MAX_MEMORY_MB) judge it where the cgroup "
+                             "has a limit, else the PSS sum.", multiprocess_mode="livemostrecent")
 container_usage = Gauge(PREFIX + "container_memory_usage_bytes",
                         "Container (cgroup) memory in use, page cache included.", multiprocess_mode="livemax")
 container_working_set = Gauge(PREFIX + "container_memory_working_set_bytes",
@@ -27,7 +41,7 @@ model_loaded = Gauge(PREFIX + "semantic_model_loaded", "1 where this worker has 
 alerts = Counter(PREFIX + "memory_alerts_total", "Memory alerts raised (logged, and sent to Sentry when set).",
                  ["subject"])
 recycles = Counter(PREFIX + "worker_recycles_total", "Workers that exited gracefully after a request "
-                   "because their RSS passed MAX_WORKER_MEMORY_MB.")
+                   "because their private memory passed MAX_WORKER_MEMORY_MB.")
 worker_exits = Counter(PREFIX + "worker_exits_total", "Worker processes that ended, by how.", ["cause"])
 requests = Counter(PREFIX + "requests_total", "HTTP requests by search mode (or endpoint) and status.",
                    ["mode", "status"])

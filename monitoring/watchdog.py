@@ -48,28 +48,50 @@ class Alarm:
         return False
 
 
-class MemorySampler:
-    """Reads this process's and its container's memory into one dict of figures (MB)."""
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / MB, 1)
 
-    def __init__(self, threshold_mb: int, cgroup_root: str = "/sys/fs/cgroup"):
+
+class MemorySampler:
+    """Reads this worker's, the instance's and the container's memory into one dict of figures (MB).
+
+    The instance is ``instance_root`` (the gunicorn master) and its descendants; without one, this
+    process alone. Per process: RSS (labelled as such, never summed to judge), PSS and private memory.
+    """
+
+    def __init__(self, threshold_mb: int, cgroup_root: str = "/sys/fs/cgroup", instance_root: int | None = None):
         self.threshold_mb = threshold_mb
         self.cgroup_root = cgroup_root
+        self.instance_root = instance_root
 
     def sample(self) -> dict:
         cgroup = memory.read_cgroup(self.cgroup_root)
+        own = memory.read_process()
+        pids = memory.process_tree(self.instance_root) if self.instance_root else []
+        tree = memory.read_tree(pids or [own.pid])
         figures = {
-            "pid": os.getpid(),
-            "process_rss_mb": round(memory.process_rss() / MB, 1),
+            "pid": own.pid,
+            "process_rss_mb": _mb(own.rss),
+            "process_pss_mb": _mb(own.pss),
+            "process_private_mb": _mb(own.private),
+            "memory_source": own.source,
+            "instance_processes": tree.processes,
+            "instance_pss_mb": _mb(tree.pss),
+            "instance_rss_sum_mb": _mb(tree.rss),
             "threshold_mb": self.threshold_mb,
-            "effective_limit_mb": round(memory.effective_limit(cgroup) / MB, 1),
+            "effective_limit_mb": _mb(memory.effective_limit(cgroup)),
         }
         if cgroup is not None:
             figures.update(
                 cgroup_version=cgroup.version,
-                container_usage_mb=round(cgroup.usage / MB, 1),
-                container_working_set_mb=round(cgroup.working_set / MB, 1),
-                container_limit_mb=round(cgroup.limit / MB, 1) if cgroup.limit else None,
+                container_usage_mb=_mb(cgroup.usage),
+                container_working_set_mb=_mb(cgroup.working_set),
+                container_limit_mb=_mb(cgroup.limit) if cgroup.limit else None,
+                container_peak_mb=_mb(cgroup.peak),
             )
+        judged = memory.instance_figure(cgroup, tree.pss)
+        if judged is not None:
+            figures["instance_basis"], figures["instance_mb"] = judged[0], _mb(judged[1])
         return figures
 
 
@@ -77,40 +99,52 @@ def export(figures: dict) -> None:
     """Publish one sample's figures as the process's gauges."""
     from . import metrics
 
+    metrics.worker_rss.set(figures["process_rss_mb"] * MB)
     metrics.process_rss.set(figures["process_rss_mb"] * MB)
+    metrics.worker_private.set(figures["process_private_mb"] * MB)
+    if figures["process_pss_mb"] is not None:
+        metrics.worker_pss.set(figures["process_pss_mb"] * MB)
+    if figures["instance_pss_mb"] is not None:
+        metrics.instance_pss.set(figures["instance_pss_mb"] * MB)
     metrics.container_limit.set(figures["effective_limit_mb"] * MB)
     if "container_usage_mb" in figures:
         metrics.container_usage.set(figures["container_usage_mb"] * MB)
         metrics.container_working_set.set(figures["container_working_set_mb"] * MB)
+        metrics.instance_working_set.set(figures["container_working_set_mb"] * MB)
+
+
+BASIS_WORDING = {"cgroup_working_set": "cgroup working set", "pss_sum": "PSS sum of its processes"}
 
 
 class MemoryAlarms:
-    """One alarm per subject (process, container); an alert is logged, counted and sent to Sentry."""
+    """The instance's alarm: its cgroup working set where the cgroup has a limit, else the PSS sum of its
+    processes, against MAX_MEMORY_MB. An alert is logged, counted and sent to Sentry.
+
+    A worker is not alarmed on its own: its private memory is part of the instance's figure, and a
+    worker that grows past MAX_WORKER_MEMORY_MB is recycled (hooks.after_request).
+    """
 
     def __init__(self, settings: "Settings"):
         self.settings = settings
         threshold = settings.max_memory_mb * MB
         rearm = int(threshold * settings.memory_rearm_ratio)
-        self.alarms = {
-            "process": Alarm(threshold, rearm, settings.memory_alert_cooldown),
-            "container": Alarm(threshold, rearm, settings.memory_alert_cooldown),
-        }
+        self.alarms = {"instance": Alarm(threshold, rearm, settings.memory_alert_cooldown)}
         self.alerts_sent = 0
 
     def feed(self, figures: dict, now: float) -> list[str]:
         """Update every alarm with one sample; alert on crossings and return the subjects alerted."""
-        values = {"process": int(figures["process_rss_mb"] * MB)}
-        # Without a limit the cgroup is the host's or a sandbox's, not this instance's: nothing to alert on.
-        if figures.get("container_limit_mb"):
-            values["container"] = int(figures["container_working_set_mb"] * MB)
+        values = {}
+        if figures.get("instance_mb") is not None:
+            values["instance"] = int(figures["instance_mb"] * MB)
         fired = [s for s, v in values.items() if self.alarms[s].update(v, now)]
         for subject in fired:
             self._alert(subject, figures)
         return fired
 
     def _alert(self, subject: str, figures: dict) -> None:
-        value = figures["process_rss_mb"] if subject == "process" else figures["container_working_set_mb"]
-        message = (f"memory high: {subject} at {value:.0f} MB, over MAX_MEMORY_MB={self.settings.max_memory_mb} "
+        basis = BASIS_WORDING.get(figures.get("instance_basis"), figures.get("instance_basis"))
+        message = (f"memory high: {subject} at {figures['instance_mb']:.0f} MB ({basis}), over "
+                   f"MAX_MEMORY_MB={self.settings.max_memory_mb} "
                    f"({self.settings.effective_service_name}, tier {self.settings.memory_tier})")
         log.warning("%s %s", message, figures)
         self.alerts_sent += 1
@@ -138,9 +172,9 @@ class MemoryWatchdog:
 
     THREAD_NAME = "memfit-memory-watchdog"
 
-    def __init__(self, settings: "Settings", cgroup_root: str = "/sys/fs/cgroup"):
+    def __init__(self, settings: "Settings", cgroup_root: str = "/sys/fs/cgroup", instance_root: int | None = None):
         self.settings = settings
-        self.sampler = MemorySampler(settings.max_memory_mb, cgroup_root)
+        self.sampler = MemorySampler(settings.max_memory_mb, cgroup_root, instance_root)
         self.alarms = MemoryAlarms(settings)
         self.heartbeat = Heartbeat(settings)
         self.last_sample: dict | None = None

@@ -90,8 +90,9 @@ def test_workers_are_replaced_after_max_requests_without_failures(tmp_path):
 
 
 def test_memory_recycle_after_the_request_that_crossed(tmp_path):
-    # Any worker is past 30 MB after its first request: each request is served, then the worker goes.
-    with Gunicorn(tmp_path, {"MAX_WORKER_MEMORY_MB": "30"}) as g:
+    # Any worker is past 16 MB of private memory (~27 MB) after its first request: each request is served,
+    # then the worker goes.
+    with Gunicorn(tmp_path, {"MAX_WORKER_MEMORY_MB": "16"}) as g:
         first_worker = g.workers()
         statuses = [g.get(SEARCH)[0] for _ in range(4)]
         time.sleep(1.0)
@@ -99,7 +100,7 @@ def test_memory_recycle_after_the_request_that_crossed(tmp_path):
         log = g.log()
     assert statuses == [200] * 4  # the crossing request itself succeeded, and so did the next ones
     assert "memfit recycle: worker pid=%d" % first_worker[0] in log
-    assert "MAX_WORKER_MEMORY_MB=30" in log
+    assert "MAX_WORKER_MEMORY_MB=16" in log
     text = body.decode()
     assert metric(text, "memfit_worker_recycles_total") >= 3
     assert metric(text, "memfit_worker_exits_total", cause="recycled") >= 3
@@ -154,11 +155,11 @@ def test_one_sentry_warning_per_crossing_with_the_figures(tmp_path):
         events = [e for e in fake.events("warning") if "memory high" in e.get("message", "")]
     assert len(events) == 1, [e.get("message") for e in events]
     event = events[0]
-    assert event["fingerprint"] == ["memfit-memory-threshold", "memfit-test", "process"]
+    assert event["fingerprint"] == ["memfit-memory-threshold", "memfit-test", "instance"]
     assert event["tags"]["tier"] == "512mb" and event["tags"]["service"] == "memfit-test"
     assert event["tags"]["pid"] == str(worker)
     figures = event["contexts"]["memory"]
-    assert figures["threshold_mb"] == 16 and figures["process_rss_mb"] > 16
+    assert figures["threshold_mb"] == 16 and figures["instance_mb"] > 16 and figures["process_private_mb"] > 0
     assert "user" not in event or not event["user"].get("ip_address")
 
 
@@ -175,7 +176,7 @@ def test_without_dsn_alerts_are_only_logged(tmp_path):
         assert g.get(SEARCH)[0] == 200
         time.sleep(1.0)
         log = g.log()
-    assert "memory high: process at" in log
+    assert "memory high: instance at" in log
     assert "Traceback" not in log and "Sentry" not in log
 
 

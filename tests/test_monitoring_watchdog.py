@@ -33,20 +33,23 @@ def test_container_crossing_alerts_once(tmp_path):
     settings = make_settings(tmp_path, MAX_MEMORY_MB="450", MEMORY_ALERT_COOLDOWN="0")
     root = container(tmp_path, 470, 512)
     watchdog = MemoryWatchdog(settings, cgroup_root=root)
-    # (The test process itself may be past 450 MB with torch loaded: only the container subject is asserted.)
-    assert "container" in watchdog.check(now=1)
-    assert "container" not in watchdog.check(now=2)
+    # With a cgroup limit the instance is judged on the cgroup's working set, whatever this process holds.
+    assert watchdog.check(now=1) == ["instance"]
+    assert watchdog.last_sample["instance_basis"] == "cgroup_working_set"
+    assert watchdog.check(now=2) == []
     write(tmp_path / "cg" / "memory", memory__usage_in_bytes=str(300 * MB))
-    assert "container" not in watchdog.check(now=3)  # below 405 MB: re-armed
+    assert watchdog.check(now=3) == []  # below 405 MB: re-armed
     write(tmp_path / "cg" / "memory", memory__usage_in_bytes=str(480 * MB))
-    assert "container" in watchdog.check(now=4)
+    assert watchdog.check(now=4) == ["instance"]
     assert watchdog.last_sample["container_limit_mb"] == 512
 
 
-def test_process_crossing_alerts(tmp_path):
+def test_without_a_cgroup_limit_the_pss_sum_is_judged(tmp_path):
     watchdog = MemoryWatchdog(make_settings(tmp_path, MAX_MEMORY_MB="16"), cgroup_root=str(tmp_path / "none"))
-    assert watchdog.check(now=1) == ["process"]  # any Python process is over 16 MB
-    assert "container_usage_mb" not in watchdog.last_sample
+    assert watchdog.check(now=1) == ["instance"]  # any Python process's PSS is over 16 MB
+    figures = watchdog.last_sample
+    assert "container_usage_mb" not in figures and figures["instance_basis"] == "pss_sum"
+    assert figures["instance_mb"] == figures["instance_pss_mb"] > 16
 
 
 def test_a_failing_sample_never_raises(tmp_path, monkeypatch):
