@@ -63,7 +63,7 @@ ENV PATH=/opt/memfit/bin:$PATH \
     # 512mb tier defaults (deploy/tiers.yaml; tests/test_deploy.py checks they agree); platforms override.
     MEMORY_TIER=512mb \
     MAX_MEMORY_MB=450 \
-    MAX_WORKER_MEMORY_MB=400 \
+    MAX_WORKER_MEMORY_MB=100 \
     WEB_CONCURRENCY=3 \
     SEMANTIC_WARM=true \
     SEMANTIC_MAX_SEQ_LENGTH=128 \
