@@ -164,8 +164,8 @@ def search_view():
         raise ApiError(400, "bad_mode", f"mode {mode[:20]!r} is unknown; accepts {', '.join(search.MODES)}")
     limit = _whole_number("limit", args.get("limit", str(LIMIT_DEFAULT)), 1, LIMIT_MAX, "bad_limit")
     started = time.perf_counter()
-    results = search.run(mode, query, limit)
-    return jsonify(query=query, mode=mode, count=len(results), results=results,
+    answer = search.run(mode, query, limit)
+    return jsonify(query=query, mode=mode, **answer.fields(),
                    took_ms=round((time.perf_counter() - started) * 1000, 1))
 
 

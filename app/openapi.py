@@ -19,6 +19,15 @@ SEARCH_UNAVAILABLE = {
                                 "schema": {"type": "integer", "minimum": 0}}},
     "content": {"application/json": {"schema": ERROR}},
 }
+MODE_DESCRIPTION = ("text (default): the Hebrew text index, BM25; tags: items carrying the query's tags; "
+                    "semantic: nearest by meaning (503 while the model is off or unavailable); hybrid: text and "
+                    "semantic fused by reciprocal rank fusion, text alone (with fallback) without the model")
+# Present only when the mode asked for could not run in full (hybrid without semantic search).
+FALLBACK = {"type": "object", "required": ["mode", "reason"],
+            "description": "the mode that answered instead of the one asked for, and why",
+            "properties": {"mode": {"type": "string", "enum": ["text"]}, "reason": {"type": "string"}}}
+RANKS = {"type": "object", "description": "hybrid: each ranking that found the result, with its 1-based rank there",
+         "properties": {"text": {"type": "integer", "minimum": 1}, "semantic": {"type": "integer", "minimum": 1}}}
 
 
 def _responses(ok: dict, *errors: int) -> dict:
@@ -33,15 +42,16 @@ def spec() -> dict:
     json_of = lambda ref: {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}  # noqa: E731
     return {
         "openapi": "3.0.3",
-        "info": {"title": "memfit", "version": "1.0.0",
-                 "description": "Hebrew text, tag and semantic search. Every error is JSON {error: {code, message}}."},
+        "info": {"title": "memfit", "version": "1.0.0", "description":
+                 "Hebrew text, tag, semantic and hybrid search. Every error is JSON {error: {code, message}}."},
         "paths": {
             "/search": {"get": {
                 "operationId": "search",
                 "parameters": [
                     {"name": "q", "in": "query", "required": True,
                      "schema": {"type": "string", "minLength": 1, "maxLength": get_settings().max_query_length}},
-                    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)}},
+                    {"name": "mode", "in": "query", "schema": {"type": "string", "enum": list(MODES)},
+                     "description": MODE_DESCRIPTION},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX}},
                 ],
                 "responses": {**_responses({"description": "results", "content": json_of("SearchResults")},
@@ -80,11 +90,12 @@ def spec() -> dict:
                 "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
             "SearchResults": {"type": "object", "required": ["query", "mode", "count", "results"], "properties": {
                 "query": {"type": "string"}, "mode": {"type": "string"}, "count": {"type": "integer"},
-                "took_ms": {"type": "number"},
+                "took_ms": {"type": "number"}, "fallback": FALLBACK,
                 "results": {"type": "array", "items": {"type": "object", "required": ["id", "title", "score"],
                                                         "properties": {"id": {"type": "integer"},
                                                                        "title": {"type": "string"},
-                                                                       "score": {"type": "number"}}}}}},
+                                                                       "score": {"type": "number"},
+                                                                       "ranks": RANKS}}}}},
         }},
     }
 

@@ -79,7 +79,7 @@ def client():
 
 @pytest.mark.parametrize("q", ["%", "_", "'", '"', "' OR 1=1 --", "\\", "%_%", "<script>alert(1)</script>",
                                "\u202e\u05e9\u05dc\u05d5\u05dd", "\x00", "a" * 500, "🙂" * 100])
-@pytest.mark.parametrize("mode", ["text", "tags"])
+@pytest.mark.parametrize("mode", ["text", "tags", "hybrid"])  # hybrid: text alone here (semantic is off)
 def test_hostile_queries_are_answered(client, q, mode):
     response = client.get("/search", query_string={"q": q, "mode": mode})
     assert response.status_code in (200, 400), response.data[:200]
@@ -209,7 +209,8 @@ def test_unicode_edge_items_through_gunicorn(served, http, title, body, tags, ex
 
 
 @pytest.mark.postgres
-@given(q=edge_text, mode=st.sampled_from(["text", "tags", "semantic", "\u0663", "TEXT"]), limit=st.none() | numbers)
+@given(q=edge_text, mode=st.sampled_from(["text", "tags", "semantic", "hybrid", "\u0663", "TEXT"]),
+       limit=st.none() | numbers)
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 def test_unicode_edge_queries_through_gunicorn(served, http, q, mode, limit):
     query = f"q={quoted(q)}&mode={quoted(mode)}" + ("" if limit is None else f"&limit={quoted(limit)}")

@@ -65,9 +65,8 @@ def test_semantic_is_offered_until_the_model_is_known_to_fail(app):
 
 
 @sqlite_only
-def test_a_new_api_mode_is_one_entry(make_app, monkeypatch):
+def test_hybrid_is_offered_with_a_note_when_semantic_is_off(make_app):
     """hybrid falls back to text without the model: offered, with a note, when semantic is off."""
-    monkeypatch.setattr(web, "MODES", (*search.MODES, "hybrid"))
     parsed = page(make_app(ENABLE_SEMANTIC_SEARCH="false"))
     hybrid = parsed.radios()["hybrid"]
     assert "disabled" not in hybrid and hybrid["data-semantic"] == "optional"

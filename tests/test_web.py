@@ -112,6 +112,7 @@ def test_page_is_right_to_left_hebrew(browser, live):
 @pytest.mark.parametrize("mode, query, expected_title", [
     ("text", "והספרים", "ספרים חדשים לקיץ"),
     ("tags", "קינוחים", "עוגת שוקולד בלי קמח"),
+    ("hybrid", "והספרים", "ספרים חדשים לקיץ"),  # without a model: text alone
 ])
 def test_search_shows_results_with_tags_and_scores(browser, live, mode, query, expected_title):
     from selenium.webdriver.common.by import By

@@ -6,13 +6,23 @@ here. Semantic search reaches the vector code (numpy) only when it runs, through
 
 from __future__ import annotations
 
-from . import semantic, tags, text
+from typing import Callable
 
-_ENGINES = {"text": text.search, "tags": tags.search, "semantic": semantic.search}
-MODES = tuple(_ENGINES)  # ("text", "tags", "semantic"): the order the API lists them in
+from . import hybrid, semantic, tags, text
+from .results import Answer
+
+
+def _always_in_full(engine: Callable[[str, int], list[dict]]) -> Callable[[str, int], Answer]:
+    # Text, tags and semantic either answer as asked or raise (semantic: a 503); only hybrid falls back.
+    return lambda query, limit: Answer(engine(query, limit))
+
+
+_ENGINES = {"text": _always_in_full(text.search), "tags": _always_in_full(tags.search),
+            "semantic": _always_in_full(semantic.search), "hybrid": hybrid.search}
+MODES = tuple(_ENGINES)  # ("text", "tags", "semantic", "hybrid"): the order the API and the page list them in
 LIMIT_DEFAULT, LIMIT_MAX = 10, 100
 
 
-def run(mode: str, query: str, limit: int) -> list[dict]:
-    """Results of one mode (one of MODES), best first, at most limit."""
+def run(mode: str, query: str, limit: int) -> Answer:
+    """What one mode (one of MODES) found: results best first, at most limit, and any fallback taken."""
     return _ENGINES[mode](query, limit)
