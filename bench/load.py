@@ -37,6 +37,25 @@ WRITE_TOKEN = "load-test-token"  # writes need a token in production (WRITE_TOKE
 
 
 KINDS = ("text", "tags", "semantic", "create")
+MIX = {"text": 3, "tags": 2, "semantic": 3, "create": 2}  # weights of KINDS in a client's loop
+LONG_MIX = {"semantic": 1, "create": 1}  # an overload client's heavy loop (bench/serving.py)
+LONG_TOKENS = 500
+
+
+def long_text(rng: random.Random, tokens: int = LONG_TOKENS) -> str:
+    """About `tokens` model tokens of Hebrew words (these words are one or two tokens each)."""
+    return " ".join(rng.choice(QUERIES) for _ in range(tokens // 2))
+
+
+def is_shed(response) -> bool:
+    """A semantic request shed under load: 503 `overloaded` with Retry-After, the answer the API
+    promises past its bound (counted apart from failures)."""
+    if response.status_code != 503 or not response.headers.get("Retry-After", "").isdigit():
+        return False
+    try:
+        return response.json()["error"]["code"] == "overloaded"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def keep_going(deadline: float, stats: dict, min_requests: int, hard_deadline: float) -> bool:
@@ -46,44 +65,56 @@ def keep_going(deadline: float, stats: dict, min_requests: int, hard_deadline: f
     return time.monotonic() < deadline or sum(stats["status"].values()) < min_requests
 
 
-async def client_loop(client, go, rng: random.Random, stats: dict) -> None:
+async def client_loop(client, go, rng: random.Random, stats: dict, mix: dict[str, int] = MIX,
+                      long: bool = False, max_query: int = 500) -> None:
+    """One client: requests of the kinds in mix until go() says stop. long: 500-token texts (semantic
+    queries cut at MAX_QUERY_LENGTH, item bodies whole), latency recorded as "<kind>-long"."""
+    kinds, weights = list(mix), list(mix.values())
     while go():
-        kind = rng.choices(KINDS, weights=[3, 2, 3, 2])[0]
+        kind = rng.choices(kinds, weights)[0]
         started = time.perf_counter()
         try:
             if kind == "create":
                 title = f"פריט עומס {rng.randrange(10**9)}"
-                response = await client.post("/items", json={"title": title, "body": rng.choice(QUERIES) * 3,
+                body = long_text(rng) if long else rng.choice(QUERIES) * 3
+                response = await client.post("/items", json={"title": title, "body": body,
                                                               "tags": rng.sample(QUERIES, 2)})
                 if response.status_code == 201:
                     stats["created"].append((response.json()["id"], title))
             else:
-                response = await client.get("/search", params={"q": rng.choice(QUERIES), "mode": kind})
+                q = long_text(rng)[:max_query] if long else rng.choice(QUERIES)
+                response = await client.get("/search", params={"q": q, "mode": kind})
             status = response.status_code
         except Exception as exc:  # connection refused/reset, timeout: all count as failures
             stats["errors"].append(f"{kind}: {type(exc).__name__}")
             continue
-        stats["latency"].setdefault(kind, []).append((time.perf_counter() - started) * 1000)
+        label = f"{kind}-long" if long else kind
+        stats["latency"].setdefault(label, []).append((time.perf_counter() - started) * 1000)
         stats["status"][status] = stats["status"].get(status, 0) + 1
         if status < 300:
             stats["answered"][kind] = stats["answered"].get(kind, 0) + 1
-        if status >= 500:
+        elif is_shed(response):
+            stats["sheds"] += 1
+        elif status >= 500:
             stats["errors"].append(f"{kind}: HTTP {status}")
 
 
-async def drive(url: str, seconds: float, clients: int, min_requests: int = 0) -> dict:
+async def drive(url: str, seconds: float, clients: int, min_requests: int = 0, long_clients: int = 0) -> dict:
     """clients loops for seconds, and on until min_requests were answered (a slow machine then runs longer
-    instead of testing less), but never past 10 × seconds + 120 s."""
+    instead of testing less), but never past 10 × seconds + 120 s; long_clients of them send LONG_MIX."""
     import httpx
 
-    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}, "answered": {}}
+    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}, "answered": {}, "sheds": 0}
     now = time.monotonic()
     deadline, hard_deadline = now + seconds, now + 10 * seconds + 120
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits,
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
                                  headers={"Authorization": f"Bearer {WRITE_TOKEN}"}) as client:
         go = functools.partial(keep_going, deadline, stats, min_requests, hard_deadline)
-        await asyncio.gather(*(client_loop(client, go, random.Random(i), stats) for i in range(clients)))
+        loops = [client_loop(client, go, random.Random(i), stats) for i in range(clients - long_clients)]
+        loops += [client_loop(client, go, random.Random(1000 + i), stats, LONG_MIX, long=True)
+                  for i in range(long_clients)]
+        await asyncio.gather(*loops)
         missing = []
         for item_id, title in stats["created"]:
             response = await client.get(f"/items/{item_id}")
@@ -147,7 +178,7 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
         "by_mode_p50_ms": {k: round(statistics.median(v), 1) for k, v in stats["latency"].items()},
         "answered": {kind: stats["answered"].get(kind, 0) for kind in KINDS},
         "status": {str(k): v for k, v in sorted(stats["status"].items())},
-        "failed": len(stats["errors"]), "failures": stats["errors"][:20],
+        "failed": len(stats["errors"]), "failures": stats["errors"][:20], "sheds": stats["sheds"],
         "created": len(stats["created"]), "created_missing": len(stats["missing"]),
         "recycles": text.count("Autorestarting worker") + text.count("memfit recycle:"),
         "killed": text.count("SIGKILL"),

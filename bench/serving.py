@@ -31,25 +31,19 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
+from bench.load import LONG_TOKENS, WRITE_TOKEN, drive
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MB = 1024 * 1024
-WRITE_TOKEN = "serving-bench-token"
-QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
-MIX = {"text": 3, "tags": 2, "semantic": 3, "create": 2}
-LONG_MIX = {"semantic": 1, "create": 1}  # the overload run's heavy half
-LONG_TOKENS = 500
 TIERS = {"512mb": 512, "1gb": 1024}
 # The goals of issue 11, written once; report() checks every run against those that apply to it.
 GOALS = {
@@ -66,93 +60,6 @@ def designs(tier: str, models: dict[str, Path]) -> dict[str, dict]:
                   "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_QUEUE_TIMEOUT_MS": "60000"},
         "shared": {"SEMANTIC_MODEL": str(models["v2"])},
     }
-
-
-def long_text(rng: random.Random, tokens: int = LONG_TOKENS) -> str:
-    """About `tokens` model tokens of Hebrew words (most words are one or two tokens)."""
-    return " ".join(rng.choice(QUERIES) for _ in range(tokens // 2))
-
-
-async def client_loop(client, deadline: float, rng: random.Random, stats: dict, mix: dict[str, int],
-                      long: bool = False, max_query: int = 500) -> None:
-    kinds, weights = list(mix), list(mix.values())
-    while time.monotonic() < deadline:
-        kind = rng.choices(kinds, weights)[0]
-        started = time.perf_counter()
-        try:
-            if kind == "create":
-                title = f"פריט עומס {rng.randrange(10**9)}"
-                body = long_text(rng) if long else rng.choice(QUERIES) * 3
-                response = await client.post("/items", json={"title": title, "body": body,
-                                                              "tags": rng.sample(QUERIES, 2)})
-                if response.status_code == 201:
-                    stats["created"].append((response.json()["id"], title))
-            else:
-                q = long_text(rng)[:max_query] if long else rng.choice(QUERIES)
-                response = await client.get("/search", params={"q": q, "mode": kind})
-        except Exception as exc:  # connection refused/reset, timeout: all count as failures
-            stats["errors"].append(f"{kind}: {type(exc).__name__}")
-            continue
-        label = f"{kind}-long" if long else kind
-        stats["latency"].setdefault(label, []).append((time.perf_counter() - started) * 1000)
-        status = response.status_code
-        if status == 503 and response.headers.get("Retry-After"):
-            status = "503-retry-after"
-        stats["status"][str(status)] = stats["status"].get(str(status), 0) + 1
-
-
-async def drive(url: str, seconds: float, clients: int, long_clients: int = 0) -> dict:
-    import httpx
-
-    stats: dict = {"created": [], "errors": [], "latency": {}, "status": {}}
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
-                                 headers={"Authorization": f"Bearer {WRITE_TOKEN}"}) as client:
-        loops = [client_loop(client, deadline, random.Random(i), stats, MIX) for i in range(clients - long_clients)]
-        loops += [client_loop(client, deadline, random.Random(1000 + i), stats, LONG_MIX, long=True)
-                  for i in range(long_clients)]
-        await asyncio.gather(*loops)
-        missing = []
-        for item_id, title in stats["created"]:
-            response = await client.get(f"/items/{item_id}")
-            if response.status_code != 200 or response.json()["title"] != title:
-                missing.append(item_id)
-    stats["missing"] = missing
-    return stats
-
-
-def pss_sum(pid: int) -> int:
-    """PSS of pid and its children in bytes: shared pages split among the processes mapping them."""
-    import psutil
-
-    total = 0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for proc in procs:
-        try:
-            for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
-
-
-class PssSampler(threading.Thread):
-    def __init__(self, pid: int):
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.samples, self.stop = pid, 0, [], threading.Event()
-        self.started = time.monotonic()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            value = pss_sum(self.pid)
-            self.peak = max(self.peak, value)
-            self.samples.append((round(time.monotonic() - self.started, 2), round(value / MB, 1)))
-            self.stop.wait(0.05)
 
 
 ACCESS = re.compile(r'"GET /search\?[^"]*mode=semantic[^"]*" (\d+) \S+ (\d+)ms pid=(\d+)')
@@ -180,7 +87,7 @@ def quantiles(values: list[float]) -> dict:
 
 def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
              long_clients: int = 0) -> dict:
-    from bench.run import WORK, Cgroup, flask, tier_env
+    from bench.run import WORK, Cgroup, Sampler, flask, strict_peak, tier_env
 
     WORK.mkdir(parents=True, exist_ok=True)
     db_path = WORK / f"serving-{name}.sqlite3"
@@ -198,41 +105,45 @@ def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float,
     cgroup = Cgroup(f"serving-{name}", TIERS[tier])
     log_path = WORK / f"serving-{name}-gunicorn.log"
     server = GunicornServer(env, log_path, port=port, wrap=cgroup.wrap, ready_timeout=180)
-    sampler = PssSampler(server.start().pid)
+    sampler = Sampler(server.start().pid, cgroup)
     try:
         server.wait_ready()
-        if cgroup.enabled:  # judged from here: the boot is not what the tier is judged on
-            (cgroup.path / "memory.max_usage_in_bytes").write_text("0")
+        cgroup.reset_peak()  # judged from here: the boot is not what the tier is judged on
+        sampler.phase = "run"
         sampler.start()
         started = time.monotonic()
-        stats = asyncio.run(drive(server.url, seconds, clients, long_clients))
+        stats = asyncio.run(drive(server.url, seconds, clients, long_clients=long_clients))
         wall = time.monotonic() - started
     finally:
-        cgroup_peak = cgroup.read("memory.max_usage_in_bytes")
-        oom = cgroup.oom_kills()
-        sampler.stop.set()
         server.stop()
-        cgroup.remove()
+        sampler.stop.set()
+        sampler.join()
+        try:
+            figures = cgroup.final_figures()  # raises when the cgroup gives no peak or OOM count
+        finally:
+            cgroup.remove()
     log = log_path.read_text(errors="replace")
     latency = stats["latency"]
     requests = sum(stats["status"].values())
     firsts = first_semantic_of_recycled(log, int(env["WEB_CONCURRENCY"]))
+    samples = [s for s in sampler.samples if s["phase"] == "run"]
     return {
         "name": name, "tier": tier, "design": design, "seconds": seconds, "clients": clients,
         "long_clients": long_clients, "workers": int(env["WEB_CONCURRENCY"]), "requests": requests,
         "throughput_rps": round(requests / wall, 1),
         "all": quantiles([x for values in latency.values() for x in values]),
         "by_kind": {kind: quantiles(values) for kind, values in sorted(latency.items())},
-        "status": dict(sorted(stats["status"].items())),
-        "server_errors": sum(v for k, v in stats["status"].items() if k.startswith("5") and k != "503-retry-after"),
-        "sheds": stats["status"].get("503-retry-after", 0),
-        "failed": len(stats["errors"]), "failures": stats["errors"][:10],
+        "status": {str(k): v for k, v in sorted(stats["status"].items())},
+        "server_errors": sum(v for k, v in stats["status"].items() if k >= 500) - stats["sheds"],
+        "sheds": stats["sheds"], "failed": len(stats["errors"]), "failures": stats["errors"][:10],
         "created": len(stats["created"]), "created_missing": len(stats["missing"]),
         "recycles": log.count("Autorestarting worker") + log.count("memfit recycle:"),
         "first_semantic_after_recycle_ms": {"n": len(firsts), "median": statistics.median(firsts) if firsts else None,
                                             "max": max(firsts, default=None)},
-        "cgroup": cgroup.enabled, "cgroup_peak_mb": round(cgroup_peak / MB, 1) if cgroup_peak else None,
-        "pss_peak_mb": round(sampler.peak / MB, 1), "oom_kills": oom, "pss_samples": sampler.samples[::4],
+        **figures, "pss_peak_mb": strict_peak(samples, "pss_mb"),
+        "working_set_peak_mb": strict_peak(samples, "working_set_mb") if cgroup.enabled else None,
+        "rss_sum_peak_mb": strict_peak(samples, "rss_mb"),  # the shared weights counted once per worker
+        "pss_samples": [(s["t"], s["pss_mb"]) for s in samples[::4]],
     }
 
 
