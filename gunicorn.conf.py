@@ -201,8 +201,14 @@ def on_starting(server):
 
     # Before anything in this process imports prometheus_client, and before any worker is forked.
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", owned_metrics_dir())
-    settings = dataclasses.replace(settings, prometheus_multiproc_dir=os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    hooks.reset_metrics_dir(settings.prometheus_multiproc_dir)
+    try:
+        hooks.reset_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    except OSError as exc:
+        # A read-only or full /dev/shm: workers could not write their metric files and would fail to
+        # boot. Without the variable each worker counts on its own (/metrics shows the one that answers).
+        server.log.error("memfit: no metrics folder (%s): /metrics covers only the worker that answers", exc)
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    settings = dataclasses.replace(settings, prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
     hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
                                             "max_requests": max_requests, "schema": schema_revision()})
 

@@ -305,6 +305,20 @@ def test_a_metrics_folder_given_by_the_operator_is_kept(tmp_path):
     assert os.path.isdir(given)
 
 
+def test_a_metrics_folder_that_cannot_be_made_leaves_workers_on_their_own_metrics(conf, monkeypatch):
+    def read_only(path):
+        raise PermissionError(13, "Read-only file system", path)
+
+    monkeypatch.setattr(hooks, "reset_metrics_dir", read_only)
+    monkeypatch.setattr(hooks, "startup_report", lambda *args: None)
+    monkeypatch.setitem(conf, "schema_revision", lambda: "none")
+    server = SimpleNamespace(log=FakeLog())
+    conf["on_starting"](server)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # workers forked from here write no files
+    assert conf["settings"].prometheus_multiproc_dir == ""
+    assert "no metrics folder" in server.log.lines[0] and "Read-only" in server.log.lines[0]
+
+
 # --- 5. a failing hook never stops the master ------------------------------------------------------
 
 
