@@ -9,20 +9,27 @@
 # This file and app/settings.py are the only places that read the environment; every variable here
 # that needs parsing is declared (default, range, meaning) in app/settings.py and read from Settings.
 
+import dataclasses
 import os
 import tempfile
 
 from app.settings import ConfigError, Settings
+from monitoring.hooks import guarded
 
 #
-# Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files
-# here; it must be set before any worker imports prometheus_client (and before the settings below
-# are read, so that they see it). Emptied at start (on_starting).
+# Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files in
+# PROMETHEUS_MULTIPROC_DIR. Unless it is set, on_starting (below) makes /dev/shm/memfit-metrics-<pid>
+# and sets it in the environment, which every worker inherits when forked; on_exit removes it. Not
+# here: this file is also loaded by `gunicorn --check-config` and on every reload (SIGHUP), and a
+# folder made at load time was left behind in /dev/shm each time (issue 10).
 #
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                      os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
-                                   f"memfit-metrics-{os.getpid()}"))
-os.makedirs(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "exits"), exist_ok=True)
+
+
+def owned_metrics_dir() -> str:
+    """The metrics folder this master makes when none is given; named by its pid, so on_exit can tell
+    it from a folder the operator set (which it leaves alone)."""
+    return os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
+                        f"memfit-metrics-{os.getpid()}")
 
 #
 # The app's settings (app/settings.py), built once here from the environment and handed to every
@@ -147,13 +154,21 @@ install_json_protocol_errors()
 #
 # Server hooks: plain functions handing the settings above to monitoring/hooks.py (tested there).
 #
-#   on_starting - master, before workers: clear stale metric files; log the start-up report.
+#   on_starting - master, before workers: make (or empty) the metrics folder; log the start-up report.
 #   post_worker_init - worker, after the app loaded: start the memory watchdog thread; with
 #       SEMANTIC_WARM, load the model and answer one query before the first request arrives.
 #   post_request - worker, after each response: recycle the worker if its RSS passed
 #       MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
-#   worker_exit - worker, graceful exit: flush Sentry, mark the exit as graceful.
-#   child_exit - master: count the exit (graceful, recycled, or killed) and drop its live metrics.
+#   worker_abort - worker, on SIGABRT (the master's GUNICORN_TIMEOUT for a silent worker): mark the
+#       exit as a timeout (gunicorn runs worker_exit next, as for a graceful exit).
+#   worker_exit - worker, on exit: mark how it ended, flush Sentry within sentry.EXIT_FLUSH_BUDGET_S.
+#   child_exit - master: count the exit (graceful, recycled, timeout, or killed), drop its live
+#       gauges and fold its counters into the archive files.
+#   on_exit - master, last: remove the metrics folder if on_starting made it.
+#
+# gunicorn does not catch exceptions from master-side hooks: one would stop the master. Those hooks
+# (and worker_abort, which runs in a signal handler) are wrapped in hooks.guarded, which logs the
+# error and carries on.
 #
 
 
@@ -207,10 +222,21 @@ def _read_schema_revision():
     return current if found == heads else f"{current} (code needs {','.join(sorted(heads))}: run {RELEASE_COMMAND})"
 
 
+@guarded
 def on_starting(server):
+    global settings
     from monitoring import hooks
 
-    hooks.reset_metrics_dir(settings.prometheus_multiproc_dir)
+    # Before anything in this process imports prometheus_client, and before any worker is forked.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", owned_metrics_dir())
+    try:
+        hooks.reset_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    except OSError as exc:
+        # A read-only or full /dev/shm: workers could not write their metric files and would fail to
+        # boot. Without the variable each worker counts on its own (/metrics shows the one that answers).
+        server.log.error("memfit: no metrics folder (%s): /metrics covers only the worker that answers", exc)
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    settings = dataclasses.replace(settings, prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
     hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
                                             "max_requests": max_requests, "schema": schema_revision()})
 
@@ -233,13 +259,30 @@ def post_request(worker, req, environ, resp):
     hooks.after_request(worker, settings)
 
 
+@guarded
+def worker_abort(worker):
+    from monitoring import hooks
+
+    hooks.worker_aborted(worker, settings)
+
+
+@guarded
 def worker_exit(server, worker):
     from monitoring import hooks
 
     hooks.worker_exiting(worker, settings)
 
 
+@guarded
 def child_exit(server, worker):
     from monitoring import hooks
 
     hooks.child_exited(server, worker, settings)
+
+
+@guarded
+def on_exit(server):
+    from monitoring import hooks
+
+    if settings.prometheus_multiproc_dir == owned_metrics_dir():
+        hooks.remove_metrics_dir(settings.prometheus_multiproc_dir)

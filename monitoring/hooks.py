@@ -1,22 +1,26 @@
 """What gunicorn.conf.py's hooks do, kept here as plain functions so they can be tested.
 
-Master side: the start-up report, clearing stale metric files, and telling graceful exits from
-kills (gunicorn passes no exit status to ``child_exit``, so a worker that exits on purpose leaves
-a marker first; a worker that died without one was killed, e.g. by the OOM killer).
-Worker side: the watchdog thread, recycling on private memory after a request, and a Sentry flush
-before a recycled worker exits.
+Master side: the start-up report, the metrics folder's life (emptied at start, removed at exit when
+the master made it), telling graceful exits from kills (gunicorn passes no exit status to
+``child_exit``, so a worker that exits on purpose leaves a marker first; a worker that died without
+one was killed, e.g. by the OOM killer), and folding a dead worker's metric files into the archive.
+Worker side: the watchdog thread, recycling on private memory after a request, the timeout marker when
+gunicorn aborts a silent worker, and a Sentry flush bounded by sentry.EXIT_FLUSH_BUDGET_S on exit.
 
-gunicorn.conf.py builds the one ``Settings`` and passes it to every function here.
+gunicorn.conf.py builds the one ``Settings`` and passes it to every function here, and wraps each
+hook in ``guarded``: gunicorn does not catch what a master-side hook raises, so one failing metrics
+call would stop the master and every worker with it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import memory
 
@@ -26,6 +30,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("memfit.ops")
 MB = memory.MB
 _state: dict = {}
+
+
+def guarded(hook: Callable) -> Callable:
+    """Wrap a gunicorn server hook so that an exception is logged at ERROR and goes no further.
+
+    Monitoring is optional and the master is not: a hook that fails costs a metric or a log line,
+    never the server (the worker loop catches only worker_exit; child_exit, on_starting, on_exit and
+    worker_abort would stop the master or turn a worker's abort into a traceback).
+    """
+    @functools.wraps(hook)
+    def safe(*args, **kwargs):
+        try:
+            return hook(*args, **kwargs)
+        except Exception:
+            log.exception("memfit: the %s hook failed; carrying on without it", hook.__name__)
+            return None
+
+    return safe
 
 
 def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
@@ -53,6 +75,12 @@ def reset_metrics_dir(path: str) -> None:
         return
     shutil.rmtree(path, ignore_errors=True)
     Path(path, "exits").mkdir(parents=True, exist_ok=True)
+
+
+def remove_metrics_dir(path: str) -> None:
+    """on_exit, for a folder the master made itself: /dev/shm is memory, and nothing reads it after."""
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def worker_started(worker, settings: "Settings") -> None:
@@ -105,24 +133,49 @@ def after_request(worker, settings: "Settings") -> None:
     worker.alive = False
 
 
+def _write_exit_marker(settings: "Settings", cause: str) -> None:
+    """Leave this worker's cause of exit for the master's child_exited (gunicorn passes no status)."""
+    if not settings.prometheus_multiproc_dir:
+        return
+    try:
+        Path(settings.prometheus_multiproc_dir, "exits", str(os.getpid())).write_text(cause)
+    except OSError:  # a full or vanished /dev/shm costs the label, not the exit
+        pass
+
+
+def worker_aborted(worker, settings: "Settings") -> None:
+    """worker_abort (in the worker, on SIGABRT: gunicorn's timeout for a silent worker).
+
+    gunicorn runs worker_exit right after, as for a graceful exit, so the cause is kept here for
+    worker_exiting and written at once: the master follows SIGABRT with SIGKILL about a second later
+    if the worker is still there, and the marker must already be on disk by then.
+    """
+    _state["cause"] = "timeout"
+    _write_exit_marker(settings, "timeout")
+
+
 def worker_exiting(worker, settings: "Settings") -> None:
-    """worker_exit (in the worker, on a graceful exit): flush Sentry and leave the graceful marker."""
+    """worker_exit: leave the exit marker, stop the watchdog, send Sentry's pending events within the
+    budget and log one line saying how the worker ended and what became of them."""
+    if getattr(worker, "pid", None) != os.getpid():
+        # gunicorn also calls worker_exit in the master, for a worker that was already gone when the
+        # master signalled it (arbiter.kill_worker): there is nothing of the worker's to flush here,
+        # and a marker would carry the master's pid. child_exited counts that worker.
+        return
     from . import sentry
 
+    cause = _state.get("cause") or ("recycled" if _state.get("recycled") else "graceful")
+    _write_exit_marker(settings, cause)  # first: the flush below may be cut short by a SIGKILL
     watchdog = _state.get("watchdog")
     if watchdog is not None:
         watchdog.stop()
-    sentry.flush()
-    mark_dir = settings.prometheus_multiproc_dir
-    if mark_dir:
-        try:
-            Path(mark_dir, "exits", str(os.getpid())).write_text("recycled" if _state.get("recycled") else "graceful")
-        except OSError:
-            pass
+    outcome = sentry.close_for_exit()
+    worker.log.info("memfit exit: worker pid=%d cause=%s sentry=%s", os.getpid(), cause, outcome)
 
 
 def child_exited(server, worker, settings: "Settings") -> None:
-    """child_exit (in the master): count how the worker ended and drop its live gauges."""
+    """child_exit (in the master): count how the worker ended, drop its live gauges and fold its
+    counters and histograms into the archive files, so /dev/shm holds a bounded set of files."""
     from . import metrics
 
     directory = settings.prometheus_multiproc_dir
@@ -133,9 +186,19 @@ def child_exited(server, worker, settings: "Settings") -> None:
         marker.unlink(missing_ok=True)
     elif marker is None:
         cause = "unknown"
+    elif getattr(worker, "aborted", False):
+        # The master timed it out (SIGABRT) and the worker never got to run worker_abort (stuck in
+        # native code, say), so the SIGKILL that followed ended it: still a timeout, not the OOM killer.
+        cause = "timeout"
     if cause == "killed":
         server.log.error("memfit: worker pid=%d died without a graceful exit (killed: OOM killer or SIGKILL)",
                          worker.pid)
+    elif cause == "timeout":
+        server.log.error("memfit: worker pid=%d timed out: silent for more than GUNICORN_TIMEOUT=%ds, aborted "
+                         "by the master", worker.pid, settings.gunicorn_timeout)
     metrics.worker_exits.labels(cause=cause).inc()
     metrics.mark_process_dead(worker.pid, directory)
-
+    # A merge the lock held off (a scrape in progress) is retried with the next exit.
+    pending = _state.setdefault("unarchived", [])
+    pending.append(worker.pid)
+    _state["unarchived"] = [pid for pid in pending if not metrics.archive_dead_process(pid, directory)]

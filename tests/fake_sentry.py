@@ -35,12 +35,15 @@ class FakeSentry:
     def __init__(self, mode: str = "ok"):
         self.mode = mode
         self.envelopes: list[list[tuple[dict, object]]] = []
+        self.held = 0  # requests received in "hang" mode (and never answered): tests wait on this
         self.lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 if owner.mode == "hang":
+                    with owner.lock:
+                        owner.held += 1
                     time.sleep(3600)
                     return
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
