@@ -66,11 +66,14 @@ backlog = settings.gunicorn_backlog
 #
 workers = settings.web_concurrency
 
-#   worker_class - "sync": one request at a time per worker. Measured against gthread (one or two
-#       workers with threads sharing one session): under the same request mix sync workers answered
-#       more requests per second, because search and request handling in Python hold the GIL; the
-#       model's share of the CPU is bounded per instance instead (SEMANTIC_MAX_INFLIGHT), so text
-#       and tag requests always find a free worker. The platform's proxy buffers slow clients.
+#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 4
+#       threads per worker). The model's share of the CPU is bounded per instance (SEMANTIC_MAX_INFLIGHT
+#       slots; past SEMANTIC_QUEUE_TIMEOUT_MS a semantic request is shed with 503 + Retry-After). With
+#       one thread per worker, requests waiting for a slot hold whole workers and text requests queue
+#       behind them; with threads a text request finds a free handler. Measured side by side (README
+#       "Serving"): under the 64-client overload, text p50 fell to a third with 4 threads at the same
+#       memory (threads add stacks, and activations only while holding a slot). The platform's proxy
+#       buffers slow clients.
 #
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 

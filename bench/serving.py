@@ -8,9 +8,11 @@ Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's model
   today   the previous release: the weights inside one model.onnx (a version 1 artifact, private to
           each worker), one sync worker on 512 MB and two on 1 GB, the model loaded on the first
           semantic request of every worker (and again after every recycle), no bound on semantic work
+          and up to 200 missing vectors embedded inside a semantic request
   shared  deploy/tiers.yaml as it is: the version 2 artifact whose weights every worker maps from one
-          file, the tier's workers, each warmed before its first request, semantic work bounded per
-          instance with sheds past a short wait (SEMANTIC_MAX_INFLIGHT, SEMANTIC_QUEUE_TIMEOUT_MS)
+          file, the tier's workers and threads, each worker warmed before its first request, semantic
+          work bounded per instance with sheds past a short wait (SEMANTIC_MAX_INFLIGHT,
+          SEMANTIC_QUEUE_TIMEOUT_MS), recycling on private memory
 
 Runs:
   mix       16 clients, each looping over text 3 : tags 2 : semantic 3 : create 2 (bench/load.py's
@@ -56,7 +58,8 @@ def designs(tier: str, models: dict[str, Path]) -> dict[str, dict]:
     """The environment each design adds to the tier's (deploy/env/<tier>.env)."""
     return {
         "today": {"SEMANTIC_MODEL": str(models["v1"]), "WEB_CONCURRENCY": {"512mb": "1", "1gb": "2"}[tier],
-                  "SEMANTIC_WARM": "false", "MAX_WORKER_MEMORY_MB": {"512mb": "400", "1gb": "420"}[tier],
+                  "GUNICORN_THREADS": "1", "SEMANTIC_WARM": "false", "SEMANTIC_CATCHUP_LIMIT": "200",
+                  "MAX_WORKER_MEMORY_MB": {"512mb": "400", "1gb": "420"}[tier],
                   "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_QUEUE_TIMEOUT_MS": "60000"},
         "shared": {"SEMANTIC_MODEL": str(models["v2"])},
     }
