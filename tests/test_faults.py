@@ -1,7 +1,7 @@
 """Faults survived, each against real processes: a database that goes away and comes back, model files
 missing, a Sentry that refuses or hangs, a request body cut off while the server reads it, a worker
 SIGKILLed between the item row and its tags. The mid-request faults land where they are meant to
-through the test-only pause point of app/faults.py (MEMFIT_TEST_FAULT_DIR), never by timing.
+through the test-only pause point of app/api.py (MEMFIT_TEST_FAULT_DIR), never by timing.
 
 Every test waits on conditions, never on the clock. The figures of a passing run (faults injected and
 survived, requests sent, acknowledged items lost) go to bench/results/faults.json.
@@ -109,7 +109,7 @@ def no_server_errors(log: str) -> None:
 
 
 class FaultPoint:
-    """Arms app/faults.py's pause points in a folder the server was started with."""
+    """Arms app/api.py's pause points in a folder the server was started with."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -165,23 +165,23 @@ def clean_postgresql(tmp_path: Path, url: str) -> None:
 
 
 def test_the_pause_point_is_inert_unless_set_and_never_pauses_in_production(tmp_path, monkeypatch):
-    from app import create_app, faults
+    from app import api, create_app
 
     folder = tmp_path / "faults"
     folder.mkdir()
     (folder / "p").touch()  # armed
     (folder / "p.release").touch()  # so that a pause, when it happens, ends at once
-    monkeypatch.delenv(faults.ENV, raising=False)
+    monkeypatch.delenv(api.FAULT_DIR_ENV, raising=False)
     with create_app(make_settings(tmp_path)).app_context():
-        faults.pause_point("p")
+        api.pause_point("p")
     assert (folder / "p").exists(), "the point acted without MEMFIT_TEST_FAULT_DIR"
-    monkeypatch.setenv(faults.ENV, str(folder))
+    monkeypatch.setenv(api.FAULT_DIR_ENV, str(folder))
     production = make_settings(tmp_path, APP_ENV="production", SECRET_KEY="a-real-secret", WRITE_TOKEN="t")
     with create_app(production).app_context():
-        faults.pause_point("p")
+        api.pause_point("p")
     assert (folder / "p").exists() and not (folder / "p.reached").exists(), "the point paused in production"
     with create_app(make_settings(tmp_path)).app_context():
-        faults.pause_point("p")
+        api.pause_point("p")
     assert not (folder / "p").exists() and (folder / "p.reached").read_text() == str(os.getpid())
 
 
