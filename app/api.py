@@ -10,9 +10,11 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import unicodedata
+from pathlib import Path
 
 from flask import Blueprint, jsonify, request
 from flask.blueprints import BlueprintSetupState
@@ -34,6 +36,40 @@ READ_METHODS = ("GET", "HEAD", "OPTIONS")
 # reads differently from what is stored). The marks LRM, RLM and ALM stay allowed: Hebrew text uses them.
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 MULTILINE = frozenset("\t\n\r")
+
+
+# --- a test-only fault-injection point ----------------------------------------------------------
+
+FAULT_DIR_ENV = "MEMFIT_TEST_FAULT_DIR"
+FAULT_RELEASE_WAIT = 60.0  # seconds; past it the request goes on, so a test that never kills cannot wedge a worker
+
+
+def pause_point(name: str) -> None:
+    """Pause this request here if a test armed the point ``name``; nothing at all otherwise (test-only).
+
+    tests/test_faults.py stops a worker mid-write with it and SIGKILLs it there, instead of hoping a kill
+    lands mid-write. Off unless MEMFIT_TEST_FAULT_DIR names a folder; never set it in a deployment (it is
+    ignored when APP_ENV=production). When set, a request reaching the point while ``<dir>/<name>``
+    exists takes that file (one request per arming, even with several workers), writes
+    ``<dir>/<name>.reached`` holding its pid, and waits until ``<dir>/<name>.release`` appears, at most
+    FAULT_RELEASE_WAIT seconds. Read from ``os.environ`` rather than declared in app/settings.py: it
+    configures the test harness, not the app, so it stays out of .env.example and the README; unset,
+    it costs a dict lookup per write.
+    """
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder or get_settings().app_env == "production":
+        return
+    try:
+        Path(folder, name).unlink()  # atomic: of two requests reaching an armed point, one pauses
+    except FileNotFoundError:
+        return
+    partial = Path(folder, f"{name}.reached.part")
+    partial.write_text(str(os.getpid()))
+    partial.replace(Path(folder, f"{name}.reached"))  # the test never reads a half-written pid
+    release = Path(folder, f"{name}.release")
+    deadline = time.monotonic() + FAULT_RELEASE_WAIT
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # --- writes: token and rate limit -------------------------------------------------------------
@@ -174,7 +210,13 @@ def _json_object() -> dict:
     shape = "the body must be a JSON object (Content-Type: application/json, UTF-8)"
     if not request.is_json:
         raise ApiError(400, "bad_json", shape)
+    pause_point("request-body")  # test-only: tests/test_faults.py cuts the body off here
     raw = request.get_data(cache=False)  # past MAX_CONTENT_LENGTH this raises the 413
+    # gunicorn marks its input as terminated, so Werkzeug does not check the length: a client that went
+    # away mid-body leaves a shorter body, which may still parse (a whole object and promised bytes more).
+    if request.content_length is not None and len(raw) != request.content_length:
+        raise ApiError(400, "bad_json", f"the body ended after {len(raw)} of its {request.content_length} bytes "
+                                        "(Content-Length)")
     try:
         payload = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -222,8 +264,13 @@ def create_item():
     # One transaction: the item, its new tags and the links land together or not at all.
     for attempt in range(3):
         try:
-            item = Item(title=payload["title"], body=payload["body"], tags=tags_by_name(payload["tags"]))
+            # The item row (with its text index row) goes first, then its tags and links, all before the
+            # one commit; the test-only fault point between the two is where tests/test_faults.py kills.
+            item = Item(title=payload["title"], body=payload["body"], tags=[])
             db.session.add(item)
+            db.session.flush()
+            pause_point("item-inserted")
+            item.tags.extend(tags_by_name(payload["tags"]))
             db.session.commit()
             break
         except IntegrityError:

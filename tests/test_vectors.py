@@ -115,3 +115,35 @@ def test_matrix_refreshes_when_vectors_are_added(app):
         db.session.commit()
         hits = store.top("fp", "item", query, 100)
     assert len(hits) == 11 and hits[0][0] == 999
+
+
+def test_a_rebuild_lets_the_old_matrix_go_before_allocating_the_new(app, monkeypatch):
+    """Peak memory of a refresh is one matrix, not two: what the index holds plus what it is allocating
+    stays within the bound, and the previous matrix is already freed when the new one is allocated."""
+    import weakref
+
+    fill(app, 2000)  # 2000 x (32 x 2 + 8) = 144,000 bytes: one fits the bound below, two do not
+    store = index.VectorIndex(max_bytes=200_000)
+    query = np.ones(32, dtype=np.float32) / np.sqrt(32)
+    with app.app_context():
+        store.top("fp", "item", query, 5)
+        (old,) = [weakref.ref(m) for m in store._matrices.values()]
+        db.session.add(Embedding(model_fp="fp", kind="item", ref_id=5000, text_hash="h", dim=32,
+                                 vector=index.to_blob(query)))
+        db.session.commit()
+        allocations = []
+        real_empty = np.empty
+
+        def watched_empty(shape, *args, **kwargs):
+            array = real_empty(shape, *args, **kwargs)
+            allocations.append((old() is not None, store.memory_bytes() + array.nbytes))
+            return array
+
+        monkeypatch.setattr(np, "empty", watched_empty)
+        hits = store.top("fp", "item", query, 5)
+        monkeypatch.undo()
+    assert hits[0][0] == 5000  # the rebuilt matrix holds the new row
+    assert len(allocations) >= 2, allocations  # the ids and the vectors of the new matrix
+    assert not any(alive for alive, _ in allocations), "the old matrix was alive while the new one was allocated"
+    assert max(held for _, held in allocations) <= store.max_bytes, allocations
+    assert store.memory_bytes() <= store.max_bytes and len(store._matrices) == 1

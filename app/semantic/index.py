@@ -160,6 +160,10 @@ class VectorIndex:
             cached = self._matrices.get(key)
             if cached is not None and cached.version == version:
                 return cached
+            # Let the old matrix go before the new one is allocated: holding both while copying would
+            # make the peak twice the bound. Queries already scoring the old one keep it until they end.
+            self._matrices.pop(key, None)
+            cached = None
             # Rows are copied one by one into a preallocated float16 array: no list of blobs and no
             # joined copy, so building the matrix costs the matrix and nothing more.
             n, dim = version[0], query_dim
