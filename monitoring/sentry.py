@@ -37,7 +37,8 @@ def init(settings: "Settings") -> bool:
             environment=settings.effective_sentry_environment,
             release=settings.effective_sentry_release,
             integrations=[FlaskIntegration()],
-            send_default_pii=False,  # no user IPs, cookies or request bodies unless asked for
+            send_default_pii=False,  # no user IPs, cookies or headers with secrets
+            max_request_body_size="never",  # an item's text is its author's, never an error report's
             traces_sample_rate=0.0,
             shutdown_timeout=EXIT_FLUSH_BUDGET_S,
         )

@@ -334,7 +334,7 @@ def test_no_pii_reaches_sentry_from_a_request_or_a_thread_without_one(tmp_path):
             self.events += [item.get_event() for item in envelope.items if item.get_event() is not None]
 
     secrets = {"ip": "198.51.100.23", "forwarded": "203.0.113.77", "cookie": "cookie-secret-7f3a",
-               "token": "token-secret-91c2"}
+               "token": "token-secret-91c2", "body": "item-text-secret-55ab"}
     settings = make_settings(tmp_path, SENTRY_DSN="http://publickey@127.0.0.1:9/1")  # nothing is sent there
     app = create_app(settings)
     with app.app_context():
@@ -351,14 +351,14 @@ def test_no_pii_reaches_sentry_from_a_request_or_a_thread_without_one(tmp_path):
             logging.getLogger("app.errors").exception("probe")  # how app/errors.py reports a bug
         return "ok"
 
-    app.add_url_rule("/pii-probe", "pii_probe", probe)
+    app.add_url_rule("/pii-probe", "pii_probe", probe, methods=["POST"])
     recording = Recording()
     client = sentry_sdk.get_client()
     assert client.is_active(), "SENTRY_DSN did not turn Sentry on"
     client.transport = recording
     try:
-        response = app.test_client().get(
-            "/pii-probe", environ_base={"REMOTE_ADDR": secrets["ip"]},
+        response = app.test_client().post(  # a body like an item's: its text is the user's, not Sentry's
+            "/pii-probe", json={"title": secrets["body"]}, environ_base={"REMOTE_ADDR": secrets["ip"]},
             headers={"X-Forwarded-For": secrets["forwarded"], "Cookie": f"session={secrets['cookie']}",
                      "Authorization": f"Bearer {secrets['token']}"})
     finally:
