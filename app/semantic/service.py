@@ -172,7 +172,7 @@ class SemanticService:
         from . import index
 
         self.catch_up()
-        vector = encoder.encode([query], 1)[0]
+        vector = encoder.encode([query], 1, kind="query")[0]
         store = self.vector_store()
         tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
         item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
