@@ -303,3 +303,17 @@ def test_semantic_search_encodes_the_query_as_a_query_and_items_as_passages(make
     assert ("query", ["ספרים לילדים"]) in kinds
     assert all(kind == "passage" for kind, texts in kinds if texts != ["ספרים לילדים"]), kinds
     assert any(kind == "passage" for kind, _ in kinds), "the item and its tag were not encoded as passages"
+
+
+def test_a_model_without_prompts_keeps_the_fingerprint_it_had_before_prompts(tiny_model, tiny_onnx, tmp_path):
+    """Vectors stored by a release that did not read prompts stay current after this one: the
+    fingerprints of a prompt-less folder and artifact are computed as they were before prompts."""
+    import hashlib
+
+    layout = encoders.read_layout(tiny_model)
+    files = [tiny_model / "config.json", tiny_model / "modules.json", *sorted(tiny_model.glob("*.safetensors"))]
+    before_prompts = encoders.fingerprint_files(files, {"pooling": "mean", "backend": "torch"})
+    assert encoders.source_fingerprint(layout, backend="torch") == before_prompts
+    encoder = load(tiny_onnx, tmp_path)
+    served = f"{encoder.manifest['fingerprint']}:{encoder.max_seq_length}"
+    assert encoder.fingerprint == hashlib.sha256(served.encode()).hexdigest()
