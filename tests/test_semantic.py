@@ -151,7 +151,7 @@ def test_embeddings_are_computed_once_and_reused(semantic_app):
         assert db.session.query(Embedding).count() == n_items + n_tags
     seen = []
     original = encoder.encode
-    encoder.encode = lambda texts, batch: seen.append(list(texts)) or original(texts, batch)
+    encoder.encode = lambda texts, batch, **kind: seen.append(list(texts)) or original(texts, batch, **kind)
     client.get("/search", query_string={"q": "טיול בצפון", "mode": "semantic"})
     assert seen == [["טיול בצפון"]]  # only the query is encoded
 
@@ -162,7 +162,7 @@ def test_catch_up_embeds_in_batches_of_the_setting(make_app, tiny_onnx):
     encoder = get_service(app).encoder()
     sizes = []
     original = encoder.encode
-    encoder.encode = lambda texts, batch: sizes.append(len(texts)) or original(texts, batch)
+    encoder.encode = lambda texts, batch, **kind: sizes.append(len(texts)) or original(texts, batch, **kind)
     app.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
     assert max(sizes[:-1]) == 7 and sizes[-1] == 1
 

@@ -11,6 +11,12 @@ memory-maps read-only, so every worker of an instance shares one copy of the pag
 Sessions are created lazily in each worker, never before gunicorn forks: ONNX Runtime sessions
 inherited across fork are a known crash risk.
 
+Models trained with instructions (e5: "query: " / "passage: ") name them in the folder's
+``config_sentence_transformers.json``; every encoder prefixes each text with the prompt of its kind
+(``encode(..., kind="query")`` for search queries, ``"passage"`` for the stored items and tags), as
+sentence-transformers' ``encode_query`` / ``encode_document`` do. A model without prompts encodes raw
+text, with the same fingerprint as before prompts existed.
+
 numpy, onnxruntime, torch and transformers are imported only inside functions here.
 """
 
@@ -20,7 +26,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -50,6 +56,13 @@ POOLING_MODES = ("mean", "cls", "max")
 MAX_BATCH_TOKENS = 1024
 
 
+# What a text is encoded as: a search query, or a passage (an item or a tag) that queries look for.
+KINDS = ("query", "passage")
+# sentence-transformers' encode_document takes the first of these prompt names the model has.
+PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")
+ST_CONFIG = "config_sentence_transformers.json"
+
+
 class ModelError(RuntimeError):
     """The model folder or name cannot be served; the message says what is wrong with it."""
 
@@ -57,9 +70,10 @@ class ModelError(RuntimeError):
 class Encoder(Protocol):
     fingerprint: str
     dim: int
+    prompts: dict[str, str]
 
-    def encode(self, texts: Sequence[str], batch_size: int) -> "np.ndarray":  # noqa: F821
-        """L2-normalised float32 embeddings, one row per text."""
+    def encode(self, texts: Sequence[str], batch_size: int, kind: str = "passage") -> "np.ndarray":  # noqa: F821
+        """L2-normalised float32 embeddings, one row per text, each prefixed with the prompt of its kind."""
 
     def describe(self) -> dict: ...
 
@@ -73,14 +87,16 @@ class SentenceTransformerLayout:
     pooling: str
     max_seq_length: int | None
     normalize: bool
+    # The prompt put before each text of a kind (KINDS), only those that are not empty.
+    prompts: dict[str, str] = field(default_factory=dict)
 
 
 def read_layout(root: Path) -> SentenceTransformerLayout:
-    """Read modules.json and the pooling config; a plain transformers folder means mean pooling."""
+    """Read modules.json, the pooling config and the prompts; a plain transformers folder means mean pooling."""
     modules_file = root / "modules.json"
     if not modules_file.exists():
         if (root / "config.json").exists():
-            return SentenceTransformerLayout(root, root, "mean", None, True)
+            return SentenceTransformerLayout(root, root, "mean", None, True, read_prompts(root / ST_CONFIG))
         raise ModelError(f"{root} has neither modules.json nor config.json: not a sentence-transformers model")
     try:
         modules = json.loads(modules_file.read_text(encoding="utf-8"))
@@ -102,7 +118,33 @@ def read_layout(root: Path) -> SentenceTransformerLayout:
         max_len = _read_json(transformer_dir / "tokenizer_config.json", missing_ok=True).get("model_max_length")
     if not isinstance(max_len, int) or max_len > 100_000:  # tokenizers write 1e30 for "no limit"
         max_len = None
-    return SentenceTransformerLayout(root, transformer_dir, pooling, max_len, True)
+    return SentenceTransformerLayout(root, transformer_dir, pooling, max_len, True, read_prompts(root / ST_CONFIG))
+
+
+def read_prompts(path: Path) -> dict[str, str]:
+    """The prompt of each kind from a config_sentence_transformers.json, chosen as sentence-transformers
+    chooses them: "query" for queries, the first of "document" / "passage" / "corpus" for passages,
+    otherwise the prompt named by "default_prompt_name" for either. Empty prompts are left out."""
+    config = _read_json(path, missing_ok=True)
+    prompts = config.get("prompts") or {}
+    default_name = config.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ModelError(f"{path}: \"prompts\" must map prompt names to strings, not {prompts!r}")
+    if default_name is not None and default_name not in prompts:
+        raise ModelError(f"{path}: default_prompt_name {default_name!r} is not one of the prompts "
+                         f"({', '.join(prompts) or 'none'})")
+    default = prompts[default_name] if default_name is not None else ""
+    passage = next((prompts[name] for name in PASSAGE_PROMPT_NAMES if name in prompts), default)
+    chosen = {"query": prompts.get("query", default), "passage": passage}
+    return {kind: prompt for kind, prompt in chosen.items() if prompt}
+
+
+def with_prompt(texts: Sequence[str], prompts: dict[str, str], kind: str) -> list[str]:
+    """The texts as the model reads them: each prefixed with the prompt of its kind, if the model has one."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    prompt = prompts.get(kind, "")
+    return [prompt + text for text in texts] if prompt else list(texts)
 
 
 def _pooling_mode(config: dict) -> str:
@@ -157,10 +199,12 @@ def fingerprint_files(paths: Sequence[Path], extra: dict) -> str:
 
 
 def source_fingerprint(layout: SentenceTransformerLayout, **extra) -> str:
-    """The fingerprint of a sentence-transformers folder (config, modules, weights and pooling),
-    shared by ``model prepare`` and the torch encoder."""
+    """The fingerprint of a sentence-transformers folder (config, modules, weights, pooling and
+    prompts), shared by ``model prepare`` and the torch encoder. New prompts mean new vectors; a model
+    without prompts keeps the fingerprint it had before prompts were read."""
     files = [p for p in (layout.transformer_dir / "config.json", layout.root / "modules.json") if p.exists()]
-    return fingerprint_files(files + _weights_files(layout.transformer_dir), {"pooling": layout.pooling, **extra})
+    settings = {"pooling": layout.pooling, **({"prompts": layout.prompts} if layout.prompts else {}), **extra}
+    return fingerprint_files(files + _weights_files(layout.transformer_dir), settings)
 
 
 def _weights_files(root: Path) -> list[Path]:
@@ -222,6 +266,7 @@ class TorchEncoder:
         torch.set_num_threads(runtime_threads(settings))
         layout = read_layout(root)
         self.layout = layout
+        self.prompts = layout.prompts
         self.max_seq_length = min(filter(None, (layout.max_seq_length, settings.semantic_max_seq_length)))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(layout.transformer_dir))
@@ -234,10 +279,10 @@ class TorchEncoder:
         self.fingerprint = source_fingerprint(layout, max_seq_length=self.max_seq_length, backend="torch")
         self._torch = torch
 
-    def encode(self, texts: Sequence[str], batch_size: int):
+    def encode(self, texts: Sequence[str], batch_size: int, kind: str = "passage"):
         import numpy as np
 
-        texts = list(texts)
+        texts = with_prompt(texts, self.prompts, kind)
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
         out = []
         with self._torch.inference_mode():
@@ -249,8 +294,10 @@ class TorchEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "precision": "fp32", "dim": self.dim, "threads": torch_threads(self._torch),
-                "max_seq_length": self.max_seq_length, "fingerprint": self.fingerprint[:12]}
+        described = {"backend": self.backend, "precision": "fp32", "dim": self.dim,
+                     "threads": torch_threads(self._torch), "max_seq_length": self.max_seq_length,
+                     "fingerprint": self.fingerprint[:12]}
+        return {**described, "prompts": self.prompts} if self.prompts else described
 
 
 def torch_threads(torch) -> int:
@@ -339,6 +386,15 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
+def manifest_prompts(root: Path, manifest: dict) -> dict[str, str]:
+    """The prompts ``model prepare`` recorded per kind; an artifact prepared before prompts has none."""
+    prompts = manifest.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(k in KINDS and isinstance(v, str) for k, v in prompts.items()):
+        raise ModelError(f"{root / ARTIFACT_MANIFEST}: \"prompts\" must map {' / '.join(KINDS)} to strings, "
+                         f"not {prompts!r}")
+    return {kind: prompt for kind, prompt in prompts.items() if prompt}
+
+
 class OnnxEncoder:
     """ONNX Runtime + tokenizers over an artifact made by ``model prepare``; pooling is in the graph.
 
@@ -358,9 +414,14 @@ class OnnxEncoder:
         self.dim = int(manifest["dim"])
         self.pad_id = int(manifest.get("pad_id", 0))
         self.max_seq_length = min(int(manifest["max_seq_length"]), settings.semantic_max_seq_length)
-        self.fingerprint = hashlib.sha256(
-            f"{manifest['fingerprint']}:{self.max_seq_length}".encode()
-        ).hexdigest()
+        self.prompts = manifest_prompts(root, manifest)
+        # The manifest's fingerprint covers the source's prompts already; the prompts are added here
+        # too so that a hand-edited manifest re-embeds, and left out when there are none, so that
+        # the vectors of artifacts prepared before prompts stay current.
+        served = f"{manifest['fingerprint']}:{self.max_seq_length}"
+        if self.prompts:
+            served += ":" + json.dumps(self.prompts, sort_keys=True)
+        self.fingerprint = hashlib.sha256(served.encode()).hexdigest()
         self.threads = runtime_threads(settings)
         self.fallback: str | None = None
         # The probe was encoded at the artifact's own length, so it is checked before the setting applies.
@@ -401,14 +462,17 @@ class OnnxEncoder:
         self.variant = "portable"
         return open_session(root / PORTABLE_MODEL, session_options(self.threads, prepacking=False))
 
-    def encode(self, texts: Sequence[str], batch_size: int):
-        return run_session(self.session, self.tokenizer, texts, batch_size, self.pad_id, self.dim)
+    def encode(self, texts: Sequence[str], batch_size: int, kind: str = "passage"):
+        return run_session(self.session, self.tokenizer, with_prompt(texts, self.prompts, kind), batch_size,
+                           self.pad_id, self.dim)
 
     def describe(self) -> dict:
         described = {"backend": self.backend, "precision": self.manifest.get("precision"), "dim": self.dim,
                      "threads": self.threads, "max_seq_length": self.max_seq_length,
                      "fingerprint": self.fingerprint[:12], "artifact_version": self.version,
                      "variant": self.variant}
+        if self.prompts:
+            described["prompts"] = self.prompts
         if self.fallback:
             described["fallback_reason"] = self.fallback
         return described

@@ -14,7 +14,9 @@ torch, transformers and onnxruntime's quantisation tools. The artifact holds
   so the loader checks it with the probe and otherwise falls back to the portable model;
 * ``probe.json``: a few fixed Hebrew sentences and the portable model's embeddings of them;
 * ``tokenizer.json``: the fast tokenizer, read by the Rust ``tokenizers`` library;
-* ``memfit_model.json``: the manifest (format, version 2, precision, dim, fingerprint).
+* ``memfit_model.json``: the manifest (format, version 2, precision, dim, fingerprint, and the
+  prompts the encoder puts before queries and passages, read from the source's
+  ``config_sentence_transformers.json``: e5's ``query: `` / ``passage: ``; ``{}`` for a model without).
 
 Measured on the AlephBERT-size q8 artifact (sum of PSS of N processes, N = 1/2/3): one model.onnx
 with the weights inside 224/419/616 MB; external data with prepacking off 155/186/216 MB but
@@ -88,6 +90,7 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
             "precision": precision,
             "dim": dim,
             "pooling": layout.pooling,
+            "prompts": layout.prompts,
             "max_seq_length": seq,
             "pad_id": pad_id,
             "fingerprint": fingerprint_files([work / PORTABLE_MODEL, work / PORTABLE_DATA],

@@ -246,7 +246,7 @@ class SemanticService:
             raise Overloaded(f"semantic search is at capacity ({slots.count} model runs in flight on this "
                              f"instance); retry after {SHED_RETRY_AFTER_SECONDS} s, or search with mode=text")
         with slot:
-            return encoder.encode([query], 1)[0]
+            return encoder.encode([query], 1, kind="query")[0]
 
 
     def warm(self) -> bool:

