@@ -78,8 +78,9 @@ def after_request(worker, settings: "Settings") -> None:
         return
     worker.log.warning("memfit recycle: worker pid=%d rss=%.0fMB > MAX_WORKER_MEMORY_MB=%d after %d requests; "
                        "exiting gracefully", os.getpid(), rss / MB, limit, getattr(worker, "nr", -1))
-    from . import metrics
+    from . import history, metrics
 
+    history.record_event(settings, "recycle", os.getpid(), rss_mb=round(rss / MB, 1), limit_mb=limit)
     metrics.recycles.inc()
     _state["recycled"] = True
     worker.alive = False
