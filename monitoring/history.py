@@ -61,18 +61,19 @@ class Record:
 
 
 def _payload(data: dict[str, Any]) -> bytes:
-    """data as compact JSON that fits a slot; keys are dropped from the end until it does (logged)."""
-    items = list(data.items())
+    """data as compact JSON that fits a slot: the longest figures are dropped until it does (logged);
+    kind and pid always stay."""
+    kept = dict(data)
     while True:
-        raw = json.dumps(dict(items), separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+        raw = json.dumps(kept, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
         if len(raw) <= PAYLOAD_MAX:
             return raw
-        droppable = [i for i, (key, _) in enumerate(items) if key not in CORE_KEYS]
+        droppable = [key for key in kept if key not in CORE_KEYS]
         if not droppable:
-            return raw[:0]
-        log.warning("status history: record too long for its %d-byte slot, dropped %r", SLOT_SIZE,
-                    items[droppable[-1]][0])
-        del items[droppable[-1]]
+            return b"{}"
+        longest = max(droppable, key=lambda key: len(json.dumps(kept[key], ensure_ascii=False, default=str)))
+        log.warning("status history: record too long for its %d-byte slot, dropped %r", SLOT_SIZE, longest)
+        del kept[longest]
 
 
 class Ring:

@@ -54,11 +54,11 @@ def test_a_ring_of_another_size_or_format_starts_over(tmp_path):
     assert [r.kind for r in bigger.read()] == ["recycle"]
 
 
-def test_a_record_too_long_for_its_slot_keeps_its_kind_and_pid(tmp_path):
+def test_a_record_too_long_for_its_slot_loses_its_longest_figures_never_kind_or_pid(tmp_path):
     ring = Ring(tmp_path / "r", slots=4)
-    ring.append({"kind": "sample", "pid": 7, "small": 1, "huge": "x" * SLOT_SIZE})
-    (record,) = ring.read()
-    assert record.data == {"kind": "sample", "pid": 7, "small": 1}
+    ring.append({"huge": "x" * SLOT_SIZE, "kind": "sample", "pid": 7, "small": 1})
+    ring.append({"kind": "k" * 300, "pid": 8, "note": "n" * 250})
+    assert [r.data for r in ring.read()] == [{"kind": "sample", "pid": 7, "small": 1}, {"kind": "k" * 300, "pid": 8}]
 
 
 def test_records_are_keyed_so_new_figures_need_no_format_change(tmp_path):
