@@ -15,6 +15,7 @@ browser's own login prompt (HTTP Basic, any user name), and is closed (403) when
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import math
 import os
@@ -48,6 +49,7 @@ TIER_SETTINGS = ("MEMORY_TIER", "MAX_MEMORY_MB", "MAX_WORKER_MEMORY_MB", "WEB_CO
                  "SQLALCHEMY_POOL_SIZE", "SQLALCHEMY_MAX_OVERFLOW", "MEMORY_CHECK_INTERVAL", "STATUS_HISTORY_SLOTS")
 EVENT_LABELS = {"recycle": "מיחזור", "alert": "התראה", "killed": "נהרג"}
 
+LABEL_GAP = 13  # least distance between two threshold labels' baselines, in SVG units
 WORKER_COLOURS = 6  # worker lines cycle through CSS classes w0..w5
 
 
@@ -98,6 +100,7 @@ class Line:
     short: str  # beside the line, in the chart's margin
     mb: float
     y: float = 0.0
+    label_y: float = 0.0  # the label's baseline: below the line's, and clear of the label above it
 
 
 @dataclass
@@ -279,7 +282,11 @@ def build_chart(records: list[history.Record], settings, now: float, geometry: G
     for s in series:
         s.svg_points = " ".join(f"{x(t)},{y(v)}" for t, v in s.points)
         s.last = (x(s.points[-1][0]), y(s.points[-1][1]))
-    chart.lines = [Line(line.key, line.label, line.short, line.mb, y(line.mb)) for line in lines]
+    placed, below = [], -math.inf
+    for line in sorted(lines, key=lambda line: -line.mb):  # top of the chart first
+        below = max(y(line.mb) + 4, below + LABEL_GAP)
+        placed.append(dataclasses.replace(line, y=y(line.mb), label_y=below))
+    chart.lines = placed
     for record in records:
         if record.kind == "sample":
             continue

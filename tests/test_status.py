@@ -311,6 +311,16 @@ def test_values_and_lines_land_where_they_should(tmp_path):
     assert all(g.left <= x <= g.right for x, _ in chart.x_ticks)
 
 
+def test_threshold_labels_close_together_do_not_overlap(tmp_path):
+    settings = make_settings(tmp_path, MEMORY_TIER="custom", MAX_MEMORY_MB="110", MAX_WORKER_MEMORY_MB="100")
+    chart = build_chart([rec(1.0, kind="sample", pid=1, process_rss_mb=60.0, container_limit_mb=512.0)],
+                        settings, 2.0)
+    labels = sorted(line.label_y for line in chart.lines)
+    assert [line.key for line in sorted(chart.lines, key=lambda line: line.y)] == ["tier", "alert", "recycle"]
+    assert all(b - a >= 13 for a, b in zip(labels, labels[1:])), labels
+    assert all(line.label_y >= line.y for line in chart.lines)
+
+
 def test_the_chart_covers_one_hour_at_most(tmp_path):
     settings = make_settings(tmp_path)
     now = 100_000.0
