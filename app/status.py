@@ -96,7 +96,8 @@ class Line:
     """A horizontal threshold line."""
 
     key: str
-    label: str  # the legend's full label
+    label: str  # the legend's words (Hebrew)
+    setting: str  # what sets it, shown left-to-right beside the label
     short: str  # beside the line, in the chart's margin
     mb: float
     y: float = 0.0
@@ -253,18 +254,19 @@ def build_chart(records: list[history.Record], settings, now: float, geometry: G
         workers[record.pid].points.append((record.time, value))
     series = [s for s in (instance, pss, *workers.values()) if s.points]
 
-    lines = [Line("alert", f"סף התראה MAX_MEMORY_MB = {settings.max_memory_mb} MB",
+    lines = [Line("alert", "סף התראה", f"MAX_MEMORY_MB = {settings.max_memory_mb} MB",
                   f"התראה {settings.max_memory_mb}", settings.max_memory_mb)]
     if settings.max_worker_memory_mb:
-        lines.append(Line("recycle", f"סף מיחזור עובד MAX_WORKER_MEMORY_MB = {settings.max_worker_memory_mb} MB",
+        lines.append(Line("recycle", "סף מיחזור עובד", f"MAX_WORKER_MEMORY_MB = {settings.max_worker_memory_mb} MB",
                           f"מיחזור {settings.max_worker_memory_mb}", settings.max_worker_memory_mb))
     tier_mb = tier_memory_mb(settings.memory_tier)
     if tier_mb is not None:
-        lines.append(Line("tier", f"זיכרון השכבה {settings.memory_tier} = {tier_mb} MB", f"שכבה {tier_mb}", tier_mb))
+        lines.append(Line("tier", "זיכרון השכבה", f"MEMORY_TIER = {settings.memory_tier}: {tier_mb} MB",
+                          f"שכבה {tier_mb}", tier_mb))
     else:  # a custom tier: the container's own limit, when it has one
         limits = [v for r in samples if (v := _first(r.data, ("container_limit_mb",))) is not None]
         if limits:
-            lines.append(Line("tier", f"מגבלת הקונטיינר (cgroup) = {limits[-1]:.0f} MB", f"מגבלה {limits[-1]:.0f}",
+            lines.append(Line("tier", "מגבלת הקונטיינר", f"cgroup: {limits[-1]:.0f} MB", f"מגבלה {limits[-1]:.0f}",
                               limits[-1]))
 
     peak = max([v for s in series for _, v in s.points] + [line.mb for line in lines] + [1.0])

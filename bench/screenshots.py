@@ -79,15 +79,18 @@ def shoot(driver, url: str, page: str, name: str, width: int, height: int, mobil
     return path
 
 
-# The status run: two workers, thresholds just above a worker without the model and below one with it.
+# The status run: two workers, thresholds just above a worker without the model and below one with it,
+# inside a 512 MB memory cgroup where the machine allows one (bench.run's), so that the instance's line
+# is this gunicorn's own working set and the limit line its cgroup's.
+STATUS_LIMIT_MB = 512
 STATUS_ENV = {"WEB_CONCURRENCY": "2", "MEMORY_CHECK_INTERVAL": "1", "MEMORY_TIER": "custom",
               "MAX_MEMORY_MB": "110", "MAX_WORKER_MEMORY_MB": "100", "GUNICORN_MAX_REQUESTS": "0",
               "APP_ENV": "development", "MEMORY_ALERT_COOLDOWN": "0"}
 
 
-def status_server(folder: Path, seconds: float):
-    """gunicorn serving the sample data, after `seconds` of traffic with two semantic bursts; the
-    caller stops it. Returns the started devtools.gunicorn.GunicornServer."""
+def status_server(folder: Path, seconds: float, wrap):
+    """gunicorn serving the sample data (its command line through wrap), after `seconds` of traffic
+    with two semantic bursts; the caller stops it. Returns the started GunicornServer."""
     import os
     import subprocess
     import sys
@@ -103,7 +106,7 @@ def status_server(folder: Path, seconds: float):
            "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"), "SEMANTIC_MODEL": str(model)}
     subprocess.run([sys.executable, "-m", "flask", "--app", "app", "seed"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    server = GunicornServer(env, folder / "gunicorn.log")
+    server = GunicornServer(env, folder / "gunicorn.log", wrap=wrap)
     server.__enter__()
     started = time.monotonic()
     bursts = {seconds / 3, 2 * seconds / 3}
@@ -143,13 +146,19 @@ def main(argv: list[str] | None = None) -> None:
                 finally:
                     server.shutdown()
             if args.only in (None, "status"):
-                gunicorn = status_server(Path(tmp), args.status_seconds)
+                from bench.run import Cgroup
+
+                cgroup = Cgroup("status-shots", STATUS_LIMIT_MB)
+                gunicorn = None
                 try:
+                    gunicorn = status_server(Path(tmp), args.status_seconds, cgroup.wrap)
                     for name, (width, height, mobile) in VIEWPORTS.items():
                         print(shoot(driver, gunicorn.url + "/status", "status", name, width, height, mobile,
                                     STATUS_READY).relative_to(ROOT))
                 finally:
-                    gunicorn.stop()
+                    if gunicorn is not None:
+                        gunicorn.stop()
+                    cgroup.remove()
         finally:
             driver.quit()
 
