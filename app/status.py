@@ -15,8 +15,8 @@ browser's own login prompt (HTTP Basic, any user name), and is closed (403) when
 from __future__ import annotations
 
 import base64
-import dataclasses
 import binascii
+import dataclasses
 import math
 import os
 import re
@@ -30,6 +30,7 @@ from monitoring import history
 
 from .api import token_matches
 from .errors import ApiError
+from .settings import Settings
 from .state import get_service, get_settings
 
 bp = Blueprint("status", __name__)
@@ -184,7 +185,8 @@ def tier_memory_mb(tier: str) -> int | None:
 def _first(data: dict, keys) -> float | None:
     for key in keys:
         value = data.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # A figure the page cannot place (text, true/false, NaN from a failed read) is not drawn.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     return None
 
@@ -230,7 +232,7 @@ def _clock(t: float, seconds: bool) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M:%S" if seconds else "%H:%M")
 
 
-def build_chart(records: list[history.Record], settings, now: float, geometry: Geometry = WIDE) -> Chart:
+def build_chart(records: list[history.Record], settings: Settings, now: float, geometry: Geometry = WIDE) -> Chart:
     """The chart of the records of the last hour: series, threshold lines, event markers, axes."""
     start = now - WINDOW_SECONDS
     records = [r for r in records if start <= r.time <= now]
@@ -310,7 +312,7 @@ def _frange(first: float, last: float, step: float) -> list[float]:
 # --- the page ----------------------------------------------------------------------------------
 
 
-def tier_settings(settings) -> list[tuple[str, str]]:
+def tier_settings(settings: Settings) -> list[tuple[str, str]]:
     """(variable, value) for each of TIER_SETTINGS, as the instance runs with it."""
     return [(name, str(getattr(settings, name.lower()))) for name in TIER_SETTINGS]
 

@@ -342,6 +342,15 @@ def test_a_custom_tier_draws_the_containers_limit_when_it_has_one(tmp_path):
                           build_chart([rec(1.0, **sample)], settings.replace(max_worker_memory_mb=0), 2.0).lines}
 
 
+def test_a_figure_that_is_not_a_number_is_not_drawn(tmp_path):
+    settings = make_settings(tmp_path)
+    records = [rec(1.0, kind="sample", pid=1, process_rss_mb=float("nan"), container_working_set_mb="12"),
+               rec(2.0, kind="sample", pid=1, process_rss_mb=True),
+               rec(3.0, kind="sample", pid=1, process_rss_mb=50.0)]
+    (series,) = build_chart(records, settings, 4.0).series
+    assert series.pid == 1 and series.points == [(3.0, 50.0)]
+
+
 def test_private_memory_is_drawn_once_the_sampler_reports_it():
     rss_only = [rec(1.0, kind="sample", pid=1, process_rss_mb=90.0)]
     assert worker_figure(rss_only) == ("process_rss_mb", "RSS")
