@@ -48,7 +48,9 @@ TIER_SETTINGS = ("MEMORY_TIER", "MAX_MEMORY_MB", "MAX_WORKER_MEMORY_MB", "WEB_CO
                  "GUNICORN_MAX_REQUESTS_JITTER", "ENABLE_SEMANTIC_SEARCH", "SEMANTIC_MODEL",
                  "SEMANTIC_MAX_SEQ_LENGTH", "SEMANTIC_THREADS", "SEMANTIC_INDEX_MAX_MB", "EMBEDDING_BATCH_SIZE",
                  "SQLALCHEMY_POOL_SIZE", "SQLALCHEMY_MAX_OVERFLOW", "MEMORY_CHECK_INTERVAL", "STATUS_HISTORY_SLOTS")
-EVENT_LABELS = {"recycle": "מיחזור", "alert": "התראה", "killed": "נהרג"}
+# Events the page names; any other kind recorded through monitoring.history.record_event is marked
+# under its own name.
+EVENT_LABELS = {"recycle": "מיחזור", "alert": "התראה", "killed": "נהרג", "exit": "יציאה"}
 
 LABEL_GAP = 13  # least distance between two threshold labels' baselines, in SVG units
 WORKER_COLOURS = 6  # worker lines cycle through CSS classes w0..w5
