@@ -27,7 +27,7 @@ SECURITY_HEADERS = {
 
 # Endpoints that must answer without the database (liveness, readiness's own check, the page).
 NO_DATABASE_ENDPOINTS = {"api.healthz", "api.readyz", "web.index", "web.static", "static", "metrics",
-                         "openapi.openapi_json"}
+                         "openapi.openapi_json", "status.page"}
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -100,11 +100,13 @@ def register_errors(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     from .api import bp as api
     from .openapi import bp as openapi
+    from .status import bp as status
     from .web import bp as web
 
     app.register_blueprint(api)
     app.register_blueprint(openapi)
     app.register_blueprint(web)
+    app.register_blueprint(status)
 
 
 def register_headers(app: Flask) -> None:

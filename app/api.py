@@ -127,11 +127,16 @@ def _authorise_writes():
             raise ApiError(403, "writes_disabled", "writes are closed on this instance: WRITE_TOKEN is not configured")
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Compared as bytes in constant time; a header is latin-1 text, so encoding cannot fail.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
+    if scheme.lower() != "bearer" or not token_matches(given.strip(), token):
         raise ApiError(401, "unauthorized", "writes need the write token: Authorization: Bearer <WRITE_TOKEN>",
                        {"WWW-Authenticate": 'Bearer realm="memfit writes"'})
     return None
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Whether given is the write token (writes here, /status in app/status.py), in constant time."""
+    # Compared as bytes; header text is latin-1 and decoded credentials are valid str, so encoding cannot fail.
+    return hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8"))
 
 
 # --- input checks -----------------------------------------------------------------------------

@@ -177,6 +177,13 @@ FIELDS: tuple[Field, ...] = (
     Field("MEMORY_ALERT_COOLDOWN", "600", _float(0, 86400), "Least seconds between two memory alerts."),
     Field("MEMORY_REARM_RATIO", "0.9", _float(0.1, 1.0),
           "After an alert, memory must fall below MAX_MEMORY_MB times this to re-arm it."),
+    Field("STATUS_PAGE", "true", _bool,
+          "Serve the on-call page /status (memory over the last hour, recycles, alerts, model state). "
+          "When APP_ENV=production it needs the WRITE_TOKEN (Bearer, or as the password of the browser's "
+          "login prompt) and is closed (403) without one. false: /status answers 404."),
+    Field("STATUS_HISTORY_SLOTS", "1024", _int(16, 100000),
+          "Samples and events /status keeps, in one fixed-size file of 512 bytes per slot in "
+          "PROMETHEUS_MULTIPROC_DIR (1024: 512 KB, an hour of two workers sampled every 15 s, with room)."),
     Field("SERVICE_NAME", "memfit", _text, "Service name in logs, metrics and Sentry tags."),
     Field("SENTRY_DSN", "", _text, "Sentry DSN; empty: monitoring only logs.", secret=True),
     Field("SENTRY_ENVIRONMENT", "", _text, "Sentry environment; default APP_ENV."),
@@ -237,6 +244,8 @@ class Settings:
     memory_check_interval: float
     memory_alert_cooldown: float
     memory_rearm_ratio: float
+    status_page: bool
+    status_history_slots: int
     service_name: str
     sentry_dsn: str
     sentry_environment: str

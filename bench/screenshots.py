@@ -1,8 +1,12 @@
-"""``python -m bench.screenshots``: PNGs of the search page with results, for the README.
+"""``python -m bench.screenshots``: PNGs of the search page and of the status page, for the README.
 
-Starts the app on loopback with the sample data in a throw-away SQLite database, opens a shared search
-URL in Debian's headless Chromium (chromium + chromium-driver, driven by selenium) and saves the page at
-desktop (1280x900) and phone (390x844) size into docs/screenshots/. Nothing here is a test.
+The search page: the app on loopback with the sample data in a throw-away SQLite database, a shared
+search URL. The status page: real gunicorn with two workers sampled every second for a while, under
+text searches and a few semantic ones whose model load pushes a worker past MAX_WORKER_MEMORY_MB, so
+the chart shows real samples, recycles and alerts (the tiny test model, built here; thresholds set low
+to match it). Both are opened in Debian's headless Chromium (chromium + chromium-driver, driven by
+selenium) and saved at desktop (1280x900) and phone (390x844) size into docs/screenshots/. Nothing
+here is a test.
 """
 
 from __future__ import annotations
@@ -55,38 +59,108 @@ def chromium():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
-def shoot(driver, url: str, name: str, width: int, height: int, mobile: bool) -> Path:
-    """Open url at the given viewport, wait for the answer, save docs/screenshots/search-<name>.png."""
+# Waits until the page shows what it is for: the search page's answer; the status page is whole when loaded.
+SEARCH_READY = ("const s = document.getElementById('status').textContent;"
+                "return !document.getElementById('results').hasAttribute('aria-busy') && s && s !== 'מחפש…'")
+STATUS_READY = "return document.readyState === 'complete'"
+
+
+def shoot(driver, url: str, page: str, name: str, width: int, height: int, mobile: bool,
+          ready: str = SEARCH_READY) -> Path:
+    """Open url at the given viewport, wait for ready, save docs/screenshots/<page>-<name>.png."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
     driver.get(url)
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-        "const s = document.getElementById('status').textContent;"
-        "return !document.getElementById('results').hasAttribute('aria-busy') && s && s !== 'מחפש…'"))
-    path = OUT / f"search-{name}.png"
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script(ready))
+    path = OUT / f"{page}-{name}.png"
     path.write_bytes(driver.get_screenshot_as_png())
     return path
+
+
+# The status run: two workers, thresholds just above a worker without the model and below one with it,
+# inside a 512 MB memory cgroup where the machine allows one (bench.run's), so that the instance's line
+# is this gunicorn's own working set and the limit line its cgroup's.
+STATUS_LIMIT_MB = 512
+STATUS_ENV = {"WEB_CONCURRENCY": "2", "MEMORY_CHECK_INTERVAL": "1", "MEMORY_TIER": "custom",
+              "MAX_MEMORY_MB": "110", "MAX_WORKER_MEMORY_MB": "100", "GUNICORN_MAX_REQUESTS": "0",
+              "APP_ENV": "development", "MEMORY_ALERT_COOLDOWN": "0"}
+
+
+def status_server(folder: Path, seconds: float, wrap):
+    """gunicorn serving the sample data (its command line through wrap), after `seconds` of traffic
+    with two semantic bursts; the caller stops it. Returns the started GunicornServer."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from app.semantic.prepare import prepare
+    from app.semantic.synthetic import build
+    from devtools.gunicorn import GunicornServer
+
+    model = folder / "tiny-q8"
+    prepare(str(build(folder / "tiny", arch="tiny")), model, precision="q8", force=True)
+    env = {**os.environ, **STATUS_ENV, "DATABASE_URL": f"sqlite:///{folder / 'status.sqlite3'}",
+           "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"), "SEMANTIC_MODEL": str(model)}
+    subprocess.run([sys.executable, "-m", "flask", "--app", "app", "seed"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    server = GunicornServer(env, folder / "gunicorn.log", wrap=wrap)
+    server.__enter__()
+    started = time.monotonic()
+    bursts = {seconds / 3, 2 * seconds / 3}
+    queries = ["/search?" + urllib.parse.urlencode({"q": q, "mode": "text"}) for q in ("ספר", "בישול", "טיול")]
+    n = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        due = {b for b in bursts if elapsed >= b}
+        for burst in due:  # each worker that answers loads the model and, past the threshold, is recycled
+            bursts.discard(burst)
+            for _ in range(2):
+                server.get("/search?" + urllib.parse.urlencode({"q": "ספרים לילדים", "mode": "semantic"}))
+        server.get(queries[n % len(queries)])
+        n += 1
+        time.sleep(0.5)
+    return server
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--query", default="ספר", help="the search shown (default: %(default)s)")
     parser.add_argument("--mode", default="text", help="its mode (default: %(default)s)")
+    parser.add_argument("--status-seconds", type=float, default=120.0,
+                        help="seconds of traffic before the status page is shot (default: %(default)s)")
+    parser.add_argument("--only", choices=("search", "status"), help="shoot one page only")
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log on the console
     with tempfile.TemporaryDirectory(prefix="memfit-shots-") as tmp:
-        base, server = serve(Path(tmp))
         driver = chromium()
         try:
-            url = f"{base}/?{urllib.parse.urlencode({'q': args.query, 'mode': args.mode})}"
-            for name, (width, height, mobile) in VIEWPORTS.items():
-                print(shoot(driver, url, name, width, height, mobile).relative_to(ROOT))
+            if args.only in (None, "search"):
+                base, server = serve(Path(tmp))
+                try:
+                    url = f"{base}/?{urllib.parse.urlencode({'q': args.query, 'mode': args.mode})}"
+                    for name, (width, height, mobile) in VIEWPORTS.items():
+                        print(shoot(driver, url, "search", name, width, height, mobile).relative_to(ROOT))
+                finally:
+                    server.shutdown()
+            if args.only in (None, "status"):
+                from bench.run import Cgroup
+
+                cgroup = Cgroup("status-shots", STATUS_LIMIT_MB)
+                gunicorn = None
+                try:
+                    gunicorn = status_server(Path(tmp), args.status_seconds, cgroup.wrap)
+                    for name, (width, height, mobile) in VIEWPORTS.items():
+                        print(shoot(driver, gunicorn.url + "/status", "status", name, width, height, mobile,
+                                    STATUS_READY).relative_to(ROOT))
+                finally:
+                    if gunicorn is not None:
+                        gunicorn.stop()
+                    cgroup.remove()
         finally:
             driver.quit()
-            server.shutdown()
 
 
 if __name__ == "__main__":

@@ -126,8 +126,10 @@ def after_request(worker, settings: "Settings") -> None:
     worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "
                        "after %d requests; exiting gracefully", figures.pid, figures.private / MB, figures.rss / MB,
                        "-" if figures.pss is None else f"{figures.pss / MB:.0f}MB", limit, getattr(worker, "nr", -1))
-    from . import metrics
+    from . import history, metrics
 
+    history.record_event(settings, "recycle", figures.pid, private_mb=round(figures.private / MB, 1),
+                         rss_mb=round(figures.rss / MB, 1), limit_mb=limit)
     metrics.recycles.inc()
     _state["recycled"] = True
     worker.alive = False
@@ -197,6 +199,10 @@ def child_exited(server, worker, settings: "Settings") -> None:
         server.log.error("memfit: worker pid=%d timed out: silent for more than GUNICORN_TIMEOUT=%ds, aborted "
                          "by the master", worker.pid, settings.gunicorn_timeout)
     metrics.worker_exits.labels(cause=cause).inc()
+    if cause in ("killed", "timeout"):  # the on-call page marks them (recycles are marked by the worker)
+        from . import history
+
+        history.record_event(settings, cause, worker.pid)
     metrics.mark_process_dead(worker.pid, directory)
     # A merge the lock held off (a scrape in progress) is retried with the next exit.
     pending = _state.setdefault("unarchived", [])

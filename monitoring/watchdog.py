@@ -223,6 +223,11 @@ class MemoryWatchdog:
             self.last_sample = figures
             export(figures)
             fired = self.alarms.feed(figures, now)
+            from . import history  # the /status page's ring: this sample and any alert it raised
+
+            history.record_sample(self.settings, figures)
+            for subject in fired:
+                history.record_event(self.settings, "alert", figures["pid"], subject=subject)
             self.heartbeat.beat(now)
             return fired
         except Exception:  # the watchdog must outlive any surprise: log it and sample again later
