@@ -111,12 +111,12 @@ def test_each_watchdog_sample_and_alert_lands_in_the_ring(tmp_path):
 
     settings = make_settings(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path), MAX_MEMORY_MB="16")
     watchdog = MemoryWatchdog(settings)
-    assert watchdog.check(now=1.0) == ["process"]  # any Python process is above 16 MB
+    assert watchdog.check(now=1.0) == ["instance"]  # any Python process is above 16 MB
     watchdog.check(now=2.0)
     records = history.read(settings)
     assert [r.kind for r in records] == ["sample", "alert", "sample"]
     assert records[0].data["process_rss_mb"] > 16 and records[0].pid == os.getpid()
-    assert records[1].data["subject"] == "process"
+    assert records[1].data["subject"] == "instance"
 
 
 def test_a_recycled_worker_leaves_a_recycle_event(tmp_path):
