@@ -98,6 +98,13 @@ def fuzz_section(data: dict) -> str:
             f"**{data['server_errors']} server errors** outside the documented 503s.")
 
 
+def faults_section(data: dict) -> str:
+    kinds = ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in sorted(data["by_fault"].items()))
+    return (f"Last run: **{data['faults_injected']} faults injected, {data['faults_survived']} survived** ({kinds}); "
+            f"{data['requests_sent']} requests sent, {data['items_acknowledged']} items acknowledged, "
+            f"**{data['data_lost']} lost**.")
+
+
 def serving_section(data: dict) -> str:
     from bench.serving import table
 
@@ -111,6 +118,7 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "textscale-results": ("textscale.json", textscale_section),
             "relevance-results": ("relevance.json", relevance_section),
             "fuzz-results": ("fuzz.json", fuzz_section),
+            "faults-results": ("faults.json", faults_section),
             "serving-results": ("serving.json", serving_section)}
 
 

@@ -1,4 +1,5 @@
-"""The README's Layout section stays true: every room it names exists, and every room exists in it."""
+"""The README stays true to the tree: every room its Layout names exists and every room is named there;
+every test its Reliability table names exists."""
 
 from __future__ import annotations
 
@@ -39,3 +40,23 @@ def test_every_module_and_package_is_in_the_layout():
     unlisted = sorted([m for m in modules if not covered(m)] +
                       [t for t in top if not covered(t) and not split_into_rooms(t)])
     assert not unlisted, f"README Layout does not say where these live: {unlisted}"
+
+
+def reliability_tests() -> list[tuple[str, str]]:
+    """(file, test) for each test the Reliability table names; `::name` continues the row's last file."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    named = []
+    for row in (line for line in section.splitlines() if line.startswith("| ")):
+        current = None
+        for path, name in re.findall(r"`(tests/[\w/]+\.py)?::(\w+)`", row.split("|")[2]):
+            current = path or current
+            named.append((current, name))
+    return named
+
+
+def test_every_test_the_reliability_table_names_exists():
+    named = reliability_tests()
+    assert len(named) >= 20, named  # the table is parsed, not silently empty
+    missing = [f"{path}::{name}" for path, name in named
+               if path is None or not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M)]
+    assert not missing, f"README Reliability names tests that do not exist: {missing}"
