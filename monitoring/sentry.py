@@ -29,7 +29,8 @@ def init(settings: "Settings") -> bool:
     import sentry_sdk
     from sentry_sdk.integrations.flask import FlaskIntegration
 
-    if sentry_sdk.get_client().is_active():
+    client = sentry_sdk.get_client()
+    if client.is_active() and client.options.get("dsn"):  # an earlier init; one without a DSN sends nothing
         return True
     try:
         sentry_sdk.init(

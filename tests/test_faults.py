@@ -294,7 +294,7 @@ def test_a_failing_sentry_neither_blocks_nor_kills_and_the_watchdog_runs(tmp_pat
             wait_for(lambda: metric(get(g, "/metrics")[1].decode(), "memfit_memory_alerts_total") >= 1,
                      "the watchdog's memory alert")
             assert metric(get(g, "/metrics")[1].decode(), "memfit_process_rss_bytes", pid=str(workers[0])) > 16 * 2**20
-            assert "memory high: process at" in g.log()
+            assert "memory high: instance at" in g.log()
             FIGURES["faults_injected"] += 1
             if hanging:
                 wait_for(lambda: any(b"/envelope/" in r for r in hanging.requests),
