@@ -131,7 +131,7 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
     # tsvector column and its GIN index are DDL the models do not describe.
     if type_ == "table" and name and name.startswith(textindex.FTS):
         return False
-    if table == "items" and name in (textindex.TSV, f"ix_items_{textindex.TSV}"):
+    if table == "items" and name in textindex.PG_COLUMNS + textindex.PG_INDEXES:
         return False
     return not (type_ == "index" and name and name.startswith(RELEASE_MANAGED_INDEX_PREFIX))
 

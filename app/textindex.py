@@ -1,5 +1,5 @@
-"""The Hebrew text index (issue 12): an inverted index on both back ends, BM25-style ranking over
-every match, and a bounded cost for any query.
+"""The Hebrew text index (issue 12): an inverted index on both back ends, BM25-style ranking, and a
+bounded cost for any query.
 
 Each item row carries ``index_text``: the analysed forms of its title and body as a JSON array
 ``[title, body, title_alt, body_alt, version]`` of space-separated terms (app/hebrew.py makes them;
@@ -9,7 +9,18 @@ inside the same transaction as the write:
 - SQLite: an FTS5 table with external content (a view that unpacks ``index_text``), maintained by
   triggers on ``items``; ranked by FTS5's ``bm25()`` with per-column weights.
 - PostgreSQL: a stored generated ``tsvector`` column (``simple`` configuration; weights A title,
-  B body, C title alternates, D body alternates) under a GIN index; ranked by ``ts_rank``.
+  B body, C title alternates, D body alternates) under a GIN index; ranked by ``ts_rank``. A second,
+  small one holds the title alone (A, C) under its own GIN index (migration 0003), for the tiers below.
+
+Ranking over every match grows with the table: at 100k generated items a typical query matches
+~14,000 of them, and scoring each cost ~6 µs on PostgreSQL (half reading the row and its TOASTed
+tsvector, half ts_rank) and ~3 µs in FTS5's bm25(). So a query matching more than CANDIDATES items
+ranks a bounded candidate set instead: a few tiers read from the indexes (every word in the title,
+every word with one in the title, two words with one in the title, every word, any word in a title,
+any match), at most CANDIDATES items each in the index's own order, scored by the same formula as
+before. The narrow tiers hold the items that rank first, so thousands of items holding one frequent
+word cannot push them out (the old best match of the issue stays first); the cost no longer depends
+on the table. bench/textscale.py measures how often the top 10 agrees with the exhaustive ranking.
 
 Exact forms outrank alternates twice over: a document's prefix-stripped and defective-spelling forms
 sit in the low-weight ``*_alt`` columns, and a query's own stripped forms count ALT_FACTOR of an exact
@@ -20,6 +31,8 @@ left out when rarer ones are present, so a query costs what its posting lists co
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 from sqlalchemy import event, text
@@ -42,6 +55,12 @@ PREFIXED_RATIO = 4
 PG_NORMALIZATION = 0
 # PostgreSQL: items holding a stem (in any column) looked at to see whether it is a word of its own.
 PLAUSIBLE_SAMPLE = 500
+# Bounded ranking: items ranked per query are at most CANDIDATES from each tier (see _tiers), so a
+# query of frequent words costs the same at 1M items as at 10k. Measured on 100k generated items
+# (bench/textscale.py): the exhaustive PostgreSQL ranking spent 3 µs a match reading the row and its
+# TOASTed tsvector and 3 µs in ts_rank, over ~14,000 matches for a typical query (p50 44 ms); FTS5's
+# bm25() cost the same per match. A query matching fewer items than CANDIDATES is ranked exhaustively.
+CANDIDATES = 200
 # Column weights: title over body, exact forms over alternates. One ratio on both back ends.
 TITLE_WEIGHT, BODY_WEIGHT, TITLE_ALT_WEIGHT, BODY_ALT_WEIGHT = 4.0, 1.0, 2.0, 0.5
 COLUMNS = ("title", "body", "title_alt", "body_alt")
@@ -50,6 +69,11 @@ FTS = "items_fts"
 FTS_SOURCE = "items_fts_src"
 FTS_VOCAB = "items_fts_vocab"
 TSV = "index_tsv"
+# PostgreSQL: the title's exact forms (A) and alternates (C) alone, so that a title tier is read from
+# its own GIN index (GIN cannot select index_tsv's entries by weight without visiting every row).
+TITLE_TSV = "index_title_tsv"
+# BM25 constants of FTS5's bm25() (sqlite/ext/fts5/fts5_aux.c), replicated by _bm25().
+BM25_K1, BM25_B = 1.2, 0.75
 
 
 # --- analysis -----------------------------------------------------------------------------------
@@ -121,16 +145,27 @@ def _sqlite_ddl() -> list[str]:
     ]
 
 
+def _weighted(columns: str, weights: str) -> str:
+    return " || ".join(f"setweight(to_tsvector('simple', coalesce(index_text::json->>{i}, '')), '{w}')"
+                       for i, w in zip(columns, weights))
+
+
 def _postgresql_ddl() -> list[str]:
-    weighted = " || ".join(
-        f"setweight(to_tsvector('simple', coalesce(index_text::json->>{i}, '')), '{w}')"
-        for i, w in enumerate("ABCD"))
     return [
         "ALTER TABLE items ADD COLUMN IF NOT EXISTS index_text text",
         # A stored generated column is recomputed by PostgreSQL in the writing statement itself.
-        f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {TSV} tsvector GENERATED ALWAYS AS ({weighted}) STORED",
+        f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {TSV} tsvector "
+        f"GENERATED ALWAYS AS ({_weighted((0, 1, 2, 3), 'ABCD')}) STORED",
         f"CREATE INDEX IF NOT EXISTS ix_items_{TSV} ON items USING gin ({TSV})",
+        f"ALTER TABLE items ADD COLUMN IF NOT EXISTS {TITLE_TSV} tsvector "
+        f"GENERATED ALWAYS AS ({_weighted((0, 2), 'AC')}) STORED",
+        f"CREATE INDEX IF NOT EXISTS ix_items_{TITLE_TSV} ON items USING gin ({TITLE_TSV})",
     ]
+
+
+# PostgreSQL objects this module makes on items, which the models do not describe (app/release.py).
+PG_COLUMNS = (TSV, TITLE_TSV)
+PG_INDEXES = tuple(f"ix_items_{column}" for column in PG_COLUMNS)
 
 
 def ensure_schema(conn) -> bool:
@@ -148,9 +183,9 @@ def ensure_schema(conn) -> bool:
     present = set(conn.execute(text(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
         "AND table_name = 'items'")).scalars())
-    indexed = conn.execute(text("SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "
-                                f"AND indexname = 'ix_items_{TSV}'")).first()
-    if {"index_text", TSV} <= present and indexed:
+    indexed = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() "
+                                    "AND tablename = 'items'")).scalars())
+    if {"index_text", *PG_COLUMNS} <= present and set(PG_INDEXES) <= indexed:
         return False  # ALTER TABLE would take an exclusive lock on items even when it changes nothing
     for statement in _postgresql_ddl():
         conn.execute(text(statement))
@@ -177,8 +212,8 @@ def _fts_phrase(term: str) -> str:
     return f'"{term}"'  # terms are letters and digits only; quoting keeps FTS5 keywords literal
 
 
-def _pg_query(terms: list[str], weights: str = "") -> str:
-    return " | ".join(f"'{t}'{':' + weights if weights else ''}" for t in terms)
+def _pg_query(terms: list[str], weights: str = "", op: str = "|") -> str:
+    return f" {op} ".join(f"'{t}'{':' + weights if weights else ''}" for t in terms)
 
 
 def _document_frequencies(conn, dialect: str, terms: list[str], cap: int) -> dict[str, int]:
@@ -201,13 +236,16 @@ def _document_frequencies(conn, dialect: str, terms: list[str], cap: int) -> dic
         # Whether a term is a word of some title or body (weights A, B) is asked of the first
         # PLAUSIBLE_SAMPLE items holding it at all: GIN cannot select by weight, and a stem found
         # in the alternates of thousands of items would otherwise cost a visit to each of them.
+        # Titles are asked first: their small tsvector is read without TOAST, and most words are in one.
         rows = _through_index(conn, f"""
             WITH common AS (
                 SELECT e.elem, e.freq FROM pg_stats s,
                        unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs) AS e(elem, freq)
                 WHERE s.schemaname = current_schema() AND s.tablename = 'items' AND s.attname = '{TSV}')
             SELECT t, CASE
-                WHEN NOT EXISTS (SELECT 1 FROM (SELECT {TSV} AS v FROM items WHERE {TSV} @@ any_q
+                WHEN NOT EXISTS (SELECT 1 FROM (SELECT {TITLE_TSV} AS v FROM items WHERE {TITLE_TSV} @@ any_q
+                                                LIMIT {PLAUSIBLE_SAMPLE}) s WHERE v @@ title_q)
+                 AND NOT EXISTS (SELECT 1 FROM (SELECT {TSV} AS v FROM items WHERE {TSV} @@ any_q
                                                 LIMIT {PLAUSIBLE_SAMPLE}) s WHERE v @@ q) THEN 0
                 WHEN c.freq IS NOT NULL THEN ceil(c.freq * (
                      SELECT greatest(reltuples, 0) FROM pg_class WHERE oid = 'items'::regclass))
@@ -215,8 +253,9 @@ def _document_frequencies(conn, dialect: str, terms: list[str], cap: int) -> dic
             FROM unnest(CAST(:terms AS text[])) AS t
             CROSS JOIN LATERAL to_tsquery('simple', quote_literal(t) || :exact_only) AS q
             CROSS JOIN LATERAL to_tsquery('simple', quote_literal(t)) AS any_q
+            CROSS JOIN LATERAL to_tsquery('simple', quote_literal(t) || :title_only) AS title_q
             LEFT JOIN common c ON c.elem = t""",
-            {"terms": terms, "cap": cap, "exact_only": ":AB"})
+            {"terms": terms, "cap": cap, "exact_only": ":AB", "title_only": ":A"})
         found = {t: min(int(n), cap) for t, n in rows}
     return {t: found.get(t, 0) for t in terms}
 
@@ -270,7 +309,125 @@ def search(conn, query: str, limit: int) -> Result:
     return Result([(int(i), float(s)) for i, s in rows], chosen)
 
 
+# Most words a query may have for the "two of its words" tier (its clause lists every pair of them).
+PAIR_TIER_WORDS = 5
+
+
+def _tiers(chosen: Plan) -> list[list[tuple[str, str, list[str]]]]:
+    """The candidate tiers of a query: each a list of clauses (where, how, terms), all to hold.
+
+    ``where`` is "titles" (the title's forms and their alternates) or "all"; ``how`` is "AND", "OR" or "PAIRS" (two of the terms). Each tier is read from the index
+    in the index's own order (SQLite: ascending rowid; PostgreSQL: its bitmap's physical order), at
+    most CANDIDATES items each, so the candidate set is bounded whatever the words. The narrow tiers
+    hold the kinds of items that rank first (every word in the title; every word with one in the
+    title; two of three words with one in the title), each a tier of its own, so thousands of items
+    holding one frequent word do not push them out: the old best match of issue 12 stays first. The
+    broad tiers come last; a query matching fewer than CANDIDATES items gets every match from the
+    last one and is ranked exhaustively.
+    """
+    words, every = chosen.words, chosen.words + chosen.alternates
+    tiers = [[("titles", "AND", words)]]
+    if len(words) > 1:
+        tiers.append([("titles", "OR", words), ("all", "AND", words)])
+    if 3 <= len(words) <= PAIR_TIER_WORDS:
+        tiers.append([("titles", "OR", words), ("all", "PAIRS", words)])
+    tiers += [[("all", "AND", words)], [("titles", "OR", every)], [("all", "OR", every)]]
+    return tiers
+
+
+def _fts_clause(where: str, how: str, terms: list[str]) -> str:
+    if how == "PAIRS":
+        joined = " OR ".join(f"({_fts_phrase(a)} AND {_fts_phrase(b)})"
+                             for i, a in enumerate(terms) for b in terms[i + 1:])
+    else:
+        joined = f" {how} ".join(map(_fts_phrase, terms))
+    columns = "{title title_alt} : " if where == "titles" else ""
+    return f"{columns}({joined})"
+
+
+def _averages(conn) -> tuple[int, int]:
+    """FTS5's row count and total token count (every column), as bm25() reads them.
+
+    They live in the index's "averages" record (rowid 1 of the %_data table: a varint row count,
+    then one varint token total per column; sqlite/ext/fts5/fts5_index.c), read here in O(1).
+    """
+    blob = conn.execute(text(f"SELECT block FROM {FTS}_data WHERE id = 1")).scalar()
+    values, value, i = [], 0, 0
+    while blob and i < len(blob):
+        for k in range(9):  # SQLite varint: 7 bits a byte, high bit set on all but the last; 9th byte whole
+            byte = blob[i]
+            i += 1
+            if k == 8:
+                value = (value << 8) | byte
+                break
+            value = (value << 7) | (byte & 0x7F)
+            if not byte & 0x80:
+                break
+        values.append(value)
+        value = 0
+    return (values[0], sum(values[1:])) if values else (0, 0)
+
+
+def _bm25(rows, groups: list[list[str]], hits: dict[str, int], rows_total: int, tokens_total: int,
+          ) -> dict[int, list[float]]:
+    """FTS5's bm25() (negated: higher is better) of the given rows, one score per group of phrases.
+
+    Computed as if the rows were the results of one MATCH per group: a term's frequency is the sum
+    of its column weights over its occurrences, a row's length counts every column's tokens, and a
+    term's IDF counts every row of the index holding it (``hits``), so a score does not depend on
+    which rows are ranked. tests/test_textindex.py checks it against bm25() itself.
+    """
+    weights = (TITLE_WEIGHT, BODY_WEIGHT, TITLE_ALT_WEIGHT, BODY_ALT_WEIGHT)
+    avgdl = tokens_total / rows_total if rows_total else 1.0
+    idf, group_of = {}, {}
+    for g, phrases in enumerate(groups):
+        for phrase in phrases:
+            value = math.log((rows_total - hits[phrase] + 0.5) / (hits[phrase] + 0.5))
+            idf[phrase], group_of[phrase] = (value if value > 0 else 1e-6), g
+    # Whole terms: the columns hold analysed terms joined by single spaces.
+    finder = re.compile(r"(?<!\S)(?:" + "|".join(map(re.escape, idf)) + r")(?!\S)").findall
+    scores = {}
+    for item_id, *columns in rows:
+        length, frequency = 0, {}
+        for weight, column in zip(weights, columns):
+            if column:
+                length += column.count(" ") + 1
+                for term in finder(column):
+                    frequency[term] = frequency.get(term, 0.0) + weight
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * length / avgdl)
+        row = scores[item_id] = [0.0] * len(groups)
+        for term, f in frequency.items():
+            row[group_of[term]] += idf[term] * f * (BM25_K1 + 1) / (f + norm)
+    return scores
+
+
 def _search_sqlite(conn, chosen: Plan, limit: int):
+    every = chosen.words + chosen.alternates
+    matched = conn.execute(text(f"SELECT count(*) FROM (SELECT 1 FROM {FTS} WHERE {FTS} MATCH :q LIMIT :n)"),
+                           {"q": " OR ".join(map(_fts_phrase, every)), "n": CANDIDATES + 1}).scalar_one()
+    if matched <= CANDIDATES:
+        return _rank_sqlite_matches(conn, chosen, limit)
+    tiers = _tiers(chosen)
+    params = {f"t{i}": " AND ".join(_fts_clause(*clause) for clause in tier) for i, tier in enumerate(tiers)}
+    params["n"] = CANDIDATES
+    union = " UNION ".join(f"SELECT id FROM (SELECT rowid AS id FROM {FTS} WHERE {FTS} MATCH :t{i} LIMIT :n)"
+                           for i in range(len(tiers)))
+    # The candidates are ranked here, in Python, by the bm25() formula: FTS5 ranks only a whole
+    # MATCH, and restricting one to a list of rowids re-reads every posting list for each rowid
+    # (measured: 670 ms for 500 candidates at 100k items).
+    rows = conn.execute(text(f"SELECT id, {', '.join(COLUMNS)} FROM {FTS_SOURCE} WHERE id IN ({union})"),
+                        params).all()
+    counted = conn.execute(text("SELECT " + ", ".join(
+        f"(SELECT count(*) FROM {FTS} WHERE {FTS} MATCH :p{i})" for i in range(len(every)))),
+        {f"p{i}": _fts_phrase(p) for i, p in enumerate(every)}).one()
+    rows_total, tokens_total = _averages(conn)
+    scores = _bm25(rows, [chosen.words, chosen.alternates], dict(zip(every, counted)), rows_total, tokens_total)
+    scored = [(i, exact + ALT_FACTOR * alternate) for i, (exact, alternate) in scores.items()]
+    return sorted(scored, key=lambda pair: (-pair[1], -pair[0]))[:limit]
+
+
+def _rank_sqlite_matches(conn, chosen: Plan, limit: int):
+    """Every match ranked by FTS5's own bm25(): a query matching at most CANDIDATES items."""
     weights = f"{TITLE_WEIGHT}, {BODY_WEIGHT}, {TITLE_ALT_WEIGHT}, {BODY_ALT_WEIGHT}"
     # bm25() is negative, lower is better: negated here so that every score reads "higher is better".
     parts = [f"SELECT rowid AS id, -bm25({FTS}, {weights}) AS s FROM {FTS} WHERE {FTS} MATCH :exact"]
@@ -284,22 +441,42 @@ def _search_sqlite(conn, chosen: Plan, limit: int):
     return conn.execute(text(statement), params).all()
 
 
+def _pg_clause(name: str, where: str, how: str, terms: list[str]) -> tuple[str, dict]:
+    """One clause of a tier (see _tiers) as a WHERE condition, and its tsquery parameter."""
+    if how == "PAIRS":
+        query = " | ".join(f"('{a}' & '{b}')" for i, a in enumerate(terms) for b in terms[i + 1:])
+    else:
+        # No clause asks for weights: GIN would then recheck every row it returns, reading index_tsv
+        # from TOAST (a "title and body" tier measured 25 ms at 100k items for that reason).
+        query = _pg_query(terms, "", "&" if how == "AND" else "|")
+    column = TITLE_TSV if where == "titles" else TSV
+    return f"{column} @@ to_tsquery('simple', :{name})", {name: query}
+
+
 def _search_postgresql(conn, chosen: Plan, limit: int):
     # ts_rank weights are listed {D, C, B, A}: body_alt, title_alt, body, title.
     weights = f"'{{{BODY_ALT_WEIGHT / TITLE_WEIGHT}, {TITLE_ALT_WEIGHT / TITLE_WEIGHT}, " \
               f"{BODY_WEIGHT / TITLE_WEIGHT}, 1.0}}'::float4[]"
     score = f"ts_rank({weights}, {TSV}, qe, {PG_NORMALIZATION})"
-    params = {"exact": _pg_query(chosen.words), "limit": limit}
+    params = {"exact": _pg_query(chosen.words), "limit": limit, "n": CANDIDATES}
     sources = "to_tsquery('simple', :exact) AS qe"
     if chosen.alternates:
         score += f" + {ALT_FACTOR} * ts_rank({weights}, {TSV}, qa, {PG_NORMALIZATION})"
         sources += ", to_tsquery('simple', :alt) AS qa"
         params["alt"] = _pg_query(chosen.alternates)
-    # The match is one constant tsquery: an expression over qe and qa would hide it from the GIN index.
-    params["match"] = _pg_query(chosen.words + chosen.alternates)
-    statement = (f"SELECT id, {score} AS score FROM items, {sources} "
-                 f"WHERE {TSV} @@ to_tsquery('simple', :match) "
-                 "ORDER BY score DESC, id DESC LIMIT :limit")
+    # Each tier is one constant tsquery (an expression over qe and qa would hide it from the GIN index).
+    conditions = []
+    for i, tier in enumerate(_tiers(chosen)):
+        clauses = []
+        for j, clause in enumerate(tier):
+            condition, clause_params = _pg_clause(f"t{i}_{j}", *clause)
+            clauses.append(condition)
+            params.update(clause_params)
+        conditions.append(" AND ".join(clauses))
+    union = " UNION ".join(f"(SELECT id FROM items WHERE {c} LIMIT :n)" for c in conditions)
+    statement = (f"WITH candidates AS MATERIALIZED ({union}) "
+                 f"SELECT id, {score} AS score FROM items, {sources} "
+                 "WHERE id IN (SELECT id FROM candidates) ORDER BY score DESC, id DESC LIMIT :limit")
     return _through_index(conn, statement, params)
 
 

@@ -93,6 +93,41 @@ def test_old_item_with_every_word_in_its_title_comes_first_past_any_cap(app):
     assert ids(app, "עוגת שוקולד ביתית", limit=5)[0] == old
 
 
+def test_frequent_words_past_the_candidate_bound_still_give_the_best_match(app, monkeypatch):
+    # Ranking is bounded: CANDIDATES items per tier, each tier read in index order (oldest first).
+    # The best items are the newest here, behind more than CANDIDATES older items of each weaker
+    # kind, so a single "any match" tier would never reach them.
+    monkeypatch.setattr(textindex, "CANDIDATES", 5)
+    add(app, *[(f"פריט {n}", "שוקולד מריר עם עוגה") for n in range(12)],  # both words, in bodies only
+        *[(f"שוקולד {n}", "מהמדף") for n in range(12)],  # one word, in the title
+        *[(f"עוגה {n}", "אפויה") for n in range(12)])
+    title_and_body, both_in_title = add(app, ("עוגה ביתית", "עם שוקולד"), ("עוגה עם שוקולד", "מתכון"))
+    found = ids(app, "עוגה שוקולד", limit=3)
+    assert found[:2] == [both_in_title, title_and_body], found
+
+
+def test_candidates_are_scored_like_fts5_bm25(app):
+    # SQLite ranks a bounded candidate set in Python (textindex._bm25); it must give bm25()'s scores.
+    add(app, ("עוגת שוקולד", "מתכון קצר"), ("שוקולד מריר", "שוקולד שוקולד ועוגה " + "מילה " * 40),
+        ("ועוגה", "בלי כלום"), ("לחם", "שוקולד"), ("עוגה", ""), ("סתם", "טקסט אחר"))
+    with app.app_context():
+        conn = db.session.connection()
+        if conn.dialect.name != "sqlite":
+            pytest.skip("PostgreSQL ranks its candidates with ts_rank in SQL")
+        chosen = textindex.plan(conn, "עוגה שוקולד")
+        assert chosen.alternates  # ועוגה's stem: both groups of phrases are scored
+        expected = dict(textindex._rank_sqlite_matches(conn, chosen, 100))
+        every = chosen.words + chosen.alternates
+        rows = conn.execute(text(f"SELECT id, {', '.join(textindex.COLUMNS)} FROM {textindex.FTS_SOURCE}")).all()
+        hits = {p: conn.execute(text(f"SELECT count(*) FROM {textindex.FTS} WHERE {textindex.FTS} MATCH :p"),
+                                {"p": f'"{p}"'}).scalar_one() for p in every}
+        scores = textindex._bm25(rows, [chosen.words, chosen.alternates], hits, *textindex._averages(conn))
+    computed = {i: e + textindex.ALT_FACTOR * a for i, (e, a) in scores.items() if e or a}
+    assert computed.keys() == expected.keys()
+    for item_id, score in expected.items():
+        assert computed[item_id] == pytest.approx(score, rel=1e-9), item_id
+
+
 def test_index_follows_insert_update_and_delete(app):
     (item_id,) = add(app, ("תפוזים", "מיץ טבעי"))
     assert ids(app, "תפוזים") == [item_id]
