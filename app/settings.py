@@ -137,6 +137,9 @@ FIELDS: tuple[Field, ...] = (
           "Longest wait (ms) of a semantic search for a free semantic slot; past it the search is shed with "
           "503 overloaded and Retry-After. Catch-up embedding never waits: with every slot busy it is left "
           "to a later request."),
+    Field("SEMANTIC_NICE", "10", _int(0, 19),
+          "How much lower than request handling the model runs (nice increment of the threads that run "
+          "it): text and tag requests pass queries and catch-up batches on a busy CPU. 0: same priority."),
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
@@ -224,6 +227,7 @@ class Settings:
     semantic_threads: int
     semantic_max_inflight: int
     semantic_queue_timeout_ms: int
+    semantic_nice: int
     web_concurrency: int
     semantic_index_max_mb: int
     semantic_catchup_limit: int

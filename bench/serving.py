@@ -65,7 +65,7 @@ def designs(tier: str, models: dict[str, Path]) -> dict[str, dict]:
     }
 
 
-ACCESS = re.compile(r'"GET /search\?[^"]*mode=semantic[^"]*" (\d+) \S+ (\d+)ms pid=(\d+)')
+ACCESS = re.compile(r'"GET /search\?[^"]*mode=semantic[^"]*" (\d+) \S+ (\d+)ms pid=<?(\d+)')
 BOOT = re.compile(r"Booting worker with pid: (\d+)")
 
 

@@ -184,3 +184,31 @@ def test_the_api_description_documents_the_overloaded_503(app):
 
         unavailable = spec()["paths"]["/search"]["get"]["responses"]["503"]
     assert "overloaded" in unavailable["description"] and "Retry-After" in unavailable["headers"]
+
+
+@pytest.mark.parametrize("nice", [10, 0])
+def test_the_model_runs_on_threads_below_request_handling(make_app, tiny_onnx, monkeypatch, nice):
+    # A query's and a catch-up batch's model run happen on a thread SEMANTIC_NICE steps below the
+    # request's own priority, so request threads pass them on a busy CPU.
+    import os
+
+    from app.db import Item, db
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_NICE=str(nice), SEMANTIC_CATCHUP_LIMIT="1000")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    service = get_service(app)
+    with app.app_context():
+        encoder = service.encoder()
+    seen: list[tuple[str, int]] = []
+    plain = type(encoder).encode
+
+    def recording(self, texts, batch_size, kind="passage"):
+        seen.append((kind, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return plain(self, texts, batch_size, kind=kind)
+
+    monkeypatch.setattr(type(encoder), "encode", recording)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200
+    kinds = {kind for kind, _ in seen}
+    assert kinds == {"query", "passage"}, seen  # the seed's vectors were caught up, then the query ran
+    assert {priority for _, priority in seen} == {min(base + nice, 19)}, (base, seen)

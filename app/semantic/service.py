@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from ..db import Item, Tag, db
 from ..settings import Settings
-from .slots import Slots
+from .slots import ModelRunner, Slots
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .encoders import Encoder
@@ -85,6 +85,7 @@ class SemanticService:
         self._store = None  # the vector store, chosen on first use: see vector_store()
         self._caught_up: tuple | None = None  # (fingerprint, max tag id, max item id) with nothing missing
         self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
+        self._runner: ModelRunner | None = None  # low-priority model threads, made on first use: see runner()
 
     @property
     def state(self) -> str:
@@ -148,6 +149,14 @@ class SemanticService:
             self._slots = Slots.from_settings(self.settings)
         return self._slots
 
+    def runner(self) -> ModelRunner:
+        """This process's low-priority model threads (SEMANTIC_NICE), one per slot, made on first use:
+        after fork, since gunicorn's workers load the model themselves."""
+        with self._lock:
+            if self._runner is None:
+                self._runner = ModelRunner(self.slots().count, self.settings.semantic_nice)
+            return self._runner
+
     def pending(self, kind: str, check_text: bool = False, limit: int | None = None) -> list:
         """Rows of kind ("tag" or "item") with no vector for this model (with check_text, also those
         whose text changed); loads the model."""
@@ -162,7 +171,7 @@ class SemanticService:
         the others are left for later."""
         from . import index
 
-        return index.embed_rows(_SlotPerBatch(self.encoder(), self.slots()), kind, rows,
+        return index.embed_rows(_SlotPerBatch(self.encoder(), self.slots(), self.runner()), kind, rows,
                                 self.settings.embedding_batch_size, progress=progress,
                                 vector_store=self.vector_store())
 
@@ -246,7 +255,7 @@ class SemanticService:
             raise Overloaded(f"semantic search is at capacity ({slots.count} model runs in flight on this "
                              f"instance); retry after {SHED_RETRY_AFTER_SECONDS} s, or search with mode=text")
         with slot:
-            return encoder.encode([query], 1, kind="query")[0]
+            return self.runner().run(encoder.encode, [query], 1, kind="query")[0]
 
 
     def warm(self) -> bool:
@@ -271,8 +280,8 @@ class _SlotPerBatch:
     """An encoder whose every encode() call (one catch-up batch) holds a semantic slot; when none is
     free it raises _CatchUpDeferred instead of shedding, before the batch touches the database."""
 
-    def __init__(self, encoder: "Encoder", slots: Slots):
-        self._encoder, self._slots = encoder, slots
+    def __init__(self, encoder: "Encoder", slots: Slots, runner: ModelRunner):
+        self._encoder, self._slots, self._runner = encoder, slots, runner
         self.fingerprint, self.dim = encoder.fingerprint, encoder.dim
 
     def encode(self, texts: Sequence[str], batch_size: int):
@@ -280,7 +289,7 @@ class _SlotPerBatch:
         if slot is None:
             raise _CatchUpDeferred()
         with slot:
-            return self._encoder.encode(texts, batch_size)
+            return self._runner.run(self._encoder.encode, texts, batch_size)
 
 
 def _count_shed() -> None:

@@ -119,3 +119,38 @@ class Slots:
                       self.directory, type(exc).__name__, exc.strerror or exc)
         return Slot(None, None)
 
+
+
+class ModelRunner:
+    """Runs model calls on this process's own low-priority threads (nice SEMANTIC_NICE).
+
+    The slots bound how many model runs share the instance's CPUs, but a model run at normal
+    priority still takes its CPU from whatever else is runnable: on a 2-core instance two queries
+    leave the request threads of text and tag search waiting their turn (p50 ~200 ms for a few ms of
+    work, README "Serving"). At nice 10 the kernel gives a runnable request thread about nine tenths
+    of a shared core, so cheap requests pass the model instead of queuing behind it. Only this
+    process's model threads are lowered: a thread cannot raise its priority back without privileges,
+    so request threads (which gunicorn reuses) never run the model themselves. With more than one
+    runtime thread per worker, ONNX Runtime's own pool keeps the priority of the thread that loaded
+    the model; the tiers run one (SEMANTIC_THREADS auto: the CPUs shared among the workers).
+    """
+
+    def __init__(self, threads: int, nice: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.nice = nice
+        self._pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="memfit-model",
+                                        initializer=self._lower_priority)
+
+    def _lower_priority(self) -> None:
+        if not self.nice:
+            return
+        try:  # per thread on Linux: PRIO_PROCESS with a thread id sets that thread's nice value
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+        except OSError as exc:  # not Linux, or a sandbox that refuses it: run at normal priority
+            log.warning("model threads keep normal priority: %s", exc)
+
+    def run(self, function, *args, **kwargs):
+        """function(*args, **kwargs) on a model thread; its result or its exception."""
+        return self._pool.submit(function, *args, **kwargs).result()
