@@ -16,7 +16,7 @@ Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's model
 
 Runs:
   mix       16 clients, each looping over text 3 : tags 2 : semantic 3 : create 2 (bench/load.py's
-            mix), max_requests 40 so workers recycle during the run; per tier and design
+            mix), per tier and design; the tier's max_requests recycles workers during the run
   overload  64 clients on the 512 MB tier: half the mix above, half sending 500-token texts (semantic
             queries at MAX_QUERY_LENGTH and new items whose bodies the model must embed)
 
@@ -100,7 +100,7 @@ def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float,
     env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
            "SECRET_KEY": "serving-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,
            "WRITE_RATE_LIMIT": "1000000 per minute",  # the limit has its own tests
-           "GUNICORN_MAX_REQUESTS": "40", "GUNICORN_MAX_REQUESTS_JITTER": "5", "GUNICORN_BACKLOG": "256",
+           "GUNICORN_BACKLOG": "256",  # max_requests stays the tier's: workers recycle during the run
            "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-serving-{port}"), **env_extra}
     flask("seed", env=env)
     flask("embed", env=env)
