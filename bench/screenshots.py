@@ -79,12 +79,13 @@ def shoot(driver, url: str, page: str, name: str, width: int, height: int, mobil
     return path
 
 
-# The status run: two workers, thresholds just above a worker without the model and below one with it,
+# The status run: two workers, the recycle threshold (private memory) just above a worker without the
+# model and below one with it, the alert threshold within the instance's range,
 # inside a 512 MB memory cgroup where the machine allows one (bench.run's), so that the instance's line
 # is this gunicorn's own working set and the limit line its cgroup's.
 STATUS_LIMIT_MB = 512
 STATUS_ENV = {"WEB_CONCURRENCY": "2", "MEMORY_CHECK_INTERVAL": "1", "MEMORY_TIER": "custom",
-              "MAX_MEMORY_MB": "110", "MAX_WORKER_MEMORY_MB": "100", "GUNICORN_MAX_REQUESTS": "0",
+              "MAX_MEMORY_MB": "160", "MAX_WORKER_MEMORY_MB": "70", "GUNICORN_MAX_REQUESTS": "0",
               "APP_ENV": "development", "MEMORY_ALERT_COOLDOWN": "0"}
 
 

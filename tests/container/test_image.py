@@ -130,17 +130,21 @@ def test_memory_stays_under_budget_after_a_burst(container):
         q = rng.choice(QUERIES)
         if kind == 0:
             return container.request("/items", {"title": f"פריט בדיקה {i}", "body": q * 5,
-                                                "tags": [f"תגית-{i}", f"עומס-{i % 7}"]})[0]
+                                                "tags": [f"תגית-{i}", f"עומס-{i % 7}"]})
         mode = ("semantic", "semantic", "text", "tags")[kind - 1]
         from urllib.parse import quote
 
-        return container.request(f"/search?q={quote(q)}&mode={mode}", timeout=120)[0]
+        return container.request(f"/search?q={quote(q)}&mode={mode}", timeout=120)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        statuses = list(pool.map(one, range(300)))
-    failures = [s for s in statuses if s >= 500]
+        answers = list(pool.map(one, range(300)))
+    statuses = [status for status, _ in answers]
+    # A semantic search shed past the instance's slots (503 overloaded) is the documented answer under
+    # load (workers warming take slots too); any other 5xx is a failure.
+    sheds = [s for s, body in answers if s == 503 and body.get("error", {}).get("code") == "overloaded"]
+    failures = [s for s in statuses if s >= 500][len(sheds):]
     figures = read_memory(container)
-    REPORT.setdefault("memory", {})[container.tier] = {**figures, "requests": len(statuses),
+    REPORT.setdefault("memory", {})[container.tier] = {**figures, "requests": len(statuses), "sheds": len(sheds),
                                                        "max_memory_mb": container.max_memory_mb}
     assert not failures, f"{len(failures)} server errors during the burst"
     assert figures["limit_mb"] == TIERS[container.tier]["memory_mb"]
