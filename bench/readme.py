@@ -37,7 +37,8 @@ def load_section(data: dict) -> str:
     return "\n".join([
         "| figure | last run |", "| --- | --- |",
         f"| load held | {data['requests']} requests in {data['seconds']:.0f} s from {data['clients']} clients "
-        f"({data['throughput_rps']} req/s), **{data['failed']} failed** (5xx or connection errors) |",
+        f"({data['throughput_rps']} req/s), **{data['failed']} failed** (5xx or connection errors), "
+        f"{data.get('sheds', 0)} semantic requests shed (503 overloaded with Retry-After) |",
         f"| latency | p50 {data['p50_ms']} ms, p99 {data['p99_ms']} ms; p50 by kind: {modes} |",
         f"| workers recycled during the run | {data['recycles']} (max_requests={data['max_requests']}), "
         f"{data['killed']} killed |",
