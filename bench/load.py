@@ -139,7 +139,9 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
     env = {**os.environ, **tier_env("512mb"), "SEMANTIC_MODEL": model, "DATABASE_URL": f"sqlite:///{db_path}",
            "PORT": str(port), "SECRET_KEY": "load-test", "APP_ENV": "production",
            "WRITE_TOKEN": WRITE_TOKEN, "WRITE_RATE_LIMIT": "1000000 per minute",  # the limit has its own tests
-           "GUNICORN_MAX_REQUESTS": str(max_requests), "GUNICORN_MAX_REQUESTS_JITTER": "5",
+           "GUNICORN_MAX_REQUESTS": str(max_requests),
+           # the tier's ratio of jitter to max_requests (deploy/tiers.yaml): recycles spread, not in step
+           "GUNICORN_MAX_REQUESTS_JITTER": str(max_requests // 2),
            "GUNICORN_BACKLOG": "256", "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-load-{port}")}
     flask("seed", env=env)
     flask("embed", env=env)
