@@ -128,7 +128,7 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
         min_recycles: int = 0) -> dict:
     """One load run. With min_recycles, the clients go on past seconds until enough requests were answered
     for gunicorn's max_requests to have replaced that many workers (requests, not speed, decide)."""
-    from bench.run import WORK, Cgroup, Sampler, flask, models, strict_peak, tier_env
+    from bench.run import WORK, Cgroup, flask, measured, models, strict_peak, tier_env
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = model or str(models()["q8"])
@@ -152,22 +152,10 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
         if min_recycles else 0
     cgroup = Cgroup("load", 512)
     server = GunicornServer(env, WORK / "load-gunicorn.log", port=port, wrap=cgroup.wrap)
-    sampler = Sampler(server.start().pid, cgroup)
-    sampler.start()
-    try:
-        server.wait_ready()
-        sampler.phase = "load"
+    with measured(server, cgroup, "load") as (sampler, cgroup_figures):
         started = time.monotonic()
         stats = asyncio.run(drive(server.url, seconds, clients, min_requests))
         wall = time.monotonic() - started
-    finally:
-        server.stop()
-        sampler.stop.set()
-        sampler.join()
-        try:
-            cgroup_figures = cgroup.final_figures()  # raises when the cgroup gives no peak or OOM count
-        finally:
-            cgroup.remove()
     samples = sampler.samples
     text = (WORK / "load-gunicorn.log").read_text(errors="replace")
     all_latency = sorted(x for values in stats["latency"].values() for x in values)

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,6 +290,31 @@ class Sampler(threading.Thread):
             out[phase] = {key: max((r[key] for r in rows if r.get(key) is not None), default=None)
                           for key in ("pss_mb", "uss_mb", "rss_mb", "working_set_mb")}
         return out
+
+
+@contextmanager
+def measured(server: GunicornServer, cgroup: Cgroup, phase: str, reset_peak: bool = False):
+    """Start server in cgroup with a Sampler on its tree, wait until it answers, and run the block under
+    `phase`; afterwards stop server and sampler, read the cgroup's figures and remove it, whatever
+    happened. Yields (sampler, figures): figures fills with Cgroup.final_figures() on the way out.
+    reset_peak: the cgroup's peak counts from readiness, not from boot."""
+    sampler = Sampler(server.start().pid, cgroup)
+    sampler.start()
+    figures: dict = {}
+    try:
+        server.wait_ready()
+        if reset_peak:
+            cgroup.reset_peak()
+        sampler.phase = phase
+        yield sampler, figures
+    finally:
+        server.stop()
+        sampler.stop.set()
+        sampler.join()
+        try:
+            figures.update(cgroup.final_figures())  # raises when the cgroup gives no peak or OOM count
+        finally:
+            cgroup.remove()
 
 
 WRITE_TOKEN = "bench-write-token"  # writes need a token in production (WRITE_TOKEN)

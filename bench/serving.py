@@ -90,7 +90,7 @@ def quantiles(values: list[float]) -> dict:
 
 def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
              long_clients: int = 0) -> dict:
-    from bench.run import WORK, Cgroup, Sampler, flask, strict_peak, tier_env
+    from bench.run import WORK, Cgroup, flask, measured, strict_peak, tier_env
 
     WORK.mkdir(parents=True, exist_ok=True)
     db_path = WORK / f"serving-{name}.sqlite3"
@@ -108,23 +108,10 @@ def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float,
     cgroup = Cgroup(f"serving-{name}", TIERS[tier])
     log_path = WORK / f"serving-{name}-gunicorn.log"
     server = GunicornServer(env, log_path, port=port, wrap=cgroup.wrap, ready_timeout=180)
-    sampler = Sampler(server.start().pid, cgroup)
-    try:
-        server.wait_ready()
-        cgroup.reset_peak()  # judged from here: the boot is not what the tier is judged on
-        sampler.phase = "run"
-        sampler.start()
+    with measured(server, cgroup, "run", reset_peak=True) as (sampler, figures):
         started = time.monotonic()
         stats = asyncio.run(drive(server.url, seconds, clients, long_clients=long_clients))
         wall = time.monotonic() - started
-    finally:
-        server.stop()
-        sampler.stop.set()
-        sampler.join()
-        try:
-            figures = cgroup.final_figures()  # raises when the cgroup gives no peak or OOM count
-        finally:
-            cgroup.remove()
     log = log_path.read_text(errors="replace")
     latency = stats["latency"]
     requests = sum(stats["status"].values())
