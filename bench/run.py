@@ -308,6 +308,9 @@ def measured(server: GunicornServer, cgroup: Cgroup, phase: str, reset_peak: boo
         sampler.phase = phase
         yield sampler, figures
     finally:
+        # The shutdown is not serving: the master's own exit briefly copies the pages it shares with
+        # the workers still leaving (its sample is kept, under "stop"; the cgroup's peak includes it).
+        sampler.phase = "stop"
         server.stop()
         sampler.stop.set()
         sampler.join()

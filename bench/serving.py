@@ -7,8 +7,9 @@ cgroups of each tier's size, under the README's 16-client mix, then an overload 
 Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's models()):
   today   the previous release: the weights inside one model.onnx (a version 1 artifact, private to
           each worker), one sync worker on 512 MB and two on 1 GB, the model loaded on the first
-          semantic request of every worker (and again after every recycle), no bound on semantic work
-          and up to 200 missing vectors embedded inside a semantic request
+          semantic request of every worker (and again after every recycle at its max_requests of 100,
+          jitter 10), no bound on semantic work and up to 200 missing vectors embedded inside a
+          semantic request
   shared  deploy/tiers.yaml as it is: the version 2 artifact whose weights every worker maps from one
           file, the tier's workers and threads, each worker warmed before its first request, semantic
           work bounded per instance with sheds past a short wait (SEMANTIC_MAX_INFLIGHT,
@@ -54,14 +55,16 @@ GOALS = {
 }
 
 
-def designs(tier: str, models: dict[str, Path]) -> dict[str, dict]:
-    """The environment each design adds to the tier's (deploy/env/<tier>.env)."""
+def designs(tier: str, models: dict[str, Path], overrides: dict[str, str] | None = None) -> dict[str, dict]:
+    """The environment each design adds to the tier's (deploy/env/<tier>.env); overrides (--set) go
+    to the shared design only."""
     return {
         "today": {"SEMANTIC_MODEL": str(models["v1"]), "WEB_CONCURRENCY": {"512mb": "1", "1gb": "2"}[tier],
                   "GUNICORN_THREADS": "1", "SEMANTIC_WARM": "false", "SEMANTIC_CATCHUP_LIMIT": "200",
+                  "GUNICORN_MAX_REQUESTS": "100", "GUNICORN_MAX_REQUESTS_JITTER": "10",
                   "MAX_WORKER_MEMORY_MB": {"512mb": "400", "1gb": "420"}[tier],
                   "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_QUEUE_TIMEOUT_MS": "60000"},
-        "shared": {"SEMANTIC_MODEL": str(models["v2"])},
+        "shared": {"SEMANTIC_MODEL": str(models["v2"]), **(overrides or {})},
     }
 
 
@@ -238,20 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--only", help="comma-separated run names (e.g. 512mb-shared,overload-shared)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the shared design's runs, over the tier's "
+                             "(to try a tier change before writing it in deploy/tiers.yaml)")
     args = parser.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.set)
     models = prepare_models()
     cases = []
     for tier in TIERS:
-        for design, extra in designs(tier, models).items():
+        for design, extra in designs(tier, models, overrides).items():
             cases.append((f"{tier}-{design}", tier, design, extra, 16, 0))
-    for design, extra in designs("512mb", models).items():
+    for design, extra in designs("512mb", models, overrides).items():
         cases.append((f"overload-{design}", "512mb", design, extra, 64, 32))
     wanted = set(args.only.split(",")) if args.only else None
     runs = [run_case(name, tier, design, extra, args.seconds, clients, long_clients)
             for name, tier, design, extra, clients, long_clients in cases if not wanted or name in wanted]
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
-              "seconds": args.seconds, "goals": GOALS, "runs": runs}
+              "seconds": args.seconds, "goals": GOALS, "overrides": overrides, "runs": runs}
     (RESULTS / "serving.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     (RESULTS / "serving.md").write_text(table(result) + "\n")
     plot(result, RESULTS / "serving.png")

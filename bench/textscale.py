@@ -175,8 +175,11 @@ def run(database_url: str, sizes: list[int], label: str) -> list[dict]:
             have += count
             progress.update(count)
         if engine.dialect.name == "postgresql":
-            with engine.begin() as conn:  # what autovacuum does after a bulk load: fresh planner statistics
-                conn.execute(text("ANALYZE items"))
+            # What autovacuum does after a bulk load (PostgreSQL 13+ vacuums on inserts too): fresh
+            # planner statistics, and a visibility map, so that the GIN bitmap scans skip heap pages
+            # they need not read (measured at 100k items: p50 29 ms right after the load, 17 ms after).
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM ANALYZE items"))
         added = size - (results[-1]["items"] if results else 0)
         entry = {"backend": label, "items": size,
                  "analyse_ms_per_item": round(analyse_s * 1000 / added, 4),
