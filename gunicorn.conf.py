@@ -104,11 +104,13 @@ graceful_timeout = settings.gunicorn_graceful_timeout
 #
 keepalive = settings.gunicorn_keepalive
 
-#   preload_app - False. Preloading would import the app in the master before forking: the master
-#       would grow by the app's imports, and if anything in it ever loaded torch (or started a
-#       thread), fork would copy the state of those threads without the threads themselves (torch's
-#       OpenMP pool deadlocks in a forked child). Each worker imports the app after fork, and the
-#       model loads lazily on the first semantic request.
+#   preload_app - False. gunicorn's preload would create the app in the master before forking: its
+#       engine, Sentry client and anything that ever started a thread (torch's OpenMP pool, onnxruntime)
+#       would be copied into every worker without their threads, a known deadlock. Instead, with
+#       PRELOAD_MODULES (on), on_starting imports the app's modules only (app/preload.py): the ~55-65 MB
+#       of code every worker would import becomes pages they share, and a recycled worker starts
+#       without importing it again. Each worker still creates its app after fork, and the model's
+#       runtime is imported after fork too.
 #
 preload_app = settings.gunicorn_preload
 
@@ -240,6 +242,15 @@ def on_starting(server):
         server.log.error("memfit: no metrics folder (%s): /metrics covers only the worker that answers", exc)
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     settings = dataclasses.replace(settings, prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+    if settings.preload_modules and not preload_app:
+        # After the metrics folder exists (the app's modules define their metrics at import) and
+        # before any worker is forked: the workers share these pages (app/preload.py).
+        from app.preload import preload
+
+        try:
+            preload()
+        except Exception as exc:  # the workers import what is missing themselves
+            server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
     hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
                                             "max_requests": max_requests, "schema": schema_revision()})
 
@@ -269,11 +280,13 @@ def worker_abort(worker):
     hooks.worker_aborted(worker, settings)
 
 
-@guarded
 def worker_exit(server, worker):
     from monitoring import hooks
 
-    hooks.worker_exiting(worker, settings)
+    try:
+        guarded(hooks.worker_exiting)(worker, settings)
+    finally:
+        hooks.exit_without_teardown(worker)  # a normal exit ends here, with os._exit(0)
 
 
 @guarded

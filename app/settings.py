@@ -174,8 +174,8 @@ FIELDS: tuple[Field, ...] = (
           "Memory alert threshold (MB) for the instance: its cgroup working set where the cgroup has a "
           "limit, else the PSS sum of its processes."),
     Field("MAX_WORKER_MEMORY_MB", "0", _int(0, 1048576),
-          "A worker whose private memory (USS; shared model weights not counted) passes this (MB) after a "
-          "request exits gracefully and is replaced (0: off)."),
+          "A worker whose private memory (its own written pages; the shared model weights and code not "
+          "counted) passes this (MB) after a request exits gracefully and is replaced (0: off)."),
     Field("MEMORY_CHECK_INTERVAL", "15", _float(0.05, 3600), "Seconds between memory watchdog samples."),
     Field("MEMORY_ALERT_COOLDOWN", "600", _float(0, 86400), "Least seconds between two memory alerts."),
     Field("MEMORY_REARM_RATIO", "0.9", _float(0.1, 1.0),
@@ -210,6 +210,9 @@ FIELDS: tuple[Field, ...] = (
           "Seconds a worker gets to finish its request on restart or shutdown."),
     Field("GUNICORN_KEEPALIVE", "2", _int(0, 3600), "Seconds gunicorn holds an idle connection."),
     Field("GUNICORN_PRELOAD", "false", _bool, "Import the app in gunicorn's master before forking (off: see gunicorn.conf.py)."),
+    Field("PRELOAD_MODULES", "true", _bool,
+          "Import the app's modules (not the model's runtime) in gunicorn's master before forking, so "
+          "every worker shares those pages (app/preload.py)."),
     Field("GUNICORN_CONTROL_SOCKET", "false", _bool, "Open gunicorn's runtime control socket."),
     Field("RENDER_GIT_COMMIT", "", _text, "Set by Render: the deployed commit (the default Sentry release)."),
     Field("RENDER_SERVICE_NAME", "", _text, "Set by Render: the service name (the default SERVICE_NAME)."),
@@ -266,6 +269,7 @@ class Settings:
     gunicorn_graceful_timeout: int
     gunicorn_keepalive: int
     gunicorn_preload: bool
+    preload_modules: bool
     gunicorn_control_socket: bool
     render_git_commit: str
     render_service_name: str

@@ -14,10 +14,12 @@ call would stop the master and every worker with it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -109,7 +111,7 @@ def after_request(worker, settings: "Settings") -> None:
     """post_request: a worker whose private memory is past MAX_WORKER_MEMORY_MB finishes this request, then
     exits gracefully.
 
-    This is uWSGI's reload-on-rss for gunicorn, decided on private memory (USS) rather than RSS: the
+    This is uWSGI's reload-on-rss for gunicorn, decided on private memory (Private_Dirty) rather than RSS: the
     model weights are memory-mapped and shared by every worker, so they fill each worker's RSS without
     being that worker's growth, and a replacement would map them again. Setting ``alive = False`` is how
     gunicorn's own max_requests ends a worker: the response has been written and the connection
@@ -173,6 +175,30 @@ def worker_exiting(worker, settings: "Settings") -> None:
         watchdog.stop()
     outcome = sentry.close_for_exit()
     worker.log.info("memfit exit: worker pid=%d cause=%s sentry=%s", os.getpid(), cause, outcome)
+
+
+def exit_without_teardown(worker) -> None:
+    """worker_exit, last: a worker that ends normally leaves with os._exit(0) instead of tearing the
+    interpreter down.
+
+    Teardown would decrement the reference count of every object the worker inherited from the
+    master (app/preload.py), copying each shared page into this exiting process just before it goes
+    (the instance's PSS jumped by a worker's worth of memory at every recycle), and forked workers
+    have hung in ONNX Runtime's own cleanup until gunicorn's timeout killed them. Everything worth
+    keeping is already done by then: the exit marker and Sentry's flush (worker_exiting), and the
+    metric files are memory-mapped on /dev/shm. A worker that failed to boot keeps gunicorn's exit
+    code (the master stops on WORKER_BOOT_ERROR instead of respawning for ever), so it takes the
+    normal path.
+    """
+    ending = sys.exc_info()[1]
+    if getattr(worker, "pid", None) != os.getpid() or not isinstance(ending, SystemExit) \
+            or ending.code not in (0, None):
+        return
+    logging.shutdown()  # flush the log handlers: os._exit skips every buffer
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def child_exited(server, worker, settings: "Settings") -> None:
