@@ -12,7 +12,12 @@ worker. A process is described by three figures from ``/proc/PID/smaps_rollup``:
 - RSS: every resident page it maps, shared or not (shown, labelled as RSS; never summed to judge);
 - PSS: each page divided by the number of processes mapping it, so the PSS of all the instance's
   processes adds up to what they really occupy;
-- private (USS, Private_Clean + Private_Dirty): the pages only this process maps, what it alone adds.
+- private (Private_Dirty): the written pages only this process maps, what it alone adds and the
+  kernel cannot drop: its heap, and its copies of pages it shared with the master before writing
+  to them. Not USS (which adds Private_Clean): a clean page of the weights file that only this
+  worker has touched so far (the embedding table's rows for the words it has seen) is page cache,
+  shared as soon as another worker reads it and dropped under pressure; counted as private it
+  recycled healthy workers (a worker at 148-208 MB "USS" had ~70 MB of its own; README "Serving").
   Where smaps_rollup is missing (kernels before 4.14) ``RssAnon`` from ``/proc/PID/status`` stands in.
 """
 
@@ -161,8 +166,7 @@ def read_process(pid: int | None = None, proc: str | Path = "/proc") -> ProcessM
             raise ProcessLookupError(pid) from None
         rollup = {}
     if "Rss" in rollup and "Pss" in rollup:
-        return ProcessMemory(pid, rollup["Rss"], rollup["Pss"],
-                             rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0), "smaps_rollup")
+        return ProcessMemory(pid, rollup["Rss"], rollup["Pss"], rollup.get("Private_Dirty", 0), "smaps_rollup")
     try:
         status = _read_kb_fields(base / "status")
     except FileNotFoundError:

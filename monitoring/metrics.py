@@ -25,8 +25,9 @@ PREFIX = "memfit_"
 
 # Per worker. The workers share the memory-mapped model weights: RSS counts those pages in every worker,
 # PSS splits them among the workers, private memory leaves them out. Never add up RSS to judge memory.
-worker_private = Gauge(PREFIX + "worker_private_bytes", "Private memory (USS) of each worker: what it alone "
-                       "adds; memory recycling (MAX_WORKER_MEMORY_MB) decides on it.", multiprocess_mode="liveall")
+worker_private = Gauge(PREFIX + "worker_private_bytes", "Private memory of each worker (its own written pages, "
+                       "Private_Dirty): what it alone adds; memory recycling (MAX_WORKER_MEMORY_MB) decides on "
+                       "it.", multiprocess_mode="liveall")
 worker_pss = Gauge(PREFIX + "worker_pss_bytes", "Proportional set size of each worker: shared pages split "
                    "among the processes mapping them.", multiprocess_mode="liveall")
 worker_rss = Gauge(PREFIX + "worker_rss_bytes", "Resident memory (RSS) of each worker, shared pages included: "
