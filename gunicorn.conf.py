@@ -14,7 +14,7 @@ import os
 import tempfile
 
 from app.settings import ConfigError, Settings
-from monitoring.hooks import guarded
+from monitoring.hooks import guarded, leaves_without_teardown
 
 #
 # Metrics across workers: prometheus_client's multiprocess mode keeps each worker's values in files in
@@ -61,13 +61,14 @@ backlog = settings.gunicorn_backlog
 #
 #   workers - Worker processes. From WEB_CONCURRENCY (the variable Render and Heroku set), default 1.
 #       The model's weights are a memory-mapped file every worker shares (app/semantic/encoders.py),
-#       so a worker adds only its own interpreter, session buffers and activations: the 512 MB tier
-#       runs three, the 1 GB tier six (deploy/tiers.yaml, measured in README "Serving").
+#       and the app's code is imported in the master before fork (PRELOAD_MODULES), so a worker adds
+#       only its own written pages: session buffers, activations, its objects. The 512 MB tier runs
+#       two workers of six threads, the 1 GB tier six of four (deploy/tiers.yaml, README "Serving").
 #
 workers = settings.web_concurrency
 
-#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 4
-#       threads per worker). The model's share of the CPU is bounded per instance (SEMANTIC_MAX_INFLIGHT
+#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 6
+#       and 4 threads per worker). The model's share of the CPU is bounded per instance (SEMANTIC_MAX_INFLIGHT
 #       slots; past SEMANTIC_QUEUE_TIMEOUT_MS a semantic request is shed with 503 + Retry-After). With
 #       one thread per worker, requests waiting for a slot hold whole workers and text requests queue
 #       behind them; with threads a text request finds a free handler. Measured side by side (README
@@ -83,8 +84,9 @@ threads = settings.gunicorn_threads
 
 #   max_requests / max_requests_jitter - Restart a worker after this many requests (plus 0..jitter,
 #       so that several workers do not restart together). Fragmentation in glibc's heap and Python's
-#       object pools makes a long-lived worker's RSS creep; a fresh worker starts lean. 100 requests
-#       keeps restarts cheap (the model loads lazily, from a memory-mapped artifact). 0 disables.
+#       object pools makes a long-lived worker's memory creep; a fresh worker starts lean. The tiers
+#       set 1000 (jitter 500) as a backstop: recycling on private memory (MAX_WORKER_MEMORY_MB) catches
+#       growth, and each restart costs a fork and a warm-up the other handlers wait for. 0 disables.
 #
 max_requests = settings.gunicorn_max_requests
 max_requests_jitter = settings.gunicorn_max_requests_jitter
@@ -280,13 +282,12 @@ def worker_abort(worker):
     hooks.worker_aborted(worker, settings)
 
 
+@leaves_without_teardown  # last: a worker that ends normally leaves here, with os._exit(0)
+@guarded
 def worker_exit(server, worker):
     from monitoring import hooks
 
-    try:
-        guarded(hooks.worker_exiting)(worker, settings)
-    finally:
-        hooks.exit_without_teardown(worker)  # a normal exit ends here, with os._exit(0)
+    hooks.worker_exiting(worker, settings)
 
 
 @guarded

@@ -52,6 +52,16 @@ def guarded(hook: Callable) -> Callable:
     return safe
 
 
+def leaves_without_teardown(hook: Callable) -> Callable:
+    """Wrap worker_exit (already guarded, so it never raises): run it, then exit_without_teardown()."""
+    @functools.wraps(hook)
+    def run(server, worker):
+        hook(server, worker)
+        exit_without_teardown(worker)
+
+    return run
+
+
 def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
     """One log line: effective memory limit, tier, thresholds, features, and the schema revision the
     caller read (cfg_summary["schema"]: gunicorn.conf.py reads it, monitoring does not import the app)."""
