@@ -63,9 +63,11 @@ ENV PATH=/opt/memfit/bin:$PATH \
     # 512mb tier defaults (deploy/tiers.yaml; tests/test_deploy.py checks they agree); platforms override.
     MEMORY_TIER=512mb \
     MAX_MEMORY_MB=450 \
-    MAX_WORKER_MEMORY_MB=100 \
-    WEB_CONCURRENCY=3 \
-    GUNICORN_THREADS=4 \
+    MAX_WORKER_MEMORY_MB=110 \
+    WEB_CONCURRENCY=2 \
+    GUNICORN_THREADS=6 \
+    GUNICORN_MAX_REQUESTS=1000 \
+    GUNICORN_MAX_REQUESTS_JITTER=500 \
     SEMANTIC_WARM=true \
     SEMANTIC_MAX_SEQ_LENGTH=128 \
     SEMANTIC_THREADS=0 \

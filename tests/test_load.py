@@ -17,9 +17,8 @@ MIN_RECYCLES = 2
 def result():
     from bench.load import run
 
-    # The tier's own max_requests (and jitter, half of it): memory is judged under the recycling the
-    # tier really does. A max_requests of 25 recycled the three workers in step and lifted the PSS sum
-    # to ~450 MB for moments, a churn the tier does not have.
+    # max_requests 100 (jitter 50), a tenth of the tier's: a short run sees workers recycle, and memory
+    # is judged under that churn. A max_requests of 25 recycled the workers in step, a churn no tier has.
     return run(seconds=15, clients=16, max_requests=100, min_recycles=MIN_RECYCLES)
 
 
