@@ -38,10 +38,10 @@ def table(report: dict) -> str:
             ("model", [f"{s['model'].get('backend')} {s['model'].get('precision')}, {s['model'].get('max_seq_length')} tokens"
                        for s in scenarios]),
             ("memory cgroup limit", [f"{s['memory_limit_mb']} MB" if s["cgroup"] else "none" for s in scenarios]),
-            ("idle worker RSS / USS (semantic on, unused)",
+            ("idle worker RSS / private (semantic on, unused)",
              [f"{s['idle_worker_rss_mb']} / {s['idle_worker_uss_mb']} MB" for s in scenarios])]
     for phase in PHASES:
-        rows.append((f"peak RSS / USS, {phase}",
+        rows.append((f"peak RSS / private, {phase}",
                      [f"{s['phases'].get(phase, {}).get('rss_mb', '-')} / {s['phases'].get(phase, {}).get('uss_mb', '-')} MB"
                       for s in scenarios]))
     rows += [
@@ -112,7 +112,7 @@ def plot(report: dict, path: Path) -> None:
         ax.plot(t, [s["rss_mb"] for s in samples], color="#c0392b", label="RSS sum (tree)", linewidth=1)
         if all(s.get("pss_mb") is not None for s in samples):
             ax.plot(t, [s["pss_mb"] for s in samples], color="#e67e22", label="PSS sum (tree)")
-        ax.plot(t, [s["uss_mb"] for s in samples], color="#2c3e50", label="USS sum (tree)", linewidth=1)
+        ax.plot(t, [s["uss_mb"] for s in samples], color="#2c3e50", label="private sum (tree)", linewidth=1)
         if any(s["cgroup_mb"] for s in samples):
             ax.plot(t, [s["cgroup_mb"] for s in samples], color="#8e44ad", label="cgroup usage", linewidth=1,
                     linestyle="--")
