@@ -5,8 +5,9 @@ environment (deploy/env/<tier>.env), inside a memory cgroup (v1 or v2, whichever
 of the tier's size where the machine allows it (root, cgroup folders writable). A sampler records the
 memory of the whole serving process tree (master + workers) and of the cgroup every 50 ms:
 PSS sum (shared pages split among the processes mapping them: what the tree really occupies), private
-sum (each process's own written pages, Private_Dirty: monitoring/memory.py), RSS sum (labelled as such: it counts the shared model weights once per worker), and
-the cgroup's usage and working set (usage minus inactive page cache), through:
+sum (each process's own written pages, Private_Dirty: monitoring/memory.py), RSS sum (labelled as
+such: it counts the shared model weights once per worker), and the cgroup's usage and working set
+(usage minus inactive page cache), through:
 
   startup    gunicorn boots; the idle worker (semantic search on, not yet used) is measured
   load       the first semantic query: model load plus one query

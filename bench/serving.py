@@ -41,11 +41,12 @@ import re
 import statistics
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from bench.load import LONG_TOKENS, WRITE_TOKEN, drive
 from devtools.gunicorn import GunicornServer
-from devtools.http import free_port
+from devtools.http import fetch, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -94,9 +95,10 @@ def quantiles(values: list[float]) -> dict:
     return {"p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1), "p99_ms": round(q[98], 1), "n": len(values)}
 
 
-def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
-             long_clients: int = 0) -> dict:
-    from bench.run import WORK, Cgroup, flask, measured, strict_peak, tier_env
+def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
+    """A free port and the server's environment for one run: the tier's, on a fresh SQLite database
+    seeded and embedded beforehand (the runs measure serving), then env_extra."""
+    from bench.run import WORK, flask, tier_env
 
     WORK.mkdir(parents=True, exist_ok=True)
     db_path = WORK / f"serving-{name}.sqlite3"
@@ -110,6 +112,14 @@ def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float,
            "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-serving-{port}"), **env_extra}
     flask("seed", env=env)
     flask("embed", env=env)
+    return port, env
+
+
+def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
+             long_clients: int = 0) -> dict:
+    from bench.run import WORK, Cgroup, measured, strict_peak
+
+    port, env = seeded_env(name, tier, env_extra)
     print(f"[serving] {name}: {tier} {design}, {clients} clients ({long_clients} long), {seconds:.0f} s", flush=True)
     cgroup = Cgroup(f"serving-{name}", TIERS[tier])
     log_path = WORK / f"serving-{name}-gunicorn.log"
@@ -152,20 +162,11 @@ def run_recycles(tier: str, design: str, env_extra: dict) -> dict:
     after another to the tier's server with max_requests RECYCLE_EVERY, so each replacement worker's
     first query waits for nothing but what the worker itself does (a model load from disk, or not)."""
     from bench.load import QUERIES
-    from bench.run import WORK, flask, tier_env
-    from devtools.http import fetch
-    import urllib.parse
+    from bench.run import WORK
 
     name = f"recycle-{design}"
-    db_path = WORK / f"serving-{name}.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    port = free_port()
-    env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
-           "SECRET_KEY": "serving-bench", "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-serving-{port}"),
-           **env_extra, "GUNICORN_MAX_REQUESTS": str(RECYCLE_EVERY), "GUNICORN_MAX_REQUESTS_JITTER": "0"}
-    flask("seed", env=env)
-    flask("embed", env=env)
+    port, env = seeded_env(name, tier, {**env_extra, "GUNICORN_MAX_REQUESTS": str(RECYCLE_EVERY),
+                                        "GUNICORN_MAX_REQUESTS_JITTER": "0"})
     print(f"[serving] {name}: {tier} {design}, one client, max_requests {RECYCLE_EVERY}", flush=True)
     log_path = WORK / f"serving-{name}-gunicorn.log"
     statuses = []
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="an environment variable for the shared design's runs, over the tier's "
                              "(to try a tier change before writing it in deploy/tiers.yaml)")
     args = parser.parse_args(argv)
+    bad = [item for item in args.set if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        parser.error(f"--set takes KEY=VALUE, not {bad[0]!r}")
     overrides = dict(item.split("=", 1) for item in args.set)
     models = prepare_models()
     cases = []
