@@ -16,8 +16,9 @@ worker. A process is described by three figures from ``/proc/PID/smaps_rollup``:
   kernel cannot drop: its heap, and its copies of pages it shared with the master before writing
   to them. Not USS (which adds Private_Clean): a clean page of the weights file that only this
   worker has touched so far (the embedding table's rows for the words it has seen) is page cache,
-  shared as soon as another worker reads it and dropped under pressure; counted as private it
-  recycled healthy workers (a worker at 148-208 MB "USS" had ~70 MB of its own; README "Serving").
+  shared as soon as another worker reads it and dropped under pressure. Counted as private, it
+  recycled workers at 148-208 MB of USS under a load where workers' own written pages measured
+  60-70 MB (README "Serving").
   Where smaps_rollup is missing (kernels before 4.14) ``RssAnon`` from ``/proc/PID/status`` stands in.
 """
 
