@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -100,10 +101,18 @@ class Item(Base):
 
 
 @event.listens_for(Item, "before_insert")
-@event.listens_for(Item, "before_update")
 def _refresh_search_text(_mapper, _conn, item: Item) -> None:
     item.search_text = hebrew.normalize(f"{item.title} {item.body}")
     item.index_text = textindex.document(item.title, item.body)  # issue 12
+
+
+@event.listens_for(Item, "before_update")
+def _refresh_changed_search_text(mapper, conn, item: Item) -> None:
+    """Analyse again only when the title or the body changed: an update of the tags or of updated_at
+    alone (a new item's tags are flushed after its row) would repeat the whole analysis for nothing."""
+    state = inspect(item)
+    if state.attrs.title.history.has_changes() or state.attrs.body.history.has_changes():
+        _refresh_search_text(mapper, conn, item)
 
 
 textindex.attach(Item.__table__)  # issue 12: the text index is created and dropped with items

@@ -7,6 +7,7 @@ carry niqqud (vowel points) and cantillation marks, which readers ignore and so 
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -132,7 +133,11 @@ def skeleton(word: str) -> str | None:
     return result if result != word and len(result) >= MIN_STEM + 1 else None
 
 
-def alternate_terms(word: str) -> list[str]:
+# Cached: an item's words repeat, in it and across items (running text is mostly a few thousand forms),
+# and each analysis is tens of string operations in Python: without it a new item with a 500-word body
+# spent most of its create request here. 4096 short words and their few alternates: under 2 MB.
+@functools.lru_cache(maxsize=4096)
+def alternate_terms(word: str) -> tuple[str, ...]:
     """Extra index terms of one (normalised, unfolded) word: its prefix stems and spelling skeletons."""
     forms = []
     for form in [word, *prefix_stems(word)]:
@@ -143,4 +148,4 @@ def alternate_terms(word: str) -> list[str]:
         if bare:
             forms.append(bare)
     own = fold_finals(word)
-    return [f for f in dict.fromkeys(forms) if f != own]
+    return tuple(f for f in dict.fromkeys(forms) if f != own)

@@ -158,6 +158,7 @@ def test_index_matches_the_rows_after_writes(app):
                 "SELECT count(*) FROM items WHERE index_text IS DISTINCT FROM :doc"),
                 {"doc": textindex.document("אחד", "חמש")}).scalar_one()
             assert stale == 0
+    assert ids(app, "חמש") == [first]  # the changed body was analysed again
 
 
 def test_a_failed_write_leaves_the_index_unchanged(app):
