@@ -15,6 +15,8 @@ call would stop the master and every worker with it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import logging
 import os
@@ -117,6 +119,36 @@ def _private_memory(now: float) -> "memory.ProcessMemory":
     return reading[1]
 
 
+RECYCLE_LOCK = "recycle.lock"
+
+
+def _take_recycle_turn(settings: "Settings") -> bool:
+    """Whether this worker may recycle now: one worker of the instance at a time.
+
+    Workers under the same load grow alike and cross MAX_WORKER_MEMORY_MB within seconds of each other;
+    gunicorn starts a replacement only once a worker has drained and exited, so two recycling together
+    left the instance with no worker accepting for seconds (the overload run: every request of that
+    window waited ~3 s). The turn is an exclusive flock on a file in the folder every worker shares, held
+    until this process exits, when the kernel drops it whatever the way out (SIGKILL included). A worker
+    that finds it taken keeps serving and asks again after a later request; one that cannot use the file
+    recycles anyway: the bound matters more than the spacing.
+    """
+    folder = getattr(settings, "prometheus_multiproc_dir", "") or getattr(settings, "instance_path", "")
+    if not folder or "recycle_turn" in _state:
+        return True
+    try:
+        fd = os.open(Path(folder, RECYCLE_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        return exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+    _state["recycle_turn"] = fd  # kept open, so held, until the process ends
+    return True
+
+
 def after_request(worker, settings: "Settings") -> None:
     """post_request: a worker whose private memory is past MAX_WORKER_MEMORY_MB finishes this request, then
     exits gracefully.
@@ -125,7 +157,8 @@ def after_request(worker, settings: "Settings") -> None:
     model weights are memory-mapped and shared by every worker, so they fill each worker's RSS without
     being that worker's growth, and a replacement would map them again. Setting ``alive = False`` is how
     gunicorn's own max_requests ends a worker: the response has been written and the connection
-    closed, the worker leaves its loop, and the master starts a fresh one.
+    closed, the worker leaves its loop, and the master starts a fresh one. Workers past the bound at
+    the same time leave one after the other (_take_recycle_turn).
     """
     limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
@@ -135,6 +168,8 @@ def after_request(worker, settings: "Settings") -> None:
     figures = _private_memory(time.monotonic())
     if figures.private <= limit * MB:
         return
+    if not _take_recycle_turn(settings):
+        return  # a sibling is draining: this one goes after it, at a later request
     worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "
                        "after %d requests; exiting gracefully", figures.pid, figures.private / MB, figures.rss / MB,
                        "-" if figures.pss is None else f"{figures.pss / MB:.0f}MB", limit, getattr(worker, "nr", -1))

@@ -5,6 +5,7 @@ judged on its cgroup working set or PSS sum, recycling decided on private memory
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -196,6 +197,31 @@ def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_secon
     state["now"] += 0.6
     hooks.after_request(worker, settings)
     assert (state["reads"], worker.alive) == (2, False)  # read again, past the bound: recycled
+
+
+def test_workers_past_the_bound_together_recycle_one_after_the_other(monkeypatch, tmp_path):
+    import fcntl
+    import logging
+    from types import SimpleNamespace
+
+    from monitoring import hooks
+
+    monkeypatch.setattr(hooks, "_state", {})
+    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
+    monkeypatch.setattr(hooks.memory, "read_process",
+                        lambda pid=None, proc="/proc": memory.ProcessMemory(1, 400 * MB, 300 * MB, 200 * MB, "smaps_rollup"))
+    settings = SimpleNamespace(max_worker_memory_mb=150, prometheus_multiproc_dir=str(tmp_path))
+    worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
+    # A sibling recycling: it holds the instance's turn (its own open file, as another process would).
+    sibling = os.open(tmp_path / hooks.RECYCLE_LOCK, os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(sibling, fcntl.LOCK_EX)
+    monkeypatch.setattr(hooks, "PRIVATE_READING_MAX_AGE", 0)  # read afresh at each decision
+    hooks.after_request(worker, settings)
+    assert worker.alive, "recycled while a sibling was draining"
+    os.close(sibling)  # the sibling exited: the kernel dropped its lock
+    hooks.after_request(worker, settings)
+    assert not worker.alive, "still serving past the bound with the turn free"
+    os.close(hooks._state["recycle_turn"])  # this test process is not exiting: let go of the turn
 
 
 def test_the_instance_tree_sums_the_processes_and_sees_their_sharing(tmp_path):
