@@ -137,6 +137,10 @@ FIELDS: tuple[Field, ...] = (
           "Longest wait (ms) of a semantic search for a free semantic slot; past it the search is shed with "
           "503 overloaded and Retry-After. Catch-up embedding never waits: with every slot busy it is left "
           "to a later request."),
+    Field("SEMANTIC_HANDLERS", "0", _int(0, 64),
+          "Request threads of one worker that semantic searches may hold at once, running or waiting for a "
+          "slot; a semantic search past it is shed at once (503 overloaded), so the worker's other threads "
+          "stay free for text and tag search. 0: half of GUNICORN_THREADS, at least 1."),
     Field("SEMANTIC_NICE", "10", _int(0, 19),
           "How much lower than request handling the model runs (nice increment of the threads that run "
           "it): text and tag requests pass queries and catch-up batches on a busy CPU. 0: same priority."),
@@ -230,6 +234,7 @@ class Settings:
     semantic_threads: int
     semantic_max_inflight: int
     semantic_queue_timeout_ms: int
+    semantic_handlers: int
     semantic_nice: int
     web_concurrency: int
     semantic_index_max_mb: int
@@ -306,7 +311,15 @@ class Settings:
             raise ConfigError("SEMANTIC_MODEL is empty: accepts a hub name or a local path")
         if self.max_worker_memory_mb and self.max_worker_memory_mb > self.max_memory_mb * 4:
             raise ConfigError("MAX_WORKER_MEMORY_MB is far above MAX_MEMORY_MB: accepts at most 4x MAX_MEMORY_MB")
+        if self.semantic_handlers > self.gunicorn_threads:
+            raise ConfigError(f"SEMANTIC_HANDLERS={self.semantic_handlers} is more than GUNICORN_THREADS="
+                              f"{self.gunicorn_threads}: accepts 0 (half the threads) up to the threads a worker has")
         return self
+
+    @property
+    def semantic_handler_limit(self) -> int:
+        """SEMANTIC_HANDLERS, its default resolved: half of a worker's request threads, at least one."""
+        return self.semantic_handlers or max(1, self.gunicorn_threads // 2)
 
     @property
     def is_sqlite(self) -> bool:

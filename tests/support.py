@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,18 @@ class PgServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+
+
+def wait_until(condition, what: str, timeout: float = 60.0):
+    """Poll condition() until it is true and return its value; fail naming what never happened.
+
+    The timeout only ends a test that would otherwise hang: nothing asserts how long the wait took.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)  # poll interval between checks of the condition

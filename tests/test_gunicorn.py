@@ -5,29 +5,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from support import ROOT, Gunicorn, metric, venv_bin
+from support import ROOT, Gunicorn, metric, venv_bin, wait_until
 from fake_sentry import FakeSentry
 
 SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"
-
-
-def wait_until(condition, what: str, timeout: float = 60.0):
-    """Poll condition() until it is true and return its value; fail naming what never happened.
-
-    The timeout only ends a test that would otherwise hang: nothing asserts how long the wait took.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)  # poll interval between checks of the condition
 
 
 def test_check_config_passes():

@@ -29,6 +29,7 @@ def test_settings_are_frozen(tmp_path):
     ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL", "postgres"),
     ({"APP_ENV": "staging"}, "APP_ENV", "production"),
     ({"MEMORY_CHECK_INTERVAL": "-1"}, "MEMORY_CHECK_INTERVAL", "number"),
+    ({"GUNICORN_THREADS": "4", "SEMANTIC_HANDLERS": "5"}, "SEMANTIC_HANDLERS", "up to the threads"),
 ])
 def test_bad_value_names_the_variable_and_what_it_accepts(env, named, accepts, tmp_path):
     with pytest.raises(ConfigError) as err:

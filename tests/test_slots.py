@@ -16,7 +16,7 @@ import pytest
 from app.semantic import encoders
 from app.semantic.slots import Slots
 from app.state import get_service
-from support import ROOT, make_settings, metric
+from support import ROOT, make_settings, metric, wait_until
 
 SHED = "memfit_semantic_shed_total"
 SEMANTIC = {"q": "ספרים לילדים", "mode": "semantic"}
@@ -79,6 +79,33 @@ def test_semantic_search_is_shed_while_another_process_holds_every_slot(bounded_
             response = client.get("/search", query_string={"q": "ספר", "mode": mode})
             assert response.status_code == 200, (mode, response.get_data(as_text=True)[:300])
     assert client.get("/search", query_string=SEMANTIC).status_code == 200  # the holder has let go
+
+
+def test_past_its_handler_share_a_worker_sheds_semantic_search_at_once_and_keeps_threads_for_text(make_app, tiny_onnx):
+    # Two request threads, one of which semantic search may hold (SEMANTIC_HANDLERS=1). The first search
+    # waits for a slot (held by another process) for up to a minute; the second must not wait too.
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="60000",
+                   GUNICORN_THREADS="2", SEMANTIC_HANDLERS="1")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    service = get_service(app)
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200  # model loaded
+    first: dict = {}
+    with holder(service.slots()):
+        waiting = threading.Thread(target=lambda: first.update(
+            response=app.test_client().get("/search", query_string=SEMANTIC)))
+        waiting.start()
+        # The first search holds the worker's one semantic handler once the semaphore reads zero.
+        wait_until(lambda: service._handlers._value == 0, "the first search to hold the handler")
+        response = app.test_client().get("/search", query_string=SEMANTIC)
+        assert response.status_code == 503, response.get_data(as_text=True)[:300]
+        assert response.get_json()["error"]["code"] == "overloaded"
+        assert "in this worker" in response.get_json()["error"]["message"]
+        assert response.headers.get("Retry-After", "").isdigit()
+        assert waiting.is_alive(), "the first search was not waiting for its slot"
+        assert app.test_client().get("/search", query_string={"q": "ספר", "mode": "text"}).status_code == 200
+    waiting.join(timeout=60)  # the holder let go: the first search gets its slot and answers
+    assert first["response"].status_code == 200, first["response"].get_data(as_text=True)[:300]
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200  # the handler is back
 
 
 def test_a_slot_held_by_a_killed_process_is_free_again(make_app, tiny_onnx):

@@ -86,6 +86,10 @@ class SemanticService:
         self._caught_up: tuple | None = None  # (fingerprint, max tag id, max item id) with nothing missing
         self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
         self._runner: ModelRunner | None = None  # low-priority model threads, made on first use: see runner()
+        # This worker's request threads that hold a semantic search (SEMANTIC_HANDLERS): a search waiting
+        # for a slot holds its thread, and without this bound a burst of them takes every thread of the
+        # worker, so text searches queue for a thread although no slot is theirs to wait for.
+        self._handlers = threading.BoundedSemaphore(settings.semantic_handler_limit)
 
     @property
     def state(self) -> str:
@@ -223,12 +227,24 @@ class SemanticService:
     def search(self, query: str, limit: int) -> SemanticHits:
         """The items nearest the query, scored by their own vector and their closest tags'.
 
-        Loads the model and catches up on missing vectors first; raises SemanticUnavailable with a reason.
+        Loads the model and catches up on missing vectors first; raises SemanticUnavailable with a reason,
+        Overloaded at once when SEMANTIC_HANDLERS of this worker's threads already hold a semantic search.
         """
         encoder = self.encoder()
+        if not self._handlers.acquire(blocking=False):
+            _count_shed()
+            raise Overloaded(f"semantic search is at capacity ({self.settings.semantic_handler_limit} semantic "
+                             f"searches in this worker); retry after {SHED_RETRY_AFTER_SECONDS} s, or search "
+                             f"with mode=text")
+        try:
+            self.catch_up()
+            return self._nearest(encoder, query, limit)
+        finally:
+            self._handlers.release()
+
+    def _nearest(self, encoder: "Encoder", query: str, limit: int) -> SemanticHits:
         from . import index
 
-        self.catch_up()
         vector = self._encode_query(encoder, query)
         store = self.vector_store()
         tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
@@ -270,7 +286,9 @@ class SemanticService:
         if self._state == DISABLED:
             return False
         try:
-            self.search(WARM_QUERY, 1)  # the whole path: model, catch-up, vector store, one query
+            # The model, the vector store and one query; not the catch-up: missing vectors are a request's
+            # business, and embedding them here would keep the worker from accepting for that long.
+            self._nearest(self.encoder(), WARM_QUERY, 1)
         except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
             log.warning("semantic warm-up did not complete: %s", _describe(exc))
         return self._encoder is not None
