@@ -63,15 +63,16 @@ backlog = settings.gunicorn_backlog
 #       The model's weights are a memory-mapped file every worker shares (app/semantic/encoders.py),
 #       and the app's code is imported in the master before fork (PRELOAD_MODULES), so a worker adds
 #       only its own written pages: session buffers, activations, its objects. The 512 MB tier runs
-#       two workers of six threads, the 1 GB tier six of four (deploy/tiers.yaml, README "Serving").
+#       two workers of twelve threads, the 1 GB tier six of four (deploy/tiers.yaml, README "Serving").
 #
 workers = settings.web_concurrency
 
-#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 6
+#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 12
 #       and 4 threads per worker). The model's share of the CPU is bounded per instance (SEMANTIC_MAX_INFLIGHT
 #       slots; past SEMANTIC_QUEUE_TIMEOUT_MS a semantic request is shed with 503 + Retry-After). With
 #       one thread per worker, requests waiting for a slot hold whole workers and text requests queue
-#       behind them; with threads a text request finds a free handler. Measured side by side (README
+#       behind them; with threads a text request finds a free handler, and SEMANTIC_HANDLERS keeps half
+#       of a worker's threads out of semantic search's reach. Measured side by side (README
 #       "Serving"): under the 64-client overload, text p50 fell to a third with 4 threads at the same
 #       memory (threads add stacks, and activations only while holding a slot). The platform's proxy
 #       buffers slow clients.
