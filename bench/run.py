@@ -231,6 +231,9 @@ def strict_peak(samples: list[dict], key: str) -> float:
     return max(values)
 
 
+SWEEP_TRIES = 5  # reads of the process tree per sample until one sees no fork or exit (Sampler.take)
+
+
 class Sampler(threading.Thread):
     """Memory of the gunicorn process tree and of its cgroup, every 50 ms, labelled by phase."""
 
@@ -252,11 +255,22 @@ class Sampler(threading.Thread):
                 self.recorded.notify_all()
 
     def take(self) -> dict | None:
-        """One sample of the tree and the cgroup; None once the tree is gone."""
-        pids = memory.process_tree(self.root_pid)  # zombies left out: an exited worker's memory is gone
-        if not pids:
-            return None
-        rows = memory.read_processes(pids)
+        """One sample of the tree and the cgroup; None once the tree is gone.
+
+        The processes are read one after another, so a sweep during which a worker exits or is forked
+        mixes two states of the tree: PSS splits a shared page among the processes mapping it at the
+        moment each is read, and a worker read before a sibling's exit or a fork keeps its old share
+        while the others are read with their new one. Such sweeps summed up to ~75 MB above the samples
+        around them (one sample, at a recycle). A sweep counts when the tree is the same before and
+        after it; otherwise it is read again (a handful of tries: forks and exits are rare events).
+        """
+        for _ in range(SWEEP_TRIES):
+            pids = memory.process_tree(self.root_pid)  # zombies left out: an exited worker's memory is gone
+            if not pids:
+                return None
+            rows = memory.read_processes(pids)
+            if len(rows) == len(pids) and set(memory.process_tree(self.root_pid)) == set(pids):
+                break
         tree = memory.total(rows)
         workers = [r for r in rows if r.pid != self.root_pid]
         cgroup = self.cgroup.figures()

@@ -335,3 +335,21 @@ def test_a_peak_is_the_largest_sample():
     from bench.run import strict_peak
 
     assert strict_peak([{"pss_mb": 10.0}, {"pss_mb": 12.5}, {"pss_mb": 11.0}], "pss_mb") == 12.5
+
+
+def test_bench_sampler_reads_again_when_a_worker_exits_mid_sweep(monkeypatch):
+    # A sweep that reads worker 3 before it exits and worker 2 after would count the weights' pages
+    # twice over (3's old share and 2's new, larger one): the sampler keeps only a sweep of a tree that
+    # did not change while it was read.
+    from types import SimpleNamespace
+
+    from bench import run
+
+    trees = iter([[1, 2, 3], [1, 2], [1, 2], [1, 2]])  # before and after each sweep: 3 exits during the first
+    pss = {1: 40, 2: 150, 3: 60}
+    monkeypatch.setattr(run.memory, "process_tree", lambda root: next(trees))
+    monkeypatch.setattr(run.memory, "read_processes", lambda pids: [
+        memory.ProcessMemory(p, 200 * MB, pss[p] * MB, 10 * MB, "smaps_rollup") for p in pids])
+    sampler = run.Sampler(1, SimpleNamespace(figures=lambda: None))
+    sample = sampler.take()
+    assert (sample["pids"], sample["pss_mb"]) == (2, 190.0), sample
