@@ -286,9 +286,10 @@ class SemanticService:
         if self._state == DISABLED:
             return False
         try:
-            # The model, the vector store and one query; not the catch-up: missing vectors are a request's
-            # business, and embedding them here would keep the worker from accepting for that long.
-            self._nearest(self.encoder(), WARM_QUERY, 1)
+            # The whole path: model, catch-up (one batch at most, SEMANTIC_CATCHUP_LIMIT in the tiers), vector
+            # store, one query. Left to the first request instead, the catch-up's look for missing rows and
+            # its batch made a recycled worker's first query under the mix wait up to seconds.
+            self.search(WARM_QUERY, 1)
         except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
             log.warning("semantic warm-up did not complete: %s", _describe(exc))
         return self._encoder is not None
