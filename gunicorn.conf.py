@@ -86,8 +86,8 @@ threads = settings.gunicorn_threads
 #   max_requests / max_requests_jitter - Restart a worker after this many requests (plus 0..jitter,
 #       so that several workers do not restart together). Fragmentation in glibc's heap and Python's
 #       object pools makes a long-lived worker's memory creep; a fresh worker starts lean. The tiers
-#       set 1000 (jitter 500) as a backstop: recycling on private memory (MAX_WORKER_MEMORY_MB) catches
-#       growth, and each restart costs a fork and a warm-up the other handlers wait for. 0 disables.
+#       set 5000 (jitter 2500) as a backstop: recycling on private memory (MAX_WORKER_MEMORY_MB) catches
+#       growth, and each restart costs a fork, a warm-up and a drain the other handlers make up for. 0 disables.
 #
 max_requests = settings.gunicorn_max_requests
 max_requests_jitter = settings.gunicorn_max_requests_jitter
