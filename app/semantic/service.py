@@ -286,7 +286,7 @@ class SemanticService:
         if self._state == DISABLED:
             return False
         try:
-            # The whole path: model, catch-up (one batch at most, SEMANTIC_CATCHUP_LIMIT in the tiers), vector
+            # The whole path: model, catch-up (bounded by SEMANTIC_CATCHUP_LIMIT, a few items in the tiers), vector
             # store, one query. Left to the first request instead, the catch-up's look for missing rows and
             # its batch made a recycled worker's first query under the mix wait up to seconds.
             self.search(WARM_QUERY, 1)
