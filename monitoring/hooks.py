@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -120,6 +121,7 @@ def _private_memory(now: float) -> "memory.ProcessMemory":
 
 
 RECYCLE_LOCK = "recycle.lock"
+_recycle_decision = threading.Lock()  # one request thread at a time decides this worker's recycle
 
 
 def _take_recycle_turn(settings: "Settings") -> bool:
@@ -168,8 +170,17 @@ def after_request(worker, settings: "Settings") -> None:
     figures = _private_memory(time.monotonic())
     if figures.private <= limit * MB:
         return
-    if not _take_recycle_turn(settings):
-        return  # a sibling is draining: this one goes after it, at a later request
+    # With threads, several requests can end past the bound at once: one of them recycles the worker
+    # (one log line, one event, one count), the others see it already leaving.
+    with _recycle_decision:
+        if not worker.alive:
+            return
+        if not _take_recycle_turn(settings):
+            return  # a sibling is draining: this one goes after it, at a later request
+        _recycle(worker, settings, figures, limit)
+
+
+def _recycle(worker, settings: "Settings", figures: "memory.ProcessMemory", limit: int) -> None:
     worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "
                        "after %d requests; exiting gracefully", figures.pid, figures.private / MB, figures.rss / MB,
                        "-" if figures.pss is None else f"{figures.pss / MB:.0f}MB", limit, getattr(worker, "nr", -1))

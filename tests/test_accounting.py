@@ -353,3 +353,33 @@ def test_bench_sampler_reads_again_when_a_worker_exits_mid_sweep(monkeypatch):
     sampler = run.Sampler(1, SimpleNamespace(figures=lambda: None))
     sample = sampler.take()
     assert (sample["pids"], sample["pss_mb"]) == (2, 190.0), sample
+
+
+def test_threads_ending_past_the_bound_together_recycle_the_worker_once(monkeypatch, tmp_path):
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    from monitoring import hooks
+
+    count = []
+    together = threading.Barrier(8)
+
+    def read_process(pid=None, proc="/proc"):
+        together.wait(timeout=30)  # every thread has passed the alive check before any decides
+        return memory.ProcessMemory(1, 400 * MB, 300 * MB, 200 * MB, "smaps_rollup")
+
+    monkeypatch.setattr(hooks, "_state", {})
+    monkeypatch.setattr(hooks, "PRIVATE_READING_MAX_AGE", 0)
+    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
+    monkeypatch.setattr(hooks.memory, "read_process", read_process)
+    monkeypatch.setattr(hooks, "_recycle", lambda worker, *args: (count.append(1), setattr(worker, "alive", False)))
+    settings = SimpleNamespace(max_worker_memory_mb=150, prometheus_multiproc_dir=str(tmp_path))
+    worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
+    threads = [threading.Thread(target=hooks.after_request, args=(worker, settings)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not worker.alive and len(count) == 1, count
+    os.close(hooks._state["recycle_turn"])  # this test process is not exiting: let go of the turn
