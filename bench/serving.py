@@ -17,7 +17,7 @@ Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's model
 
 Runs:
   mix       16 clients, each looping over text 3 : tags 2 : semantic 3 : create 2 (bench/load.py's
-            mix), per tier and design; the tier's max_requests recycles workers during the run
+            mix), per tier and design; the tier's max_requests (a backstop) may recycle workers during the run
   overload  64 clients on the 512 MB tier: half the mix above, half sending 500-token texts (semantic
             queries at MAX_QUERY_LENGTH and new items whose bodies the model must embed)
   recycle   per design on the 512 MB tier, one client sending semantic queries one at a time with
@@ -108,7 +108,7 @@ def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
     env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
            "SECRET_KEY": "serving-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,
            "WRITE_RATE_LIMIT": "1000000 per minute",  # the limit has its own tests
-           "GUNICORN_BACKLOG": "256",  # max_requests stays the tier's: workers recycle during the run
+           "GUNICORN_BACKLOG": "256",  # max_requests stays the tier's, as in production
            "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-serving-{port}"), **env_extra}
     flask("seed", env=env)
     flask("embed", env=env)
