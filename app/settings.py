@@ -317,6 +317,12 @@ class Settings:
         return self
 
     @property
+    def shared_folder(self) -> str:
+        """The folder every worker of the instance shares, for its lock files (semantic slots, the recycle
+        turn): the metrics folder gunicorn.conf.py makes per instance, else the instance folder."""
+        return self.prometheus_multiproc_dir or self.instance_path
+
+    @property
     def semantic_handler_limit(self) -> int:
         """SEMANTIC_HANDLERS, its default resolved: half of a worker's request threads, at least one."""
         return self.semantic_handlers or max(1, self.gunicorn_threads // 2)

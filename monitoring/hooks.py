@@ -135,11 +135,10 @@ def _take_recycle_turn(settings: "Settings") -> bool:
     that finds it taken keeps serving and asks again after a later request; one that cannot use the file
     recycles anyway: the bound matters more than the spacing.
     """
-    folder = getattr(settings, "prometheus_multiproc_dir", "") or getattr(settings, "instance_path", "")
-    if not folder or "recycle_turn" in _state:
+    if "recycle_turn" in _state:
         return True
     try:
-        fd = os.open(Path(folder, RECYCLE_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(Path(settings.shared_folder, RECYCLE_LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
         return True
     try:

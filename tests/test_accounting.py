@@ -89,7 +89,7 @@ sys.stdin.read()
 # The worker: its recycle decision (monitoring.hooks.after_request) before and after mapping the shared
 # file, then after growing its own memory. The bound is set from its own private memory at the start.
 WORKER = """
-import json, logging, mmap, sys
+import json, logging, mmap, sys, tempfile
 from types import SimpleNamespace
 sys.path.insert(0, sys.argv[2])
 from monitoring import hooks, memory
@@ -112,7 +112,7 @@ def decide():
 hooks.PRIVATE_READING_MAX_AGE = 0  # read afresh at each decision (the reuse has its own test)
 start = memory.read_process()
 limit_mb = start.private // MB + 48
-settings = SimpleNamespace(max_worker_memory_mb=limit_mb)
+settings = SimpleNamespace(max_worker_memory_mb=limit_mb, shared_folder=tempfile.mkdtemp())
 out = {"limit_mb": limit_mb, "start": decide()}
 with open(sys.argv[1], "rb") as f:
     m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
@@ -167,7 +167,7 @@ def test_private_growth_past_the_bound_is_recycled(sharing):
     assert "memfit recycle: worker pid=" in log and "private=" in log and "MAX_WORKER_MEMORY_MB=" in log, log
 
 
-def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_second(monkeypatch):
+def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_second(monkeypatch, tmp_path):
     import logging
     from types import SimpleNamespace
 
@@ -183,7 +183,7 @@ def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_secon
     monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: state["now"]))
     monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: state["rss"])
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
-    settings = SimpleNamespace(max_worker_memory_mb=150)
+    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
 
     hooks.after_request(worker, settings)
@@ -197,6 +197,7 @@ def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_secon
     state["now"] += 0.6
     hooks.after_request(worker, settings)
     assert (state["reads"], worker.alive) == (2, False)  # read again, past the bound: recycled
+    os.close(hooks._state["recycle_turn"])  # this test process is not exiting: let go of the turn
 
 
 def test_workers_past_the_bound_together_recycle_one_after_the_other(monkeypatch, tmp_path):
@@ -210,7 +211,7 @@ def test_workers_past_the_bound_together_recycle_one_after_the_other(monkeypatch
     monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process",
                         lambda pid=None, proc="/proc": memory.ProcessMemory(1, 400 * MB, 300 * MB, 200 * MB, "smaps_rollup"))
-    settings = SimpleNamespace(max_worker_memory_mb=150, prometheus_multiproc_dir=str(tmp_path))
+    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
     # A sibling recycling: it holds the instance's turn (its own open file, as another process would).
     sibling = os.open(tmp_path / hooks.RECYCLE_LOCK, os.O_RDONLY | os.O_CREAT)
@@ -374,7 +375,7 @@ def test_threads_ending_past_the_bound_together_recycle_the_worker_once(monkeypa
     monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
     monkeypatch.setattr(hooks, "_recycle", lambda worker, *args: (count.append(1), setattr(worker, "alive", False)))
-    settings = SimpleNamespace(max_worker_memory_mb=150, prometheus_multiproc_dir=str(tmp_path))
+    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
     threads = [threading.Thread(target=hooks.after_request, args=(worker, settings)) for _ in range(8)]
     for t in threads:

@@ -236,30 +236,27 @@ class SemanticService:
             raise Overloaded(f"semantic search is at capacity ({self.settings.semantic_handler_limit} semantic "
                              f"searches in this worker); retry after {SHED_RETRY_AFTER_SECONDS} s, or search "
                              f"with mode=text")
-        try:
-            self.catch_up()
-            return self._nearest(encoder, query, limit)
-        finally:
-            self._handlers.release()
-
-    def _nearest(self, encoder: "Encoder", query: str, limit: int) -> SemanticHits:
         from . import index
 
-        vector = self._encode_query(encoder, query)
-        store = self.vector_store()
-        tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
-        item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
-        # Items carrying one of the closest tags are candidates even if their own text is farther.
-        top_tags = sorted(tag_hits, key=tag_hits.get, reverse=True)[:CARRYING_TAGS]
-        tagged = index.items_with_tags(top_tags)
-        floor = min(item_hits.values()) if item_hits else 0.0
-        scored = []
-        for item_id in set(item_hits) | set(tagged):
-            own = item_hits.get(item_id, floor)
-            best_tag = max((tag_hits[t] for t in tagged.get(item_id, ())), default=None)
-            scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
-        scored.sort(key=lambda entry: (-entry[0], -entry[1]))
-        return SemanticHits(scored=scored[:limit], tag_scores=tag_hits, item_tags=tagged)
+        try:
+            self.catch_up()
+            vector = self._encode_query(encoder, query)
+            store = self.vector_store()
+            tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
+            item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
+            # Items carrying one of the closest tags are candidates even if their own text is farther.
+            top_tags = sorted(tag_hits, key=tag_hits.get, reverse=True)[:CARRYING_TAGS]
+            tagged = index.items_with_tags(top_tags)
+            floor = min(item_hits.values()) if item_hits else 0.0
+            scored = []
+            for item_id in set(item_hits) | set(tagged):
+                own = item_hits.get(item_id, floor)
+                best_tag = max((tag_hits[t] for t in tagged.get(item_id, ())), default=None)
+                scored.append((own if best_tag is None else 0.6 * own + 0.4 * max(best_tag, own), item_id))
+            scored.sort(key=lambda entry: (-entry[0], -entry[1]))
+            return SemanticHits(scored=scored[:limit], tag_scores=tag_hits, item_tags=tagged)
+        finally:
+            self._handlers.release()
 
     def _encode_query(self, encoder: "Encoder", query: str):
         """The query's vector, computed while holding a semantic slot; raises Overloaded (counted in

@@ -74,7 +74,7 @@ class Slots:
         runtime counts them for its threads) in the folder every worker of the instance shares."""
         from .encoders import available_cpus  # a light import: encoders loads numpy & co. in functions only
 
-        return cls(settings.prometheus_multiproc_dir or settings.instance_path,
+        return cls(settings.shared_folder,
                    settings.semantic_max_inflight or available_cpus(), settings.semantic_queue_timeout_ms / 1000)
 
     def acquire(self, timeout: float | None = None) -> Slot | None:
