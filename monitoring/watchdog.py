@@ -68,7 +68,9 @@ class MemorySampler:
         cgroup = memory.read_cgroup(self.cgroup_root)
         own = memory.read_process()
         pids = memory.process_tree(self.instance_root) if self.instance_root else []
-        tree = memory.read_tree(pids or [own.pid])
+        # Alone (no instance tree), the instance is this process as just read: a second reading could
+        # differ by what it freed meanwhile, and show an instance smaller than its one process.
+        tree = memory.read_tree(pids) if pids else memory.total([own])
         figures = {
             "pid": own.pid,
             "process_rss_mb": _mb(own.rss),
