@@ -62,17 +62,17 @@ backlog = settings.gunicorn_backlog
 #   workers - Worker processes. From WEB_CONCURRENCY (the variable Render and Heroku set), default 1.
 #       The model's weights are a memory-mapped file every worker shares (app/semantic/encoders.py),
 #       and the app's code is imported in the master before fork (PRELOAD_MODULES), so a worker adds
-#       only its own written pages: session buffers, activations, its objects. The 512 MB tier runs
-#       two workers of twelve threads, the 1 GB tier six of four (deploy/tiers.yaml, README "Serving").
+#       only its own written pages: session buffers, activations, its objects. The tiers' workers and
+#       threads are in deploy/tiers.yaml, with why.
 #
 workers = settings.web_concurrency
 
-#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run 12
-#       and 4 threads per worker). The model's share of the CPU is bounded per instance (SEMANTIC_MAX_INFLIGHT
-#       slots; past SEMANTIC_QUEUE_TIMEOUT_MS a semantic request is shed with 503 + Retry-After). With
-#       one thread per worker, requests waiting for a slot hold whole workers and text requests queue
-#       behind them; with threads a text request finds a free handler, and SEMANTIC_HANDLERS keeps half
-#       of a worker's threads out of semantic search's reach. Measured side by side (README
+#   worker_class - "sync", and with GUNICORN_THREADS above 1 gunicorn's "gthread" (the tiers run many
+#       threads per worker). Semantic queries wait in their worker's model queue (app/semantic/queue.py)
+#       and are shed with 503 + Retry-After only when the queue would not answer them within
+#       SEMANTIC_DEADLINE_MS. With one thread per worker, a waiting query holds the whole worker and text
+#       requests queue behind it; with threads a text request finds a free handler, and SEMANTIC_HANDLERS
+#       keeps some of a worker's threads (a quarter, at most 8) out of semantic search's reach. Measured side by side (README
 #       "Serving"): under the 64-client overload, text p50 fell to a third with 4 threads at the same
 #       memory (threads add stacks, and activations only while holding a slot). The platform's proxy
 #       buffers slow clients.
@@ -164,7 +164,8 @@ install_json_protocol_errors()
 #
 #   on_starting - master, before workers: make (or empty) the metrics folder; log the start-up report.
 #   post_worker_init - worker, after the app loaded: start the memory watchdog thread; with
-#       SEMANTIC_WARM, load the model and answer one query before the first request arrives.
+#       SEMANTIC_WARM, load the model and answer one query before the first request arrives; with
+#       SEMANTIC_EMBEDDER, start the background embedder (one worker per database works, the others wait).
 #   post_request - worker, after each response: recycle the worker if its RSS passed
 #       MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
 #   worker_abort - worker, on SIGABRT (the master's GUNICORN_TIMEOUT for a silent worker): mark the
@@ -268,6 +269,11 @@ def post_worker_init(worker):
         from app.state import warm
 
         warm(worker.wsgi)
+    if settings.semantic_embedder and settings.enable_semantic_search:
+        # Every worker starts one; the one holding the database's embedder lock works (app/semantic/embedder.py).
+        from app.state import start_embedder
+
+        start_embedder(worker.wsgi)
 
 
 def post_request(worker, req, environ, resp):

@@ -286,6 +286,7 @@ def create_item():
         except Exception:
             db.session.rollback()
             raise
+    get_service().wake_embedder()  # its vector comes from the background embedder, not from this request
     return jsonify(item.to_dict()), 201, {"Location": f"/items/{item.id}"}
 
 
@@ -318,5 +319,6 @@ def readyz():
         db.session.rollback()
         database = f"unavailable: {type(exc).__name__}"
     ready = database == "ok"
+    semantic.update(get_service().queue_status())
     return jsonify(status="ready" if ready else "not_ready", database=database, semantic=semantic), (
         200 if ready else 503)

@@ -129,18 +129,20 @@ FIELDS: tuple[Field, ...] = (
           "Intra-op threads of the model runtime per worker; 0: the CPUs the instance really has "
           "(affinity and cgroup quota) shared among WEB_CONCURRENCY workers, at least 1, at most 4."),
     Field("SEMANTIC_MAX_INFLIGHT", "0", _int(0, 256),
-          "Model runs (semantic queries and catch-up batches) in flight at once on the whole instance, all "
-          "workers and threads together, so text and tag search always find a free handler; 0: the CPUs "
-          "the instance really has (as SEMANTIC_THREADS counts them). Lock files in PROMETHEUS_MULTIPROC_DIR, "
-          "else the instance folder."),
-    Field("SEMANTIC_QUEUE_TIMEOUT_MS", "250", _int(0, 60000),
-          "Longest wait (ms) of a semantic search for a free semantic slot; past it the search is shed with "
-          "503 overloaded and Retry-After. Catch-up embedding never waits: with every slot busy it is left "
-          "to a later request."),
+          "Model runs (batches of queries or of new rows' texts) in flight at once on the whole instance, all "
+          "workers together; 0: the CPUs the instance really has (as SEMANTIC_THREADS counts them). Lock "
+          "files in PROMETHEUS_MULTIPROC_DIR, else the instance folder."),
+    Field("SEMANTIC_DEADLINE_MS", "1500", _int(50, 60000),
+          "Longest wait (ms) a semantic query may expect in its worker's queue. A query is refused (503 "
+          "overloaded, Retry-After from the queue's drain rate) only when the queue's measured rate says it "
+          "would wait longer; an admitted query is answered in arrival order."),
+    Field("SEMANTIC_BATCH_MAX", "16", _int(1, 256),
+          "Most queries encoded together in one model run: queries that arrive while the model is busy share "
+          "the next run (runs are also split by padded tokens)."),
     Field("SEMANTIC_HANDLERS", "0", _int(0, 64),
-          "Request threads of one worker that semantic searches may hold at once, running or waiting for a "
-          "slot; a semantic search past it is shed at once (503 overloaded), so the worker's other threads "
-          "stay free for text and tag search. 0: half of GUNICORN_THREADS, at least 1."),
+          "Request threads of one worker that semantic searches may hold at once, waiting or running; a "
+          "semantic search past it is shed at once (503 overloaded), so the worker's other threads stay "
+          "free for text and tag search. 0: all of GUNICORN_THREADS but a quarter of them (at most 8, at least one)."),
     Field("SEMANTIC_NICE", "10", _int(0, 19),
           "How much lower than request handling the model runs (nice increment of the threads that run "
           "it): text and tag requests pass queries and catch-up batches on a busy CPU. 0: same priority."),
@@ -148,8 +150,11 @@ FIELDS: tuple[Field, ...] = (
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
           "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
-    Field("SEMANTIC_CATCHUP_LIMIT", "200", _int(0, 100000),
-          "Most missing embeddings a semantic request computes before searching (0: only `flask embed`)."),
+    Field("SEMANTIC_EMBEDDER", "true", _bool,
+          "Under gunicorn, compute new tags' and items' vectors in the background: one worker per database "
+          "(a lock) embeds while no query waits. false: only `flask embed` and the release step embed."),
+    Field("SEMANTIC_EMBED_INTERVAL", "0.5", _float(0.05, 3600),
+          "Seconds between the background embedder's looks for rows without a vector."),
     Field("SEMANTIC_WARM", "false", _bool,
           "Under gunicorn, load the model and run one query in each new worker before it takes requests, "
           "so a recycled worker's first semantic query pays no load (the weights are shared pages). "
@@ -233,12 +238,14 @@ class Settings:
     semantic_max_seq_length: int
     semantic_threads: int
     semantic_max_inflight: int
-    semantic_queue_timeout_ms: int
+    semantic_deadline_ms: int
+    semantic_batch_max: int
     semantic_handlers: int
     semantic_nice: int
     web_concurrency: int
     semantic_index_max_mb: int
-    semantic_catchup_limit: int
+    semantic_embedder: bool
+    semantic_embed_interval: float
     semantic_warm: bool
     embedding_batch_size: int
     sqlalchemy_pool_size: int
@@ -313,7 +320,7 @@ class Settings:
             raise ConfigError("MAX_WORKER_MEMORY_MB is far above MAX_MEMORY_MB: accepts at most 4x MAX_MEMORY_MB")
         if self.semantic_handlers > self.gunicorn_threads:
             raise ConfigError(f"SEMANTIC_HANDLERS={self.semantic_handlers} is more than GUNICORN_THREADS="
-                              f"{self.gunicorn_threads}: accepts 0 (half the threads) up to the threads a worker has")
+                              f"{self.gunicorn_threads}: accepts 0 (all but a quarter of the threads) up to the threads a worker has")
         return self
 
     @property
@@ -324,8 +331,10 @@ class Settings:
 
     @property
     def semantic_handler_limit(self) -> int:
-        """SEMANTIC_HANDLERS, its default resolved: half of a worker's request threads, at least one."""
-        return self.semantic_handlers or max(1, self.gunicorn_threads // 2)
+        """SEMANTIC_HANDLERS, its default resolved: all of a worker's request threads but a quarter of them,
+        at most 8 and at least one, kept for text and tags (a single-threaded worker has only the one)."""
+        threads = self.gunicorn_threads
+        return self.semantic_handlers or max(1, threads - min(8, max(1, threads // 4)))
 
     @property
     def is_sqlite(self) -> bool:

@@ -53,3 +53,12 @@ def warm(app: Flask) -> bool:
     new worker); returns whether the model is loaded. Never raises."""
     with app.app_context():
         return get_service(app).warm()
+
+
+def start_embedder(app: Flask) -> None:
+    """Start app's background embedder in this process (SEMANTIC_EMBEDDER: gunicorn.conf.py calls it in
+    each new worker, after the warm-up). Never raises: a worker without one still serves."""
+    try:
+        get_service(app).start_embedder(app)
+    except Exception as exc:  # noqa: BLE001 -- the embedder is background work; serving goes on without it
+        app.logger.warning("the background embedder did not start: %s: %s", type(exc).__name__, exc)

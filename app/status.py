@@ -46,8 +46,8 @@ INSTANCE_FIGURE = "container_working_set_mb"
 # list against it). Never a secret: the page is read by whoever holds the write token.
 TIER_SETTINGS = ("MEMORY_TIER", "MAX_MEMORY_MB", "MAX_WORKER_MEMORY_MB", "WEB_CONCURRENCY", "GUNICORN_THREADS",
                  "GUNICORN_MAX_REQUESTS", "GUNICORN_MAX_REQUESTS_JITTER", "ENABLE_SEMANTIC_SEARCH", "SEMANTIC_MODEL",
-                 "SEMANTIC_WARM", "SEMANTIC_MAX_INFLIGHT", "SEMANTIC_QUEUE_TIMEOUT_MS", "SEMANTIC_HANDLERS",
-                 "SEMANTIC_CATCHUP_LIMIT",
+                 "SEMANTIC_WARM", "SEMANTIC_MAX_INFLIGHT", "SEMANTIC_DEADLINE_MS", "SEMANTIC_BATCH_MAX",
+                 "SEMANTIC_HANDLERS", "SEMANTIC_EMBEDDER",
                  "SEMANTIC_MAX_SEQ_LENGTH", "SEMANTIC_THREADS", "SEMANTIC_INDEX_MAX_MB", "EMBEDDING_BATCH_SIZE",
                  "SQLALCHEMY_POOL_SIZE", "SQLALCHEMY_MAX_OVERFLOW", "MEMORY_CHECK_INTERVAL", "STATUS_HISTORY_SLOTS")
 # Events the page names; any other kind recorded through monitoring.history.record_event is marked

@@ -56,8 +56,18 @@ recycles = Counter(PREFIX + "worker_recycles_total", "Workers that exited gracef
 worker_exits = Counter(PREFIX + "worker_exits_total", "Worker processes that ended, by how.", ["cause"])
 requests = Counter(PREFIX + "requests_total", "HTTP requests by search mode (or endpoint) and status.",
                    ["mode", "status"])
-semantic_shed = Counter(PREFIX + "semantic_shed_total", "Semantic queries shed (503 overloaded, Retry-After) "
-                        "because every semantic slot of the instance stayed busy past SEMANTIC_QUEUE_TIMEOUT_MS.")
+semantic_shed = Counter(PREFIX + "semantic_shed_total", "Semantic queries shed (503 overloaded, Retry-After), by "
+                        "reason: deadline (the queue's drain rate says the wait would pass SEMANTIC_DEADLINE_MS) or "
+                        "handlers (SEMANTIC_HANDLERS of the worker's threads already hold semantic searches).",
+                        ["reason"])
+semantic_runs = Counter(PREFIX + "semantic_model_runs_total", "Model runs, by kind: query (a batch of waiting "
+                        "queries) or passage (a batch of the background embedder).", ["kind"])
+semantic_run_texts = Counter(PREFIX + "semantic_model_run_texts_total", "Texts encoded by model runs, by kind; "
+                             "divided by memfit_semantic_model_runs_total, the mean batch.", ["kind"])
+semantic_embedded = Counter(PREFIX + "semantic_embedded_total", "Vectors stored by the background embedder.")
+semantic_backlog = Gauge(PREFIX + "semantic_backlog", "Tags and items without a vector for the served model, as "
+                         "the background embedder last counted them (0: every row is found by meaning).",
+                         multiprocess_mode="livemostrecent")
 
 
 def render(multiprocess_dir: str) -> tuple[bytes, str]:

@@ -130,3 +130,18 @@ def wait_until(condition, what: str, timeout: float = 60.0):
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)  # poll interval between checks of the condition
+
+
+def embed_all(app) -> int:
+    """Store every missing vector as the background embedder does (its rounds, in this thread); returns
+    how many. Tests call it where a server's embedder would have caught up: a search never embeds."""
+    from app.state import get_service
+
+    done = 0
+    with app.app_context():
+        service = get_service(app)
+        while True:
+            stored = service.embed_pending()
+            if not stored:
+                return done
+            done += stored

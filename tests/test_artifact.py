@@ -10,7 +10,7 @@ import pytest
 
 from app.semantic import encoders
 from bench.sharing import measure, single_file_copy
-from support import make_settings
+from support import embed_all, make_settings
 
 TEXTS = ["שלום עולם", "ספרים טובים לילדים בקיץ", "טיול בגליל העליון עם נחלים " * 12, "x"]
 LONG = ["טיול ארוך בגליל העליון עם נחלים מפלים ויערות " * 30 + str(i) for i in range(10)]
@@ -299,6 +299,7 @@ def test_semantic_search_encodes_the_query_as_a_query_and_items_as_passages(make
     kinds, encode = [], encoder.encode
     encoder.encode = lambda texts, batch_size, kind="passage": kinds.append((kind, list(texts))) or encode(
         texts, batch_size, kind=kind)
+    embed_all(app)
     assert client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).status_code == 200
     assert ("query", ["ספרים לילדים"]) in kinds
     assert all(kind == "passage" for kind, texts in kinds if texts != ["ספרים לילדים"]), kinds

@@ -27,7 +27,7 @@ def test_seed_loads_once(app):
 
 
 def test_embed_reports_progress_and_counts(make_app, tiny_onnx):
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="0")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
     runner = app.test_cli_runner()
     runner.invoke(args=["seed"])
     result = runner.invoke(args=["embed"])

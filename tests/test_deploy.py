@@ -126,7 +126,7 @@ def dockerfile_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("key", ["MEMORY_TIER", "MAX_MEMORY_MB", "MAX_WORKER_MEMORY_MB", "WEB_CONCURRENCY",
                                  "GUNICORN_THREADS", "SQLALCHEMY_POOL_SIZE", "SQLALCHEMY_MAX_OVERFLOW",
-                                 "SEMANTIC_CATCHUP_LIMIT", "GUNICORN_MAX_REQUESTS", "GUNICORN_MAX_REQUESTS_JITTER",
+                                 "GUNICORN_MAX_REQUESTS", "GUNICORN_MAX_REQUESTS_JITTER",
                                  "SEMANTIC_WARM", "SEMANTIC_MAX_SEQ_LENGTH", "SEMANTIC_THREADS", "OMP_NUM_THREADS",
                                  "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_"])
 def test_dockerfile_defaults_are_the_512mb_tier(key):

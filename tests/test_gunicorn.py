@@ -203,3 +203,43 @@ def test_crons_heartbeat_checks_in(tmp_path):
             g.get(SEARCH)
             checkins = wait_until(fake.checkins, "a check-in")
     assert checkins and checkins[0]["monitor_slug"] == "memfit-alive" and checkins[0]["status"] == "ok"
+
+
+def embedder_pid(lock_file) -> int | None:
+    """The pid holding the embedder's flock on lock_file, as the kernel lists it (/proc/locks)."""
+    inode = os.stat(lock_file).st_ino
+    for line in open("/proc/locks").read().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
+            return int(fields[4])
+    return None
+
+
+def semantic_ids(server, query: str) -> list[int]:
+    import urllib.parse
+
+    from devtools.http import fetch
+
+    status, body, _ = fetch(f"{server.url}/search?" + urllib.parse.urlencode(
+        {"q": query, "mode": "semantic", "limit": 50}), timeout=30)
+    return [r["id"] for r in json.loads(body)["results"]] if status == 200 else []
+
+
+def test_new_items_are_embedded_in_the_background_and_a_killed_embedder_is_replaced(tmp_path, tiny_onnx):
+    from devtools.http import fetch
+
+    env = {"WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "SEMANTIC_MODEL": str(tiny_onnx),
+           "SEMANTIC_WARM": "true", "SEMANTIC_EMBED_INTERVAL": "0.1"}
+    with Gunicorn(tmp_path, env) as server:
+        lock_file = tmp_path / "gunicorn.sqlite3.embedder.lock"
+        first = wait_until(lambda: lock_file.exists() and embedder_pid(lock_file), "a worker to take the embedder lock")
+        for n in range(2):
+            title, body = f"פריט רקע {n}", f"גוף הפריט החדש מספר {n}"
+            status, answer, _ = fetch(f"{server.url}/items", {"title": title, "body": body}, timeout=30)
+            assert status == 201, answer
+            item_id = json.loads(answer)["id"]
+            # No request embeds: the item is found by meaning once the background embedder stored its vector.
+            wait_until(lambda: item_id in semantic_ids(server, f"{title} {body}"), f"item {n} found by meaning")
+            if n == 0:
+                os.kill(first, signal.SIGKILL)  # mid-anything: the kernel drops its flock with it
+                wait_until(lambda: embedder_pid(lock_file) not in (None, first), "another worker to take over")

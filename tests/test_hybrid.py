@@ -7,6 +7,7 @@ import pytest
 from app.search import LIMIT_MAX, hybrid
 from app.semantic.service import SemanticHits, SemanticUnavailable
 from app.state import get_service
+from support import embed_all
 
 
 def search(client, q, mode="hybrid", **extra):
@@ -96,8 +97,9 @@ def test_a_query_neither_ranking_finds_answers_empty(app, monkeypatch):
 
 
 def test_with_the_tiny_model_both_rankings_answer(make_app, tiny_onnx):
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    embed_all(app)
     body = search(app.test_client(), "ספרים לילדים")
     assert "fallback" not in body and body["count"] == 10
     assert any("semantic" in r["ranks"] for r in body["results"])

@@ -21,7 +21,7 @@ def invoke(app, *args):
 
 
 def seeded_app(make_app, model, **env):
-    app = make_app(SEMANTIC_MODEL=str(model), SEMANTIC_CATCHUP_LIMIT="0", **env)
+    app = make_app(SEMANTIC_MODEL=str(model), **env)
     result = app.test_cli_runner().invoke(args=["seed"])
     assert result.exit_code == 0, result.output
     return app
@@ -218,8 +218,7 @@ def test_a_second_release_waits_for_the_first(app):
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
 def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
-    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url, SEMANTIC_MODEL=str(tiny_onnx),
-                                   SEMANTIC_CATCHUP_LIMIT="0"))
+    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url, SEMANTIC_MODEL=str(tiny_onnx)))
     with app.app_context():
         db.drop_all()
         db.session.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
@@ -281,7 +280,7 @@ def test_two_release_processes_at_once_embed_every_row_once(make_app, tiny_onnx,
 
     app = seeded_app(make_app, tiny_onnx, EMBEDDING_BATCH_SIZE="8")
     env = {**os.environ, "DATABASE_URL": get_settings(app).database_url,
-           "SEMANTIC_MODEL": str(tiny_onnx), "EMBEDDING_BATCH_SIZE": "8", "SEMANTIC_CATCHUP_LIMIT": "0",
+           "SEMANTIC_MODEL": str(tiny_onnx), "EMBEDDING_BATCH_SIZE": "8",
            "MEMORY_CHECK_INTERVAL": "3600"}
     # Both start while the lock is held elsewhere, so they really are concurrent: each must wait.
     free = hold_lock_elsewhere(app)

@@ -9,7 +9,7 @@ import pytest
 from app.semantic import encoders
 from app.semantic.service import DISABLED, FAILED, LOADED, NOT_LOADED, SemanticService
 from app.state import get_service, get_settings
-from support import make_settings
+from support import embed_all, make_settings
 
 TEXTS = ["שלום עולם", "ספרים טובים לילדים בקיץ", "טיול בגליל העליון עם נחלים " * 12, "x"]
 
@@ -114,8 +114,9 @@ def test_corrupt_model_files_give_503_with_reason(make_app, tiny_onnx, tmp_path)
 
 @pytest.fixture
 def semantic_app(make_app, tiny_onnx):
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7", SEMANTIC_CATCHUP_LIMIT="1000")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7")
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    embed_all(app)
     return app
 
 
@@ -144,7 +145,6 @@ def test_embeddings_are_computed_once_and_reused(semantic_app):
     from app.db import Embedding, Item, Tag, db
 
     client = semantic_app.test_client()
-    client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
     encoder = get_service(semantic_app).encoder()
     with semantic_app.app_context():
         n_items, n_tags = db.session.query(Item).count(), db.session.query(Tag).count()
@@ -156,15 +156,46 @@ def test_embeddings_are_computed_once_and_reused(semantic_app):
     assert seen == [["טיול בצפון"]]  # only the query is encoded
 
 
-def test_catch_up_embeds_in_batches_of_the_setting(make_app, tiny_onnx):
+def test_the_embedder_embeds_in_batches_of_the_setting(make_app, tiny_onnx):
     app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="7")
     app.test_cli_runner().invoke(args=["seed"])
     encoder = get_service(app).encoder()
     sizes = []
     original = encoder.encode
     encoder.encode = lambda texts, batch, **kind: sizes.append(len(texts)) or original(texts, batch, **kind)
-    app.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
-    assert max(sizes[:-1]) == 7 and sizes[-1] == 1
+    assert embed_all(app) > 7
+    assert max(sizes) == 7 and all(size <= 7 for size in sizes), sizes
+
+
+def test_a_search_request_never_writes(make_app, tiny_onnx):
+    """Rows without a vector are the background embedder's: a search reads, whatever is missing."""
+    from sqlalchemy import event
+
+    from app.db import Embedding, db
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
+    app.test_cli_runner().invoke(args=["seed"])
+    client = app.test_client()
+    assert client.post("/items", json={"title": "פריט חדש", "body": "גוף", "tags": ["חדש"]}).status_code == 201
+    written = []
+    with app.app_context():
+        engine = db.engine
+
+    def record(conn, cursor, statement, *args):
+        if statement.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE",
+                                                             "ALTER", "DROP"):
+            written.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for mode in ("semantic", "hybrid"):
+            response = client.get("/search", query_string={"q": "ספר", "mode": mode})
+            assert response.status_code == 200, response.get_data(as_text=True)[:300]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert written == []
+    with app.app_context():
+        assert db.session.query(Embedding).count() == 0
 
 
 def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_path):
@@ -173,9 +204,9 @@ def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_pat
     from app.semantic.synthetic import build
 
     other = prepare(str(build(tmp_path / "other", arch="tiny", seed=1)), tmp_path / "other-q8", force=True)
-    first = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000")
+    first = make_app(SEMANTIC_MODEL=str(tiny_onnx))
     first.test_cli_runner().invoke(args=["seed"])
-    first.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    embed_all(first)
     fp_first = get_service(first).encoder().fingerprint
 
     from app import create_app
@@ -186,7 +217,7 @@ def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_pat
     with app2.app_context():
         before = db.session.query(Embedding).filter_by(model_fp=fp_second).count()
         assert before == 0  # nothing of the first model is reused
-    app2.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    embed_all(app2)
     with app2.app_context():
         current = db.session.query(Embedding).filter_by(model_fp=fp_second).count()
         stale = db.session.query(Embedding).filter(Embedding.model_fp != fp_second).count()

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from app.settings import DEV_SECRET_KEY, FIELDS, ConfigError, Settings
+from support import make_settings
 
 
 def test_defaults_match_the_documented_values(tmp_path):
@@ -79,3 +80,10 @@ def test_cli_start_up_with_a_bad_value_prints_one_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip() == ("configuration error: EMBEDDING_BATCH_SIZE='0' is invalid: "
                                   "accepts a whole number from 1 to 256")
+
+
+@pytest.mark.parametrize("threads, expected", [("1", 1), ("2", 1), ("4", 3), ("12", 9), ("32", 24), ("48", 40),
+                                               ("64", 56)])
+def test_semantic_handlers_default_keeps_a_quarter_of_the_threads_at_most_8_for_text(tmp_path, threads, expected):
+    assert make_settings(tmp_path, GUNICORN_THREADS=threads).semantic_handler_limit == expected
+    assert make_settings(tmp_path, GUNICORN_THREADS=threads, SEMANTIC_HANDLERS="1").semantic_handler_limit == 1

@@ -1,6 +1,6 @@
-"""app/semantic/slots.py and its use by the semantic service (issue 11, item 4): semantic work holds one
-of the instance's N slots (flocks on lock files every worker shares); past SEMANTIC_QUEUE_TIMEOUT_MS a
-query is shed with 503 overloaded + Retry-After and counted, while text and tag search never wait.
+"""app/semantic/slots.py and its use by the semantic service: each model run holds one of the instance's
+N slots (flocks on lock files every worker shares). A query whose run waits for a slot waits in its
+worker's queue (answered once a slot frees, or shed by the deadline), while text and tag search never wait.
 
 "Another worker" is played by a second Python process that takes slots with the same code."""
 
@@ -16,7 +16,7 @@ import pytest
 from app.semantic import encoders
 from app.semantic.slots import Slots
 from app.state import get_service
-from support import ROOT, make_settings, metric, wait_until
+from support import ROOT, embed_all, make_settings, metric, wait_until
 
 SHED = "memfit_semantic_shed_total"
 SEMANTIC = {"q": "ספרים לילדים", "mode": "semantic"}
@@ -51,40 +51,34 @@ def holder(slots: Slots):
             proc.wait(timeout=30)
 
 
-def shed_count(client) -> float:
-    return metric(client.get("/metrics").get_data(as_text=True), SHED)
+def shed_count(client, reason: str) -> float:
+    return metric(client.get("/metrics").get_data(as_text=True), SHED, reason=reason)
 
 
-@pytest.fixture
-def bounded_app(make_app, tiny_onnx):
-    """A seeded app with two semantic slots, its vectors computed and its model loaded."""
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="2", SEMANTIC_QUEUE_TIMEOUT_MS="50",
-                   SEMANTIC_CATCHUP_LIMIT="1000")
+def test_a_query_waits_for_a_slot_held_by_another_process_while_text_answers(make_app, tiny_onnx):
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_DEADLINE_MS="60000")
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
-    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200
-    return app
-
-
-def test_semantic_search_is_shed_while_another_process_holds_every_slot(bounded_app):
-    client = bounded_app.test_client()
-    before = shed_count(client)
-    with holder(get_service(bounded_app).slots()):
-        response = client.get("/search", query_string=SEMANTIC)
-        assert response.status_code == 503, response.get_data(as_text=True)[:300]
-        assert response.get_json()["error"]["code"] == "overloaded", response.get_json()
-        assert response.headers.get("Retry-After", "").isdigit(), dict(response.headers)
-        assert shed_count(client) == before + 1
+    client = app.test_client()
+    assert client.get("/search", query_string=SEMANTIC).status_code == 200  # model and queue ready
+    answered: dict = {}
+    with holder(get_service(app).slots()):
+        waiting = threading.Thread(target=lambda: answered.update(
+            response=app.test_client().get("/search", query_string=SEMANTIC)))
+        waiting.start()
+        wait_until(lambda: get_service(app).queue()._run_started is not None, "the query's run to wait for a slot")
         # Text and tag search take no slot: they answer while the model's slots are all busy.
         for mode in ("text", "tags"):
             response = client.get("/search", query_string={"q": "ספר", "mode": mode})
             assert response.status_code == 200, (mode, response.get_data(as_text=True)[:300])
-    assert client.get("/search", query_string=SEMANTIC).status_code == 200  # the holder has let go
+        assert waiting.is_alive() and not answered, "the query did not wait for its slot"
+    waiting.join(timeout=60)  # the holder let go: the query gets the slot and is answered, not shed
+    assert answered["response"].status_code == 200, answered["response"].get_data(as_text=True)[:300]
 
 
 def test_past_its_handler_share_a_worker_sheds_semantic_search_at_once_and_keeps_threads_for_text(make_app, tiny_onnx):
     # Two request threads, one of which semantic search may hold (SEMANTIC_HANDLERS=1). The first search
     # waits for a slot (held by another process) for up to a minute; the second must not wait too.
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="60000",
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_DEADLINE_MS="60000",
                    GUNICORN_THREADS="2", SEMANTIC_HANDLERS="1")
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
     service = get_service(app)
@@ -96,10 +90,12 @@ def test_past_its_handler_share_a_worker_sheds_semantic_search_at_once_and_keeps
         waiting.start()
         # The first search holds the worker's one semantic handler once the semaphore reads zero.
         wait_until(lambda: service._handlers._value == 0, "the first search to hold the handler")
+        before = shed_count(app.test_client(), "handlers")
         response = app.test_client().get("/search", query_string=SEMANTIC)
         assert response.status_code == 503, response.get_data(as_text=True)[:300]
         assert response.get_json()["error"]["code"] == "overloaded"
         assert "in this worker" in response.get_json()["error"]["message"]
+        assert shed_count(app.test_client(), "handlers") == before + 1
         assert response.headers.get("Retry-After", "").isdigit()
         assert waiting.is_alive(), "the first search was not waiting for its slot"
         assert app.test_client().get("/search", query_string={"q": "ספר", "mode": "text"}).status_code == 200
@@ -109,20 +105,25 @@ def test_past_its_handler_share_a_worker_sheds_semantic_search_at_once_and_keeps
 
 
 def test_a_slot_held_by_a_killed_process_is_free_again(make_app, tiny_onnx):
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="50")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_DEADLINE_MS="60000")
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
-    client = app.test_client()
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200
+    answered: dict = {}
     with holder(get_service(app).slots()) as proc:
-        assert client.get("/search", query_string=SEMANTIC).status_code == 503
+        waiting = threading.Thread(target=lambda: answered.update(
+            response=app.test_client().get("/search", query_string=SEMANTIC)))
+        waiting.start()
+        wait_until(lambda: get_service(app).queue()._run_started is not None, "the query's run to wait for a slot")
         proc.kill()  # SIGKILL: no cleanup code of the holder runs; only the kernel can free the slot
         proc.wait(timeout=30)
-        response = client.get("/search", query_string=SEMANTIC)
-        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+        waiting.join(timeout=60)
+    assert answered["response"].status_code == 200, answered["response"].get_data(as_text=True)[:300]
 
 
 def test_with_free_slots_semantic_search_works_and_gives_its_slot_back(make_app, tiny_onnx):
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1", SEMANTIC_QUEUE_TIMEOUT_MS="50")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_MAX_INFLIGHT="1")
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    embed_all(app)
     client = app.test_client()
     for query in ("ספרים לילדים", "טיול בצפון", "מתכון לעוגה"):  # one slot: each must release it
         body = client.get("/search", query_string={"q": query, "mode": "semantic"}).get_json()
@@ -172,25 +173,10 @@ def test_threads_of_one_process_never_hold_more_slots_than_the_bound(tmp_path):
     assert seen["most"] == bound, f"{seen['most']} threads held a slot at once; the bound is {bound}"
 
 
-def test_catch_up_waits_for_a_slot_and_is_deferred_without_an_error(bounded_app):
-    from app.db import Item, db
-
-    service = get_service(bounded_app)
-    with bounded_app.app_context():
-        db.session.add_all(Item(title=f"פריט חדש {i}", body="טקסט") for i in range(3))
-        db.session.commit()
-        with holder(service.slots()):
-            done = service.catch_up()  # no slot: deferred, and no error either
-            assert done == 0, f"catch-up embedded {done} rows without holding a slot"
-        done = service.catch_up()
-        assert done == 3, f"catch-up embedded {done} of the 3 deferred rows once a slot was free"
-
-
 def test_slot_count_is_the_runtime_cpu_count_unless_set(tmp_path, monkeypatch):
     monkeypatch.setattr(encoders, "available_cpus", lambda: 7)
     auto = Slots.from_settings(make_settings(tmp_path))
     assert auto.count == 7 and auto.directory.parent == tmp_path / "instance"
-    assert auto.timeout == 0.25
     shared = Slots.from_settings(make_settings(tmp_path, SEMANTIC_MAX_INFLIGHT="3",
                                                PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics")))
     assert shared.count == 3 and shared.directory.parent == tmp_path / "metrics"
@@ -215,13 +201,11 @@ def test_the_api_description_documents_the_overloaded_503(app):
 
 @pytest.mark.parametrize("nice", [10, 0])
 def test_the_model_runs_on_threads_below_request_handling(make_app, tiny_onnx, monkeypatch, nice):
-    # A query's and a catch-up batch's model run happen on a thread SEMANTIC_NICE steps below the
+    # A query's and the embedder's model runs happen on a thread SEMANTIC_NICE steps below the
     # request's own priority, so request threads pass them on a busy CPU.
     import os
 
-    from app.db import Item, db
-
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_NICE=str(nice), SEMANTIC_CATCHUP_LIMIT="1000")
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_NICE=str(nice))
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
     service = get_service(app)
     with app.app_context():
@@ -235,7 +219,8 @@ def test_the_model_runs_on_threads_below_request_handling(make_app, tiny_onnx, m
 
     monkeypatch.setattr(type(encoder), "encode", recording)
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert embed_all(app) > 0
     assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 200
     kinds = {kind for kind, _ in seen}
-    assert kinds == {"query", "passage"}, seen  # the seed's vectors were caught up, then the query ran
+    assert kinds == {"query", "passage"}, seen  # the seed's vectors were embedded, then the query ran
     assert {priority for _, priority in seen} == {min(base + nice, 19)}, (base, seen)

@@ -57,7 +57,7 @@ def test_pgvector_search_matches_exact_search(pg_app):
 
 def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
     app = create_app(make_settings(tmp_path, DATABASE_URL=get_settings(pg_app).database_url,
-                                   SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_CATCHUP_LIMIT="1000"))
+                                   SEMANTIC_MODEL=str(tiny_onnx)))
     app.test_cli_runner().invoke(args=["seed"])
     # The release command (not a request) creates the vec column: a worker only checks for it.
     result = app.test_cli_runner().invoke(args=["release"])

@@ -1,10 +1,11 @@
-"""The semantic-search service: the one front door to the model, the vector store, catch-up and the
-nearest-neighbour query. The model is loaded on the first semantic request, once.
+"""The semantic-search service: the one front door to the model, the vector store, the background
+embedder and the nearest-neighbour query. The model is loaded on the first semantic request, once.
 
-Its state (encoder, vector store, catch-up memo) lives on the instance, one per app (``app.state``).
-Every model run (a query, a catch-up batch) holds one of the instance's semantic slots (slots.py), so
-semantic work never takes every handler from text and tag search: past a short wait a query is shed
-(Overloaded: 503 with Retry-After) and catch-up is left to a later request.
+Its state (encoder, vector store, model queue, embedder) lives on the instance, one per app
+(``app.state``). Queries go through the worker's model queue (queue.py): they wait in arrival order,
+share model runs, and are refused (Overloaded: 503 with Retry-After) only when the queue's drain rate
+says they would wait past SEMANTIC_DEADLINE_MS. New rows get their vectors from the background
+embedder (embedder.py), never inside a request: a search only reads.
 Nothing here imports numpy, onnxruntime, torch or transformers at module level: a worker that only
 serves text and tag search never pays for them (torch alone is ~220 MB of RSS on import).
 """
@@ -19,11 +20,15 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from sqlalchemy import func, select
 
-from ..db import Item, Tag, db
+from ..db import Embedding, Item, Tag, db
 from ..settings import Settings
-from .slots import ModelRunner, Slots
+from .queue import ModelQueue, QueueFull, QueueStuck
+from .slots import Slots
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from flask import Flask
+
+    from .embedder import Embedder
     from .encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -35,13 +40,11 @@ KINDS = ("tag", "item")  # tags first: they are few, and every item's score read
 TAG_CANDIDATES = 50  # closest tags read per query
 CARRYING_TAGS = 10  # items carrying one of this many closest tags are candidates too
 WARM_QUERY = "חיפוש"  # "search": any short Hebrew text exercises the tokenizer and the session
-# What a shed query is told to wait: a query holds a slot for tens of ms, so a slot is very likely
-# free a second later, and a longer wait would only make text-only clients of a busy instance slower.
+# What a query shed at the handler bound is told to wait: the searches holding this worker's semantic
+# handlers are answered within the deadline, so a second later there is very likely room.
 SHED_RETRY_AFTER_SECONDS = 1
-# How long a catch-up batch waits for a semantic slot: not at all. Catch-up runs inside a user's
-# semantic request, whose query then waits up to SEMANTIC_QUEUE_TIMEOUT_MS itself; a batch that
-# waited too would double that wait on a saturated instance, where deferring costs nothing visible.
-CATCH_UP_SLOT_WAIT = 0.0
+# Rows the embedder reads and stores per round before it looks at its lock and at the newest ids again.
+EMBED_ROUND_BATCHES = 8
 
 
 class SemanticUnavailable(RuntimeError):
@@ -49,16 +52,12 @@ class SemanticUnavailable(RuntimeError):
 
 
 class Overloaded(SemanticUnavailable):
-    """Every semantic slot of the instance stayed busy past SEMANTIC_QUEUE_TIMEOUT_MS: the query is shed
-    (503 overloaded with Retry-After). A SemanticUnavailable, so callers that fall back on one fall back."""
+    """The query would wait past SEMANTIC_DEADLINE_MS, or every semantic handler of the worker is taken: it
+    is shed (503 overloaded with Retry-After). A SemanticUnavailable, so callers that fall back on one fall back."""
 
     def __init__(self, message: str, retry_after: int = SHED_RETRY_AFTER_SECONDS):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class _CatchUpDeferred(Exception):
-    """No slot freed up for a catch-up batch in time: the batches done stay, the rest wait for a later request."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,9 @@ class SemanticService:
         self.load_seconds: float | None = None
         self.load_count = 0
         self._store = None  # the vector store, chosen on first use: see vector_store()
-        self._caught_up: tuple | None = None  # (fingerprint, max tag id, max item id) with nothing missing
         self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
-        self._runner: ModelRunner | None = None  # low-priority model threads, made on first use: see runner()
+        self._queue: ModelQueue | None = None  # this process's model queue, made on first use: see queue()
+        self.embedder: Embedder | None = None  # this process's background embedder, once started
         # This worker's request threads that hold a semantic search (SEMANTIC_HANDLERS): a search waiting
         # for a slot holds its thread, and without this bound a burst of them takes every thread of the
         # worker, so text searches queue for a thread although no slot is theirs to wait for.
@@ -153,13 +152,17 @@ class SemanticService:
             self._slots = Slots.from_settings(self.settings)
         return self._slots
 
-    def runner(self) -> ModelRunner:
-        """This process's low-priority model threads (SEMANTIC_NICE), one per slot, made on first use:
-        after fork, since gunicorn's workers load the model themselves."""
+    def queue(self) -> ModelQueue:
+        """This process's model queue and its low-priority model thread, made on first use (after fork,
+        since gunicorn's workers load the model themselves); loads the model."""
+        encoder = self.encoder()
         with self._lock:
-            if self._runner is None:
-                self._runner = ModelRunner(self.slots().count, self.settings.semantic_nice)
-            return self._runner
+            if self._queue is None:
+                # Looked up per run, not bound now: the encoder's method is what runs (tests wrap it).
+                self._queue = ModelQueue(lambda *args, **kw: encoder.encode(*args, **kw), self.slots(), self.settings.semantic_batch_max,
+                                         self.settings.semantic_deadline_ms / 1000, self.settings.semantic_nice,
+                                         on_run=_count_run)
+            return self._queue
 
     def pending(self, kind: str, check_text: bool = False, limit: int | None = None) -> list:
         """Rows of kind ("tag" or "item") with no vector for this model (with check_text, also those
@@ -169,15 +172,74 @@ class SemanticService:
         return index.missing(kind, self.encoder().fingerprint, limit, check_text=check_text)
 
     def embed(self, kind: str, rows: Sequence, progress: Callable[[int], None] | None = None) -> int:
-        """Encode and store the vectors of rows, in batches of EMBEDDING_BATCH_SIZE, each batch holding
-        a semantic slot; returns how many. When every slot is busy (CATCH_UP_SLOT_WAIT) it stops with
-        _CatchUpDeferred: the batches stored so far are committed (and were reported to progress),
-        the others are left for later."""
+        """Encode and store the vectors of rows, in batches of EMBEDDING_BATCH_SIZE, each batch one model
+        run of the queue's background work (after every waiting query) and one transaction; returns how many."""
         from . import index
 
-        return index.embed_rows(_SlotPerBatch(self.encoder(), self.slots(), self.runner()), kind, rows,
+        return index.embed_rows(_Background(self.encoder(), self.queue()), kind, rows,
                                 self.settings.embedding_batch_size, progress=progress,
                                 vector_store=self.vector_store())
+
+    def embed_pending(self, wanted: Callable[[], bool] = lambda: True) -> int:
+        """One round of the background embedder: up to EMBED_ROUND_BATCHES batches of the rows that
+        have no vector for this model, tags first; returns how many were stored."""
+        budget = self.settings.embedding_batch_size * EMBED_ROUND_BATCHES
+        done = 0
+        for kind in KINDS:
+            rows = self.pending(kind, limit=budget - done)
+            for start in range(0, len(rows), self.settings.embedding_batch_size):
+                if not wanted():
+                    return done
+                done += self.embed(kind, rows[start : start + self.settings.embedding_batch_size])
+            if done >= budget:
+                break
+        if done:
+            _count_embedded(done)
+        return done
+
+    def newest(self) -> tuple:
+        """(fingerprint, newest tag id, newest item id): what the embedder compares to skip a round."""
+        return (self.encoder().fingerprint, *db.session.execute(
+            select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one())
+
+    def backlog(self) -> int:
+        """Tags and items without a vector for this model (three counts, no anti-join)."""
+        rows, vectors = db.session.execute(select(
+            select(func.count()).select_from(Tag).scalar_subquery()
+            + select(func.count()).select_from(Item).scalar_subquery(),
+            select(func.count()).select_from(Embedding).where(
+                Embedding.model_fp == self.encoder().fingerprint).scalar_subquery())).one()
+        return max(0, rows - vectors)
+
+    def start_embedder(self, app: "Flask") -> "Embedder | None":
+        """Start this process's background embedder (SEMANTIC_EMBEDDER); the one holding the database's
+        lock works, the others stand by. None when semantic search or the embedder is off."""
+        if self._state == DISABLED or not self.settings.semantic_embedder:
+            return None
+        with self._lock:
+            if self.embedder is None:
+                from .embedder import Embedder
+
+                self.embedder = Embedder(app, self.settings.semantic_embed_interval)
+            self.embedder.start()
+            return self.embedder
+
+    def wake_embedder(self) -> None:
+        """A row was written in this process: the embedder (if it runs here) looks now, not at its interval."""
+        if self.embedder is not None:
+            self.embedder.wake()
+
+    def queue_status(self) -> dict:
+        """What /readyz shows of this worker's queue and of the embedder it runs."""
+        status: dict = {}
+        queue = self._queue
+        if queue is not None:
+            status["queue"] = {"waiting": queue.depth(), "runs": queue.runs, "queries": queue.batched,
+                               "ms_per_query": None if queue.seconds_per_query is None
+                               else round(queue.seconds_per_query * 1000, 1)}
+        if self.embedder is not None:
+            status["embedder"] = {"working": self.embedder.working, "backlog": self.embedder.backlog}
+        return status
 
     def prune(self) -> int:
         """Delete the vectors of every other model; returns how many went."""
@@ -191,56 +253,23 @@ class SemanticService:
 
         return index.counts(self.encoder().fingerprint)
 
-    def catch_up(self) -> int:
-        """Embed up to SEMANTIC_CATCHUP_LIMIT tags and items that have no vector for this model yet.
-
-        The search for missing rows is skipped while the newest tag and item ids are those this worker
-        saw when it last found nothing missing (one cheap query instead of two anti-joins per request).
-        Each batch holds a semantic slot like a query, but is never shed with an error: when every
-        slot is busy the rest is deferred to a later request (searching meanwhile without the newest
-        rows' vectors).
-        """
-        limit = self.settings.semantic_catchup_limit
-        if limit <= 0:
-            return 0
-        newest = (self.encoder().fingerprint, *db.session.execute(
-            select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one())
-        if self._caught_up == newest:
-            return 0
-        done = 0
-
-        def count(stored: int) -> None:
-            nonlocal done
-            done += stored
-
-        try:
-            for kind in KINDS:
-                self.embed(kind, self.pending(kind, limit=limit - done), progress=count)
-                if done >= limit:
-                    return done
-        except _CatchUpDeferred:
-            log.info("catch-up deferred after %d embeddings: every semantic slot stayed busy", done)
-            return done
-        self._caught_up = newest  # nothing was left missing up to these ids
-        return done
-
     def search(self, query: str, limit: int) -> SemanticHits:
         """The items nearest the query, scored by their own vector and their closest tags'.
 
-        Loads the model and catches up on missing vectors first; raises SemanticUnavailable with a reason,
-        Overloaded at once when SEMANTIC_HANDLERS of this worker's threads already hold a semantic search.
+        Reads only: rows without a vector yet are the background embedder's. Raises SemanticUnavailable
+        with a reason; Overloaded when the query would wait past SEMANTIC_DEADLINE_MS, or at once when
+        SEMANTIC_HANDLERS of this worker's threads already hold a semantic search.
         """
         encoder = self.encoder()
         if not self._handlers.acquire(blocking=False):
-            _count_shed()
+            _count_shed("handlers")
             raise Overloaded(f"semantic search is at capacity ({self.settings.semantic_handler_limit} semantic "
                              f"searches in this worker); retry after {SHED_RETRY_AFTER_SECONDS} s, or search "
                              f"with mode=text")
         from . import index
 
         try:
-            self.catch_up()
-            vector = self._encode_query(encoder, query)
+            vector = self._encode_query(query)
             store = self.vector_store()
             tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
             item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
@@ -258,18 +287,19 @@ class SemanticService:
         finally:
             self._handlers.release()
 
-    def _encode_query(self, encoder: "Encoder", query: str):
-        """The query's vector, computed while holding a semantic slot; raises Overloaded (counted in
-        /metrics) when none frees up within SEMANTIC_QUEUE_TIMEOUT_MS."""
-        slots = self.slots()
-        slot = slots.acquire()
-        if slot is None:
-            _count_shed()
-            raise Overloaded(f"semantic search is at capacity ({slots.count} model runs in flight on this "
-                             f"instance); retry after {SHED_RETRY_AFTER_SECONDS} s, or search with mode=text")
-        with slot:
-            return self.runner().run(encoder.encode, [query], 1, kind="query")[0]
-
+    def _encode_query(self, query: str):
+        """The query's vector from the model queue; Overloaded (counted in /metrics) when it would wait
+        past the deadline, SemanticUnavailable when the model stopped answering."""
+        queue = self.queue()
+        try:
+            return queue.encode_query(query)
+        except QueueFull as full:
+            _count_shed("deadline")
+            raise Overloaded(f"semantic search is at capacity: this query would wait about "
+                             f"{full.expected_wait:.1f} s, past the {queue.deadline_s:g} s deadline; retry after "
+                             f"{full.retry_after} s, or search with mode=text", full.retry_after) from None
+        except QueueStuck as stuck:
+            raise SemanticUnavailable(f"the semantic model is not answering ({stuck})") from None
 
     def warm(self) -> bool:
         """Load the model and answer one query, so this process's first user query pays no load.
@@ -283,38 +313,47 @@ class SemanticService:
         if self._state == DISABLED:
             return False
         try:
-            # The whole path: model, catch-up (bounded by SEMANTIC_CATCHUP_LIMIT, a few items in the tiers), vector
-            # store, one query. Left to the first request instead, the catch-up's look for missing rows and
-            # its batch made a recycled worker's first query under the mix wait up to seconds.
+            # The whole path: model, model queue and its thread, vector store, one query.
             self.search(WARM_QUERY, 1)
         except Exception as exc:  # noqa: BLE001 -- a failed warm-up must not stop a worker from starting
             log.warning("semantic warm-up did not complete: %s", _describe(exc))
         return self._encoder is not None
 
 
-class _SlotPerBatch:
-    """An encoder whose every encode() call (one catch-up batch) holds a semantic slot; when none is
-    free it raises _CatchUpDeferred instead of shedding, before the batch touches the database."""
+class _Background:
+    """The encoder as index.embed_rows sees it, each encode() one background job of the model queue."""
 
-    def __init__(self, encoder: "Encoder", slots: Slots, runner: ModelRunner):
-        self._encoder, self._slots, self._runner = encoder, slots, runner
+    def __init__(self, encoder: "Encoder", queue: ModelQueue):
+        self._queue = queue
         self.fingerprint, self.dim = encoder.fingerprint, encoder.dim
 
     def encode(self, texts: Sequence[str], batch_size: int):
-        slot = self._slots.acquire(timeout=CATCH_UP_SLOT_WAIT)
-        if slot is None:
-            raise _CatchUpDeferred()
-        with slot:
-            return self._runner.run(self._encoder.encode, texts, batch_size)
+        return self._queue.encode_background(texts, batch_size)
 
 
-def _count_shed() -> None:
+def _count_shed(reason: str) -> None:
     try:
         from monitoring import metrics
 
-        metrics.semantic_shed.inc()
+        metrics.semantic_shed.labels(reason=reason).inc()
     except Exception:  # counting must never turn a clean 503 into a 500
         log.debug("the shed counter could not be incremented", exc_info=True)
+
+
+def _count_run(kind: str, texts: int) -> None:
+    from monitoring import metrics
+
+    metrics.semantic_runs.labels(kind=kind).inc()
+    metrics.semantic_run_texts.labels(kind=kind).inc(texts)
+
+
+def _count_embedded(count: int) -> None:
+    try:
+        from monitoring import metrics
+
+        metrics.semantic_embedded.inc(count)
+    except Exception:  # noqa: BLE001 -- a metric must never stop the embedder
+        log.debug("the embedded counter could not be incremented", exc_info=True)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,16 +1,18 @@
-"""Instance-wide slots for semantic work: at most N model runs in flight across every worker and thread.
+"""Instance-wide slots for model runs: at most N in flight across every worker of the instance.
 
 A slot is an exclusive ``flock`` on one of N lock files in a directory every worker of the instance
 shares (PROMETHEUS_MULTIPROC_DIR when set, else the instance folder). The kernel drops a flock when
 its open file description closes, and that includes the holder dying by SIGKILL or the OOM killer,
-so a dead worker can never leak a slot the way a counter in shared memory would (issue 11, item 4).
+so a dead worker can never leak a slot the way a counter in shared memory would.
 
 A flock belongs to an open file description, not to a process: two descriptors a process opened
 separately conflict with each other. Each acquisition therefore opens its own descriptors, which
-bounds the threads of one worker as well as the workers of one instance.
+bounds the threads of one worker as well as the workers of one instance. Each worker's model thread
+(queue.py) takes a slot for each run, so the runs of all workers together use the instance's CPUs
+without oversubscribing them.
 
 Waiting is a loop of non-blocking tries until a deadline: a blocking flock cannot be given a timeout
-from a thread (SIGALRM only reaches the main thread), and a short wait is the whole point.
+from a thread (SIGALRM only reaches the main thread), and the model thread looks up between waits.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class Slot:
 class Slots:
     """N lock files in ``directory``; ``acquire`` takes a free one or gives up at a deadline."""
 
-    def __init__(self, directory: str | os.PathLike, count: int, timeout: float):
+    def __init__(self, directory: str | os.PathLike, count: int, timeout: float = 0.5):
         if count < 1:
             raise ValueError("a semantic slot count must be at least 1")
         self.directory = Path(directory) / SLOTS_FOLDER
@@ -74,11 +76,10 @@ class Slots:
         runtime counts them for its threads) in the folder every worker of the instance shares."""
         from .encoders import available_cpus  # a light import: encoders loads numpy & co. in functions only
 
-        return cls(settings.shared_folder,
-                   settings.semantic_max_inflight or available_cpus(), settings.semantic_queue_timeout_ms / 1000)
+        return cls(settings.shared_folder, settings.semantic_max_inflight or available_cpus())
 
     def acquire(self, timeout: float | None = None) -> Slot | None:
-        """A free slot, waiting at most ``timeout`` seconds (default: the queue timeout); None if
+        """A free slot, waiting at most ``timeout`` seconds (default: the one given at creation); None if
         every slot stayed busy. If the lock files cannot be used at all, an unbounded slot is
         returned and the reason logged once: the bound protects latency, it must not stop search."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -118,39 +119,3 @@ class Slots:
             log.error("semantic slots in %s are unusable (%s: %s); semantic work runs without a bound",
                       self.directory, type(exc).__name__, exc.strerror or exc)
         return Slot(None, None)
-
-
-
-class ModelRunner:
-    """Runs model calls on this process's own low-priority threads (nice SEMANTIC_NICE).
-
-    The slots bound how many model runs share the instance's CPUs, but a model run at normal
-    priority still takes its CPU from whatever else is runnable: on a 2-core instance two queries
-    leave the request threads of text and tag search waiting their turn (p50 ~200 ms for a few ms of
-    work, README "Serving"). At nice 10 the kernel gives a runnable request thread about nine tenths
-    of a shared core, so cheap requests pass the model instead of queuing behind it. Only this
-    process's model threads are lowered: a thread cannot raise its priority back without privileges,
-    so request threads (which gunicorn reuses) never run the model themselves. With more than one
-    runtime thread per worker, ONNX Runtime's own pool keeps the priority of the thread that loaded
-    the model; the tiers run one (SEMANTIC_THREADS auto: the CPUs shared among the workers).
-    """
-
-    def __init__(self, threads: int, nice: int):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.nice = nice
-        self._pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="memfit-model",
-                                        initializer=self._lower_priority)
-
-    def _lower_priority(self) -> None:
-        if not self.nice:
-            return
-        try:  # per thread on Linux: PRIO_PROCESS with a thread id sets that thread's nice value
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
-        except OSError as exc:  # not Linux, or a sandbox that refuses it: run at normal priority
-            log.warning("model threads keep normal priority: %s", exc)
-
-    def run(self, function, *args, **kwargs):
-        """function(*args, **kwargs) on a model thread; its result or its exception."""
-        return self._pool.submit(function, *args, **kwargs).result()

@@ -1,0 +1,238 @@
+"""A worker's model queue: semantic queries wait in arrival order and share model runs.
+
+One model thread per worker runs the model (at nice SEMANTIC_NICE, so request threads pass it on a
+busy CPU). Each time the model is free it takes every query waiting, oldest first, up to
+SEMANTIC_BATCH_MAX, and encodes them in one run (the encoder splits a run by padded tokens): dynamic
+batching as text-embeddings-inference and Triton do it, so queries that arrive while the model is
+busy share the next run instead of paying one each. Every run holds one of the instance's semantic
+slots (slots.py), which bounds the model runs of all workers together by the instance's CPUs.
+
+Admission is by deadline, not by a fixed wait: a query is refused (Overloaded: 503 with Retry-After)
+only when the queue's measured drain rate says it would wait longer than SEMANTIC_DEADLINE_MS. A
+query that is admitted is answered; it is never overtaken by a later one.
+
+Background work (the embedder's passages) runs only when no query waits, one bounded batch at a time,
+so a query waits at most for the run in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from typing import Callable, Sequence
+
+from .slots import Slots
+
+log = logging.getLogger(__name__)
+
+# Runs whose seconds and texts make the estimate of seconds per text (their sums' ratio: the queue's drain
+# rate). A ratio of sums, not an average of each run's ratio: a run of one query that waited for another
+# worker's run to free the slot says little of what a full run costs per query, and is weighed as one.
+RECENT_RUNS = 8
+# How long an admitted query waits at most, as a multiple of the deadline (plus a floor): only a model
+# thread that stopped answering gets there, since admission already checked the expected wait.
+STUCK_FACTOR, STUCK_FLOOR_S = 4, 10.0
+SLOT_POLL_S = 0.5  # how long one wait for an instance slot lasts before the model thread looks again
+
+
+class QueueFull(Exception):
+    """The query would wait past the deadline; ``retry_after`` says when the queue will have room."""
+
+    def __init__(self, expected_wait: float, retry_after: int):
+        super().__init__(f"expected wait {expected_wait:.2f} s")
+        self.expected_wait, self.retry_after = expected_wait, retry_after
+
+
+class QueueStuck(Exception):
+    """An admitted query got no answer in far longer than the deadline: the model thread is stuck."""
+
+
+class _Job:
+    __slots__ = ("texts", "kind", "batch_size", "done", "result", "error", "cancelled")
+
+    def __init__(self, texts: Sequence[str], kind: str, batch_size: int):
+        self.texts, self.kind, self.batch_size = list(texts), kind, batch_size
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.cancelled = False
+
+
+class ModelQueue:
+    """The queue and the model thread of one process. ``encode`` is the encoder's encode(texts,
+    batch_size, kind=...); the thread starts on first use (after gunicorn's fork)."""
+
+    def __init__(self, encode: Callable, slots: Slots | None, max_batch: int, deadline_s: float, nice: int = 0,
+                 on_run: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self._encode, self._slots, self._on_run, self._clock = encode, slots, on_run, clock
+        self.max_batch, self.deadline_s, self.nice = max(1, max_batch), deadline_s, nice
+        self._cond = threading.Condition()
+        self._queries: deque[_Job] = deque()
+        self._background: deque[_Job] = deque()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        # The run in flight: when it started and its estimated length (for the wait of those behind it).
+        self._run_started: float | None = None
+        self._run_estimate = 0.0
+        # Estimates of seconds per text, from slot request to results, per kind of run (RECENT_RUNS). None
+        # until a run has been measured: the first query is always admitted.
+        self.seconds_per_query: float | None = None
+        self.seconds_per_passage: float | None = None
+        self._recent: dict[str, deque] = {"query": deque(maxlen=RECENT_RUNS), "passage": deque(maxlen=RECENT_RUNS)}
+        self.runs = self.batched = 0  # model runs for queries, and the queries they encoded
+
+    # -- callers --------------------------------------------------------------------------------------
+
+    def encode_query(self, text: str):
+        """The query's vector, after the queries ahead of it; QueueFull when it would wait past the deadline."""
+        job = _Job([text], "query", self.max_batch)
+        with self._cond:
+            self._ensure_thread()
+            wait = self.expected_wait(len(self._queries) + 1)
+            if wait > self.deadline_s:
+                raise QueueFull(wait, self.retry_after(wait))
+            self._queries.append(job)
+            self._cond.notify()
+        return self._await(job, self.deadline_s * STUCK_FACTOR + STUCK_FLOOR_S)[0]
+
+    def encode_background(self, texts: Sequence[str], batch_size: int, timeout: float | None = None):
+        """Vectors of passages, computed when no query waits; waits as long as that takes (or timeout)."""
+        job = _Job(texts, "passage", batch_size)
+        with self._cond:
+            self._ensure_thread()
+            self._background.append(job)
+            self._cond.notify()
+        return self._await(job, timeout)
+
+    def depth(self) -> int:
+        """Queries waiting (not counting the run in flight)."""
+        return len(self._queries)
+
+    def expected_wait(self, position: int) -> float:
+        """Seconds until the query at ``position`` (1: first in line) is answered: the rest of the run
+        in flight, then the runs of SEMANTIC_BATCH_MAX queries ahead of it and its own."""
+        if self.seconds_per_query is None:
+            return 0.0
+        in_flight = 0.0
+        if self._run_started is not None:
+            # The rest of the run in flight; one already past its estimate (its slot held elsewhere, a
+            # long text) is taken to need as long again as it is late, so a stalled model sheds.
+            in_flight = abs(self._run_estimate - (self._clock() - self._run_started))
+        return in_flight + position * self.seconds_per_query
+
+    def retry_after(self, wait: float) -> int:
+        """Whole seconds until the queue has drained to where a new query would fit the deadline."""
+        return max(1, math.ceil(wait - self.deadline_s))
+
+    # -- the model thread --------------------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        # A thread does not survive fork: a process that inherited a queue starts its own.
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name="memfit-model", daemon=True)
+            self._thread.start()
+
+    def _await(self, job: _Job, timeout: float | None):
+        if not job.done.wait(timeout):
+            with self._cond:
+                job.cancelled = True  # the model thread skips it if it has not started it
+            raise QueueStuck(f"no answer from the model in {timeout:.0f} s")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _lower_priority(self) -> None:
+        if not self.nice:
+            return
+        try:  # per thread on Linux: PRIO_PROCESS with a thread id sets that thread's nice value
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+        except OSError as exc:  # not Linux, or a sandbox that refuses it: run at normal priority
+            log.warning("the model thread keeps normal priority: %s", exc)
+
+    def _next(self) -> list[_Job]:
+        """The next run: the oldest queries (up to max_batch), else one background job; waits for one."""
+        with self._cond:
+            while True:
+                while self._queries and self._queries[0].cancelled:
+                    self._queries.popleft()
+                if self._queries:
+                    run = []
+                    while self._queries and len(run) < self.max_batch:
+                        job = self._queries.popleft()
+                        if not job.cancelled:
+                            run.append(job)
+                    if run:
+                        return self._started(run, self.seconds_per_query)
+                    continue
+                if self._background:
+                    job = self._background.popleft()
+                    if not job.cancelled:
+                        return self._started([job], self.seconds_per_passage, len(job.texts))
+                    continue
+                self._cond.wait()
+
+    def _started(self, run: list[_Job], per_text: float | None, texts: int | None = None) -> list[_Job]:
+        self._run_started = self._clock()
+        self._run_estimate = (per_text or 0.0) * (texts if texts is not None else len(run))
+        return run
+
+    def _loop(self) -> None:
+        self._lower_priority()
+        while True:
+            run = self._next()
+            started = self._clock()
+            try:
+                slot = self._slot()
+                try:
+                    if run[0].kind == "query":
+                        vectors = self._encode([job.texts[0] for job in run], len(run), kind="query")
+                        results = [vectors[i : i + 1] for i in range(len(run))]
+                    else:
+                        results = [self._encode(run[0].texts, run[0].batch_size, kind="passage")]
+                finally:
+                    if slot is not None:
+                        slot.release()
+            except BaseException as exc:  # noqa: BLE001 -- the callers get the error; the thread goes on
+                for job in run:
+                    job.error = exc
+                    job.done.set()
+                with self._cond:
+                    self._run_started = None
+                continue
+            took = self._clock() - started
+            with self._cond:
+                self._run_started = None
+                texts = sum(len(job.texts) for job in run)
+                if run[0].kind == "query":
+                    self.runs += 1
+                    self.batched += texts
+                    self.seconds_per_query = _per_text(self._recent["query"], took, texts)
+                elif texts:
+                    self.seconds_per_passage = _per_text(self._recent["passage"], took, texts)
+            for job, result in zip(run, results):
+                job.result = result
+                job.done.set()
+            if self._on_run is not None:
+                try:
+                    self._on_run(run[0].kind, sum(len(job.texts) for job in run))
+                except Exception:  # noqa: BLE001 -- counting must never stop the model thread
+                    log.debug("on_run failed", exc_info=True)
+
+    def _slot(self):
+        """One of the instance's slots, waited for as long as it takes (the queue's deadline covers it)."""
+        if self._slots is None:
+            return None
+        while True:
+            slot = self._slots.acquire(timeout=SLOT_POLL_S)
+            if slot is not None:
+                return slot
+
+
+def _per_text(recent: deque, seconds: float, texts: int) -> float:
+    recent.append((seconds, texts))
+    return sum(s for s, _ in recent) / sum(n for _, n in recent)

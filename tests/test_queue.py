@@ -1,0 +1,137 @@
+"""app/semantic/queue.py: queries wait in arrival order, share model runs, and are refused only when
+the measured drain rate says they would wait past the deadline; background work yields to queries.
+
+The model is a stand-in that returns "vec:<text>" per text and can be held at a gate, so a test decides
+what is waiting when the model frees up. A clock that never moves makes the wait estimates exact."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.semantic.queue import ModelQueue, QueueFull
+from support import wait_until
+
+
+class Model:
+    """encode() records each run and, while the gate is closed, holds the run in flight."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.gate.set()
+        self.runs: list[tuple[str, list[str]]] = []
+        self.entered = threading.Event()
+
+    def encode(self, texts, batch_size, kind="passage"):
+        self.runs.append((kind, list(texts)))
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return [f"vec:{text}" for text in texts]
+
+
+def hold_first_run(queue: ModelQueue, model: Model) -> threading.Thread:
+    """One query in flight, held at the model's gate, so that later queries queue behind it."""
+    model.gate.clear()
+    first = threading.Thread(target=queue.encode_query, args=("q0",))
+    first.start()
+    assert model.entered.wait(30), "the first run never reached the model"
+    return first
+
+
+def enqueue(queue: ModelQueue, texts: list[str], answers: dict) -> list[threading.Thread]:
+    """Each text submitted from its own thread, strictly one after the other (each in line before the next)."""
+    threads = []
+    for n, text in enumerate(texts, start=1):
+        def ask(text=text):
+            try:
+                answers[text] = queue.encode_query(text)
+            except QueueFull as exc:
+                answers[text] = exc
+        thread = threading.Thread(target=ask)
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda: queue.depth() == n or text in answers, f"{text} to be in line")
+    return threads
+
+
+def test_waiting_queries_are_encoded_together_in_arrival_order(tmp_path):
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=3, deadline_s=60)
+    first = hold_first_run(queue, model)
+    answers: dict = {}
+    threads = enqueue(queue, [f"q{i}" for i in range(1, 8)], answers)
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    # Oldest first, up to max_batch per run: no query overtakes one that arrived before it.
+    assert [texts for _, texts in model.runs] == [["q0"], ["q1", "q2", "q3"], ["q4", "q5", "q6"], ["q7"]]
+    assert queue.runs == 4 and queue.batched == 8
+
+
+def test_each_caller_of_a_batch_gets_its_own_vector(tmp_path):
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=16, deadline_s=60)
+    first = hold_first_run(queue, model)
+    answers: dict = {}
+    texts = [f"שאילתה {i}" for i in range(8)]
+    threads = enqueue(queue, texts, answers)
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert model.runs[1] == ("query", texts)  # the eight distinct queries shared one run
+    assert answers == {text: f"vec:{text}" for text in texts}
+
+
+def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.0, clock=lambda: 0.0)
+    queue.seconds_per_query = 0.1  # as measured: a run of one query takes 0.1 s
+    first = hold_first_run(queue, model)  # in flight, 0.1 s left on the still clock
+    answers: dict = {}
+    # Positions 1-9 expect 0.1 + 0.1 * n s, at most 1.0 s: all admitted. The tenth would wait 1.1 s.
+    threads = enqueue(queue, [f"q{i}" for i in range(1, 10)], answers)
+    with pytest.raises(QueueFull) as refused:
+        queue.encode_query("q10")
+    assert refused.value.expected_wait == pytest.approx(1.1) and refused.value.retry_after == 1
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert answers == {f"q{i}": f"vec:q{i}" for i in range(1, 10)}  # every admitted query answered
+
+
+def test_retry_after_is_the_time_the_queue_needs_to_drain_to_the_deadline():
+    queue = ModelQueue(Model().encode, None, max_batch=1, deadline_s=1.5)
+    assert queue.retry_after(1.6) == 1 and queue.retry_after(4.2) == 3 and queue.retry_after(0.1) == 1
+
+
+def test_background_work_waits_while_a_query_waits():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=60)
+    first = hold_first_run(queue, model)
+    background: dict = {}
+    worker = threading.Thread(target=lambda: background.update(v=queue.encode_background(["passage"], 8)))
+    worker.start()
+    wait_until(lambda: len(queue._background) == 1, "the background job to be queued")
+    answers: dict = {}
+    threads = enqueue(queue, ["late query"], answers)
+    model.gate.set()
+    for thread in (first, worker, *threads):
+        thread.join(30)
+    assert [kind for kind, _ in model.runs] == ["query", "query", "passage"], model.runs
+    assert background["v"] == ["vec:passage"] and answers == {"late query": ["vec:late query"][0]}
+
+
+def test_a_failed_run_fails_its_callers_and_the_queue_goes_on():
+    calls = []
+
+    def encode(texts, batch_size, kind="passage"):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            raise RuntimeError("the runtime failed")
+        return [f"vec:{text}" for text in texts]
+
+    queue = ModelQueue(encode, None, max_batch=4, deadline_s=60)
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        queue.encode_query("first")
+    assert queue.encode_query("second") == "vec:second"
