@@ -101,7 +101,7 @@ def tier_env(tier: str) -> dict[str, str]:
 
 
 def scenarios(paths: dict[str, Path]) -> list[dict]:
-    common = {"SEMANTIC_CATCHUP_LIMIT": "1000", "SECRET_KEY": "bench-secret", "APP_ENV": "production",
+    common = {"SECRET_KEY": "bench-secret", "APP_ENV": "production",
               "WRITE_TOKEN": WRITE_TOKEN, "WRITE_RATE_LIMIT": "1000000 per minute"}  # writes need the token
     return [
         {"name": "naive", "label": "naive (module-top import, fp32 torch)", "memory_mb": 4096,
@@ -416,14 +416,29 @@ def measure_queries(url: str, queries: int, concurrency: int = 8) -> dict:
             "throughput_qps": round(len(latencies) / wall, 1)}
 
 
-def measure_embedding(spec: dict, url: str, new_tags: int) -> dict:
-    """new_tags tags created through the API, then embedded by the next semantic query's catch-up."""
+EMBEDDING_WAIT_S = 600  # the longest wait for the background embedder before the figure says it did not finish
+
+
+def measure_embedding(spec: dict, url: str, new_tags: int, db_path: str) -> dict:
+    """new_tags tags created through the API, then embedded by the background embedder: seconds from the
+    last 201 until every tag has a vector (read from the database file), then one semantic query."""
+    import sqlite3
+
     tags = pseudo_words(random.Random(2), new_tags)
     for start in range(0, new_tags, 10):
         http(url + "/items", {"title": f"פריט {start}", "tags": tags[start : start + 10]})
     started = time.perf_counter()
+    missing = None
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        while time.perf_counter() - started < EMBEDDING_WAIT_S:
+            missing = conn.execute("SELECT count(*) FROM tags WHERE id NOT IN "
+                                   "(SELECT ref_id FROM embeddings WHERE kind = 'tag')").fetchone()[0]
+            if not missing:
+                break
+            time.sleep(0.1)  # the database is polled, not the server: reads cost the embedder nothing
+    seconds = round(time.perf_counter() - started, 1)
     status, _, _ = http(search_url(url, "תגית חדשה"))
-    return {"new_tags": new_tags, "status": status, "seconds": round(time.perf_counter() - started, 1),
+    return {"new_tags": new_tags, "status": status, "seconds": seconds, "not_embedded": missing,
             "batch_size": int(spec["env"].get("EMBEDDING_BATCH_SIZE", "10"))}
 
 
@@ -460,7 +475,8 @@ def run_scenario(spec: dict, queries: int, new_tags: int, port: int) -> dict:
         sampler.phase = "queries"
         result["queries"] = measure_queries(server.url, queries)
         sampler.phase = "embedding"
-        result["embedding"] = measure_embedding(spec, server.url, new_tags)
+        result["embedding"] = measure_embedding(spec, server.url, new_tags,
+                                                env["DATABASE_URL"][len("sqlite:///"):])
         sampler.wait_samples(10)  # the memory right after the embedding, before the server stops
     finally:
         sampler.phase = "end"
@@ -529,3 +545,152 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- CPU quota and other trees (bench/capacity.py) -------------------------------------------------
+
+CPU_V1_ROOT = Path("/sys/fs/cgroup/cpu")  # the v1 cpu hierarchy (hybrid and legacy mounts)
+CPU_PERIOD_US = 100_000
+
+
+def flask_in(cwd: Path, *args: str, env: dict | None = None) -> str:
+    """flask() run in another source tree (cwd first on sys.path, so its `app` is imported); raises
+    RuntimeError instead of exiting, so a caller can record the failure and go on."""
+    out = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=cwd, capture_output=True,
+                         text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"flask {' '.join(args)} in {cwd} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+class CpuCgroup:
+    """A CPU quota of `cpus` CPUs for a server: cgroup v1's cpu controller (a child with cpu.cfs_period_us
+    100000 and cpu.cfs_quota_us cpus × 100000) or, on a cgroup v2 only machine, cpu.max. cpus None asks
+    for no limit. Where the machine allows neither, ``enabled`` is False and ``reason`` says why: the
+    caller records no limit, it never pretends one.
+
+    wrap() composes with Cgroup.wrap (cpu.wrap(memory.wrap(argv))): each echoes the shell's pid into its
+    cgroup.procs before exec, so the server's pid ends in both and its workers inherit them. On v2 a
+    process is in one cgroup only: pass the memory Cgroup's v2 folder as shared_v2 and the quota is set
+    there (wrap then adds nothing, and the memory Cgroup removes the folder).
+
+    visible (v1): a container sees its own quota at /sys/fs/cgroup/cpu, and the app sizes itself from
+    it (app/semantic/encoders.py available_cpus reads /sys/fs/cgroup/cpu/cpu.cfs_quota_us). Here the
+    server would read the host's root (no quota), so wrap starts it in a private mount namespace with
+    the child bind-mounted over /sys/fs/cgroup/cpu: its view, and only its, is a container's. Probed
+    once; ``visible`` False where unshare or the mount is not allowed.
+    """
+
+    def __init__(self, name: str, cpus: float | None, v1_root: Path = CPU_V1_ROOT,
+                 v2_root: Path = CGROUP_V2_ROOT, shared_v2: Path | None = None, show_quota: bool = True):
+        self.cpus, self.v1_root = cpus, v1_root
+        self.enabled, self.version, self.path, self.owned, self.visible = False, None, None, False, False
+        self.reason: str | None = None
+        if cpus is None:
+            self.reason = "no limit asked"
+            return
+        quota = int(round(cpus * CPU_PERIOD_US))
+        leaf = f"memfit-bench-cpu-{name}-{os.getpid()}"
+        reasons = []
+        try:
+            if not (v1_root / "cpu.cfs_quota_us").exists():
+                raise FileNotFoundError(2, "no cgroup v1 cpu hierarchy", str(v1_root))
+            path = v1_root / leaf
+            path.mkdir()
+            try:
+                (path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (path / "cpu.cfs_quota_us").write_text(str(quota))
+            except OSError:
+                path.rmdir()
+                raise
+            self.enabled, self.version, self.path, self.owned = True, 1, path, True
+        except OSError as exc:
+            reasons.append(f"v1 {v1_root}: {exc.strerror or exc}")
+        if not self.enabled:
+            try:
+                controllers = v2_root / "cgroup.controllers"
+                if not controllers.exists() or "cpu" not in controllers.read_text().split():
+                    raise FileNotFoundError(2, "no cgroup v2 cpu controller", str(v2_root))
+                subtree = v2_root / "cgroup.subtree_control"
+                if "cpu" not in subtree.read_text().split():
+                    subtree.write_text("+cpu")
+                path = shared_v2 or v2_root / leaf
+                if shared_v2 is None:
+                    path.mkdir()
+                try:
+                    (path / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+                except OSError:
+                    if shared_v2 is None:
+                        path.rmdir()
+                    raise
+                self.enabled, self.version, self.path, self.owned = True, 2, path, shared_v2 is None
+            except OSError as exc:
+                reasons.append(f"v2 {v2_root}: {exc.strerror or exc}")
+        if not self.enabled:
+            self.reason = "no CPU cgroup (" + "; ".join(reasons) + ")"
+            log(f"{self.reason}: running without a CPU limit")
+        elif self.version == 1 and show_quota:
+            self.visible = self._probe_visible(quota)
+
+    def _probe_visible(self, quota: int) -> bool:
+        try:
+            out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                  f"mount --bind {self.path} {self.v1_root} && cat {self.v1_root}/cpu.cfs_quota_us"],
+                                 capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return out.returncode == 0 and out.stdout.strip() == str(quota)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        if not self.enabled or not self.owned:
+            return argv
+        script = f"echo $$ > {self.path}/cgroup.procs"
+        if self.visible:
+            script += f" && mount --bind {self.path} {self.v1_root}"
+        command = ["sh", "-c", script + ' && exec "$@"', "sh", *argv]
+        return ["unshare", "--mount", "--propagation", "private", *command] if self.visible else command
+
+    def stat(self) -> dict:
+        """cpu.stat as seconds and counts: nr_periods, nr_throttled, throttled_s (and usage_s on v2); {}
+        without a cgroup or once it is gone."""
+        if not self.enabled:
+            return {}
+        try:
+            raw = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines() if line.strip())
+        except (OSError, ValueError):
+            return {}
+        out = {"nr_periods": int(raw.get("nr_periods", 0)), "nr_throttled": int(raw.get("nr_throttled", 0))}
+        if "throttled_time" in raw:  # v1: nanoseconds
+            out["throttled_s"] = round(int(raw["throttled_time"]) / 1e9, 3)
+        if "throttled_usec" in raw:  # v2: microseconds
+            out["throttled_s"] = round(int(raw["throttled_usec"]) / 1e6, 3)
+        if "usage_usec" in raw:
+            out["usage_s"] = round(int(raw["usage_usec"]) / 1e6, 3)
+        return out
+
+    def describe(self) -> dict:
+        return {"cpus_asked": self.cpus, "cpu_limit": self.cpus if self.enabled else None,
+                "cpu_cgroup_version": self.version, "cpu_cgroup": str(self.path) if self.path else None,
+                "cpu_quota_visible_to_server": self.visible if self.enabled else None, "cpu_note": self.reason}
+
+    def remove(self) -> None:
+        """rmdir the child (retried while the kernel lets go of exited processes); a process still in it
+        after that (one of the server's, started through wrap) is moved to the root first."""
+        if not (self.enabled and self.owned and self.path):
+            return
+        root = self.v1_root if self.version == 1 else self.path.parent
+        for attempt in range(60):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if attempt == 50:
+                    try:
+                        for pid in (self.path / "cgroup.procs").read_text().split():
+                            (root / "cgroup.procs").write_text(pid)
+                    except OSError:
+                        pass
+                time.sleep(0.1)
+        log(f"could not remove {self.path}")

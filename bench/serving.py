@@ -5,15 +5,15 @@ cgroups of each tier's size, under the README's 16-client mix, then an overload 
     python -m bench.serving --seconds 20    # shorter runs (the figures are then not the README's)
 
 Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's models()):
-  today   the previous release: the weights inside one model.onnx (a version 1 artifact, private to
-          each worker), one sync worker on 512 MB and two on 1 GB, the model loaded on the first
-          semantic request of every worker (and again after every recycle at its max_requests of 100,
-          jitter 10), no bound on semantic work and up to 200 missing vectors embedded inside a
-          semantic request
+  today   the layout before weight sharing, on this release's code: the weights inside one model.onnx
+          (a version 1 artifact, private to each worker), one sync worker on 512 MB and two on 1 GB, the
+          model loaded on the first semantic request of every worker (and again after every recycle at
+          its max_requests of 100, jitter 10), no bound on model runs (SEMANTIC_MAX_INFLIGHT 64, a
+          deadline of 60 s). The previous release's code itself is bench/capacity.py's "today".
   shared  deploy/tiers.yaml as it is: the version 2 artifact whose weights every worker maps from one
           file, the tier's workers and threads, each worker warmed before its first request, semantic
-          work bounded per instance with sheds past a short wait (SEMANTIC_MAX_INFLIGHT,
-          SEMANTIC_QUEUE_TIMEOUT_MS), recycling on private memory
+          queries in each worker's model queue (batched, shed past SEMANTIC_DEADLINE_MS), new rows
+          embedded by the background embedder, recycling on private memory
 
 Runs:
   mix       16 clients, each looping over text 3 : tags 2 : semantic 3 : create 2 (bench/load.py's
@@ -64,10 +64,10 @@ def designs(tier: str, models: dict[str, Path], overrides: dict[str, str] | None
     to the shared design only."""
     return {
         "today": {"SEMANTIC_MODEL": str(models["v1"]), "WEB_CONCURRENCY": {"512mb": "1", "1gb": "2"}[tier],
-                  "GUNICORN_THREADS": "1", "SEMANTIC_WARM": "false", "SEMANTIC_CATCHUP_LIMIT": "200",
+                  "GUNICORN_THREADS": "1", "SEMANTIC_WARM": "false",
                   "GUNICORN_MAX_REQUESTS": "100", "GUNICORN_MAX_REQUESTS_JITTER": "10",
                   "MAX_WORKER_MEMORY_MB": {"512mb": "400", "1gb": "420"}[tier],
-                  "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_QUEUE_TIMEOUT_MS": "60000"},
+                  "SEMANTIC_MAX_INFLIGHT": "64", "SEMANTIC_DEADLINE_MS": "60000"},
         "shared": {"SEMANTIC_MODEL": str(models["v2"]), **(overrides or {})},
     }
 
