@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, text
 
-from .service import LOADED
-
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from flask import Flask
 
@@ -145,7 +143,7 @@ class Embedder:
             pause = self.interval
             try:
                 with self.app.app_context():
-                    if service.state != LOADED:
+                    if not service.loaded:
                         # The embedder works where the model already is (SEMANTIC_WARM, or a first semantic
                         # query): it never loads it itself, so a lazy worker stays without the model.
                         pass
@@ -156,7 +154,7 @@ class Embedder:
                                      os.getpid())
                     elif not self.lock.held():
                         self.working = False
-                    if service.state != LOADED:
+                    if not service.loaded:
                         pause = self.interval
                     elif not self.working:
                         pause = LOCK_RETRY_S

@@ -94,6 +94,11 @@ class SemanticService:
     def state(self) -> str:
         return self._state
 
+    @property
+    def loaded(self) -> bool:
+        """Whether this process has the model in memory (the background embedder works only then)."""
+        return self._state == LOADED
+
     def status(self) -> dict:
         status = {"state": self._state, "model": self.settings.semantic_model}
         if self._error:
