@@ -55,7 +55,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def register_state(app: Flask, settings: Settings) -> None:
+    from .settings import RETIRED
     from .state import init_app
+
+    for name in settings.retired:
+        app.logger.warning("%s is set but no longer read: %s", name, RETIRED[name])
 
     # Settings and the semantic service, reached through app.state.get_state(). The service creates
     # its vector store (numpy) on the first semantic search, not here.

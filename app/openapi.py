@@ -11,7 +11,7 @@ from .state import get_settings
 bp = Blueprint("openapi", __name__)
 
 ERROR = {"$ref": "#/components/schemas/Error"}
-# A search's 503: semantic search off or failing, or shed because the instance's semantic slots stayed busy.
+# A search's 503: semantic search off or failing, or shed because its worker's queue would not answer in time.
 SEARCH_UNAVAILABLE = {
     "description": "semantic search unavailable (code semantic_unavailable), or shed under load (code "
                    "overloaded: retry after the seconds in Retry-After, or search with mode=text)",

@@ -29,6 +29,14 @@ class ConfigError(ValueError):
     """A setting has a value the app cannot run with; the message names the variable."""
 
 
+# Variables earlier releases read and this one does not: a platform keeps them set after an upgrade, so
+# the app says at start-up that they no longer do anything, and what replaced them.
+RETIRED = {
+    "SEMANTIC_CATCHUP_LIMIT": "semantic requests no longer embed: the background embedder does (SEMANTIC_EMBEDDER)",
+    "SEMANTIC_QUEUE_TIMEOUT_MS": "queries are shed by their expected wait in the model queue (SEMANTIC_DEADLINE_MS)",
+}
+
+
 # --- parsers: each returns the typed value or raises ValueError with what it accepts ----------
 
 
@@ -145,7 +153,7 @@ FIELDS: tuple[Field, ...] = (
           "free for text and tag search. 0: all of GUNICORN_THREADS but a quarter of them (at most 8, at least one)."),
     Field("SEMANTIC_NICE", "10", _int(0, 19),
           "How much lower than request handling the model runs (nice increment of the threads that run "
-          "it): text and tag requests pass queries and catch-up batches on a busy CPU. 0: same priority."),
+          "it): text and tag requests pass queries and embedding batches on a busy CPU. 0: same priority."),
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
@@ -286,6 +294,7 @@ class Settings:
     render_git_commit: str
     render_service_name: str
     instance_path: str = "instance"
+    retired: tuple[str, ...] = ()  # RETIRED variables found set in the environment
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, instance_path: str | None = None) -> "Settings":
@@ -305,7 +314,8 @@ class Settings:
                 shown = "(hidden)" if field.secret else repr(raw)
                 raise ConfigError(f"{field.env}={shown} is invalid: {exc}") from None
         values.setdefault("database_url", f"sqlite:///{Path(instance) / 'memfit.sqlite3'}")
-        return cls(**values, instance_path=instance).validated()
+        retired = tuple(name for name in RETIRED if name in environ)
+        return cls(**values, instance_path=instance, retired=retired).validated()
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes).validated()

@@ -128,3 +128,30 @@ def test_a_new_item_is_embedded_in_the_background_and_the_backlog_is_shown(make_
         assert "memfit_semantic_backlog 0.0" in client.get("/metrics").get_data(as_text=True)
     finally:
         embedder.stop()
+
+
+def test_a_released_lock_is_free_for_another_process(make_app, tiny_onnx):
+    """Released means free for everyone: on PostgreSQL the session lock is unlocked before its
+    connection goes back to the pool (where it would otherwise stay held)."""
+    import sqlalchemy as sa
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
+    settings = app.extensions["memfit"].settings
+    with app.app_context():
+        lock = embedder_module.DatabaseLock(app)
+        assert lock.acquire()
+        assert not embedder_module.DatabaseLock(app).acquire(), "a second lock was granted while held"
+        lock.release()
+    if settings.is_sqlite:
+        with app.app_context():
+            other = embedder_module.DatabaseLock(app)
+            assert other.acquire()
+            other.release()
+        return
+    engine = sa.create_engine(settings.database_url)  # another client, as another instance would be
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.pg_try_advisory_lock(embedder_module.ADVISORY_KEY))).scalar()
+            conn.execute(sa.select(sa.func.pg_advisory_unlock(embedder_module.ADVISORY_KEY)))
+    finally:
+        engine.dispose()

@@ -135,3 +135,59 @@ def test_a_failed_run_fails_its_callers_and_the_queue_goes_on():
     with pytest.raises(RuntimeError, match="the runtime failed"):
         queue.encode_query("first")
     assert queue.encode_query("second") == "vec:second"
+
+
+def test_a_run_that_fails_fails_only_the_query_the_runtime_cannot_encode():
+    runs = []
+
+    def encode(texts, batch_size, kind="passage"):
+        runs.append(list(texts))
+        if "bad" in texts:
+            raise RuntimeError("the runtime failed on 'bad'")
+        return [f"vec:{text}" for text in texts]
+
+    model = Model()
+    queue = ModelQueue(lambda *a, **k: model.encode(*a, **k) if a[0] == ["q0"] else encode(*a, **k), None,
+                       max_batch=8, deadline_s=60)
+    first = hold_first_run(queue, model)
+    answers: dict = {}
+
+    def ask(text):
+        try:
+            answers[text] = queue.encode_query(text)
+        except RuntimeError as exc:
+            answers[text] = exc
+
+    threads = []
+    for n, text in enumerate(["good", "bad", "fine"], start=1):
+        threads.append(threading.Thread(target=ask, args=(text,)))
+        threads[-1].start()
+        wait_until(lambda n=n: queue.depth() == n, f"{text} to be in line")
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert answers["good"] == "vec:good" and answers["fine"] == "vec:fine", answers
+    assert isinstance(answers["bad"], RuntimeError)
+    assert runs[0] == ["good", "bad", "fine"] and sorted(runs[1:]) == [["bad"], ["fine"], ["good"]]
+
+
+def test_a_model_thread_that_just_ran_lets_another_workers_waiting_thread_go_first(tmp_path):
+    from app.semantic.slots import Slots
+
+    slots = Slots(tmp_path, 1)
+    assert not slots.others_waiting()
+    announced = threading.Event()
+    leave = threading.Event()
+
+    def waiter():
+        with slots.waiting():
+            announced.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert announced.wait(30)
+    assert slots.others_waiting()
+    leave.set()
+    thread.join(30)
+    assert not slots.others_waiting()

@@ -240,3 +240,53 @@ def test_available_cpus_is_at_least_one_and_at_most_the_affinity():
     import os
 
     assert 1 <= encoders.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_a_model_that_fails_on_a_query_answers_503_not_500(semantic_app):
+    encoder = get_service(semantic_app).encoder()
+
+    def failing(texts, batch_size, kind="passage"):
+        raise RuntimeError("onnxruntime: bad allocation")
+
+    encoder.encode = failing
+    response = semantic_app.test_client().get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    assert response.status_code == 503, response.get_data(as_text=True)[:300]
+    assert "failed on this query" in response.get_json()["error"]["message"]
+    body = semantic_app.test_client().get("/search", query_string={"q": "ספר", "mode": "hybrid"}).get_json()
+    assert body["fallback"]["mode"] == "text", body  # hybrid answers from text and says why
+
+
+def test_no_transaction_is_open_while_a_batch_is_encoded(make_app, tiny_onnx):
+    """The embedder's batches wait for the model behind every query: meanwhile it holds no transaction
+    (on PostgreSQL an idle one keeps its locks and snapshot), and a hybrid search none either."""
+    from app.db import db
+    from app.semantic import index
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), EMBEDDING_BATCH_SIZE="4")
+    app.test_cli_runner().invoke(args=["seed"])
+    encoder = get_service(app).encoder()
+    open_while_encoding = []
+
+    class Recording:
+        fingerprint, dim = encoder.fingerprint, encoder.dim
+
+        def encode(self, texts, batch_size):
+            open_while_encoding.append(db.session().in_transaction())
+            return encoder.encode(texts, batch_size)
+
+    with app.app_context():
+        rows = index.missing("item", encoder.fingerprint, limit=8)
+        assert index.embed_rows(Recording(), "item", rows, 4) == 8
+    assert open_while_encoding == [False, False]
+    embed_all(app)
+    service = get_service(app)
+    plain = service.search
+    seen = []
+
+    def recording_search(query, limit):
+        seen.append(db.session().in_transaction())
+        return plain(query, limit)
+
+    service.search = recording_search
+    assert app.test_client().get("/search", query_string={"q": "ספר", "mode": "hybrid"}).status_code == 200
+    assert seen == [False]

@@ -87,3 +87,14 @@ def test_cli_start_up_with_a_bad_value_prints_one_line(tmp_path):
 def test_semantic_handlers_default_keeps_a_quarter_of_the_threads_at_most_8_for_text(tmp_path, threads, expected):
     assert make_settings(tmp_path, GUNICORN_THREADS=threads).semantic_handler_limit == expected
     assert make_settings(tmp_path, GUNICORN_THREADS=threads, SEMANTIC_HANDLERS="1").semantic_handler_limit == 1
+
+
+def test_a_retired_variable_still_set_is_named_at_start_up(tmp_path, caplog):
+    from app import create_app
+
+    settings = make_settings(tmp_path, SEMANTIC_CATCHUP_LIMIT="4")
+    assert settings.retired == ("SEMANTIC_CATCHUP_LIMIT",)
+    assert make_settings(tmp_path).retired == ()
+    create_app(settings)
+    warned = [r.getMessage() for r in caplog.records if "SEMANTIC_CATCHUP_LIMIT" in r.getMessage()]
+    assert len(warned) == 1 and "no longer read" in warned[0] and "SEMANTIC_EMBEDDER" in warned[0], warned

@@ -51,6 +51,9 @@ def search(query: str, limit: int) -> Answer:
     """Items ranked by RRF over text and semantic search; text alone, with a fallback field, without the model."""
     per_ranking = depth(limit)
     rankings = {"text": [item_id for item_id, _ in textindex.search(db.session, query, per_ranking).hits]}
+    # The semantic query may wait in the model queue: its connection goes back to the pool meanwhile, so
+    # hybrid searches waiting for the model never hold the connections text and tag searches need.
+    db.session.commit()
     fallback = None
     try:
         rankings["semantic"] = [item_id for _, item_id in get_service().search(query, per_ranking).scored]

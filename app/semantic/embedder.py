@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 ADVISORY_KEY = 0x6D656D666974
 LOCK_RETRY_S = 5.0  # how often a worker without the lock tries to take it
 ERROR_PAUSE_S = 5.0  # after a failed round (database away, model failed): try again, quietly
-FULL_SCAN_EVERY_S = 60.0  # look for missing rows below the newest ids this often even when none were added
+# A round looks only at ids above the newest seen when nothing was missing, less this margin: a row
+# whose id was handed out earlier but committed later (concurrent writers) is still found. Every
+# FULL_SCAN_EVERY_S a round looks at every id (a vector lost some other way, a new model's backlog).
+RECENT_IDS = 1000
+FULL_SCAN_EVERY_S = 60.0
+BACKLOG_EVERY_S = 5.0  # the backlog's counts (three, over whole tables) at most this often
 
 
 class DatabaseLock:
@@ -66,7 +71,7 @@ class DatabaseLock:
             return True
         from ..db import db
 
-        conn = db.engine.connect()
+        conn = db.engine.connect()  # kept checked out while the lock is held: no request ever gets it
         try:
             taken = conn.execute(select(func.pg_try_advisory_lock(ADVISORY_KEY))).scalar()
             conn.commit()
@@ -90,7 +95,10 @@ class DatabaseLock:
             self._conn.commit()
             return True
         except Exception:  # noqa: BLE001 -- the server went away: the lock went with the connection
-            self.release()
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
             return False
 
     def release(self) -> None:
@@ -98,8 +106,15 @@ class DatabaseLock:
         if fd is not None:
             os.close(fd)
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        try:  # a session lock outlives the pool's reset: unlock before the connection goes back
+            conn.execute(select(func.pg_advisory_unlock(ADVISORY_KEY)))
+            conn.commit()
+            conn.close()
+        except Exception:  # noqa: BLE001 -- the connection is broken: discard it (and the lock with it)
             with contextlib.suppress(Exception):
+                conn.invalidate()
                 conn.close()
 
 
@@ -115,6 +130,7 @@ class Embedder:
         self.working = False  # this process holds the lock
         self.backlog: int | None = None  # rows without a vector at the last look (None: not looked yet)
         self.embedded = 0  # vectors this process has stored
+        self._forced = False
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -127,17 +143,21 @@ class Embedder:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still in a batch: the thread lets the lock go when it leaves, not before
         self.lock.release()
         self.working = False
 
     def wake(self) -> None:
         """Look for new rows now rather than at the next interval (a write in this process)."""
+        self._forced = True
         self._wake.set()
 
     def _loop(self) -> None:
         service = self.app.extensions["memfit"].semantic
-        memo: tuple | None = None
-        last_full = 0.0
+        floor: dict[str, int] = {}  # look above these ids (empty: everywhere)
+        seen: dict[str, int] | None = None  # the newest ids at the last round
+        last_full = last_count = 0.0
         last_problem: str | None = None
         while not self._stop.is_set():
             pause = self.interval
@@ -145,7 +165,7 @@ class Embedder:
                 with self.app.app_context():
                     if not service.loaded:
                         # The embedder works where the model already is (SEMANTIC_WARM, or a first semantic
-                        # query): it never loads it itself, so a lazy worker stays without the model.
+                        # query): it never loads it itself, so a lazy worker stays lazy.
                         pass
                     elif not self.working:
                         self.working = self.lock.acquire()
@@ -160,15 +180,22 @@ class Embedder:
                         pause = LOCK_RETRY_S
                     else:
                         newest = service.newest()
-                        if newest != memo or time.monotonic() - last_full > FULL_SCAN_EVERY_S:
-                            done = service.embed_pending(wanted=lambda: not self._stop.is_set())
+                        full = time.monotonic() - last_full > FULL_SCAN_EVERY_S
+                        if newest != seen or full or self._forced:
+                            self._forced = False
+                            done = service.embed_pending(wanted=lambda: not self._stop.is_set(),
+                                                         after={} if full else floor)
                             self.embedded += done
-                            self.backlog = service.backlog()
-                            _report_backlog(self.backlog)
-                            if self.backlog == 0:
-                                memo, last_full = newest, time.monotonic()
-                            elif done:
-                                pause = 0.0  # more to do: the next round now
+                            if done:
+                                pause = 0.0  # maybe more: the next round now
+                            else:  # nothing missing up to these ids
+                                seen = newest
+                                floor = {kind: max(0, newest[kind] - RECENT_IDS) for kind in newest}
+                                if full:
+                                    last_full = time.monotonic()
+                            if not done or time.monotonic() - last_count > BACKLOG_EVERY_S:
+                                self.backlog, last_count = service.backlog(), time.monotonic()
+                                _report_backlog(self.backlog)
             except Exception as exc:  # noqa: BLE001 -- the database or the model away: retry later
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 if problem != last_problem:  # once per distinct problem, not every few seconds

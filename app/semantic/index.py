@@ -19,7 +19,7 @@ import heapq
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from sqlalchemy import and_, func, select, text
@@ -41,29 +41,43 @@ def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), dim)
 
 
-def missing(kind: str, fingerprint: str, limit: int | None = None, check_text: bool = False) -> list:
-    """Rows of ``kind`` without a current vector (and, with check_text, whose text changed)."""
+class Pending(NamedTuple):
+    """A row to embed, as read: its id and the text its vector is made from (no ORM object to expire)."""
+
+    id: int
+    embedding_text: str
+
+
+def missing(kind: str, fingerprint: str, limit: int | None = None, check_text: bool = False,
+            after_id: int = 0) -> list[Pending]:
+    """Rows of ``kind`` (ids above after_id) without a current vector (and, with check_text, whose text changed)."""
     model = KINDS[kind]
     joined = and_(Embedding.model_fp == fingerprint, Embedding.kind == kind, Embedding.ref_id == model.id)
-    query = select(model, Embedding.text_hash).outerjoin(Embedding, joined).order_by(model.id)
+    query = select(model, Embedding.text_hash).outerjoin(Embedding, joined).where(model.id > after_id)
+    query = query.order_by(model.id)
     if not check_text:
         query = query.where(Embedding.id.is_(None))
         if limit is not None:
             query = query.limit(limit)
-        return [row for row, _ in db.session.execute(query)]
-    stale = [row for row, stored in db.session.execute(query) if stored != text_hash(row.embedding_text)]
+        return [Pending(row.id, row.embedding_text) for row, _ in db.session.execute(query)]
+    stale = [Pending(row.id, row.embedding_text) for row, stored in db.session.execute(query)
+             if stored != text_hash(row.embedding_text)]
     return stale[:limit] if limit is not None else stale
 
 
 def embed_rows(encoder: Encoder, kind: str, rows: Sequence, batch_size: int,
                progress: Callable[[int], None] | None = None, vector_store=None) -> int:
-    """Encode rows batch by batch and store their vectors, one commit per batch (a crash loses a batch)."""
+    """Encode rows batch by batch and store their vectors, one commit per batch (a crash loses a batch).
+
+    No transaction is open while a batch is encoded (which may wait for the model): on PostgreSQL an
+    idle transaction would hold its locks and snapshot for as long as the queries ahead take."""
     done = 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         texts = [row.embedding_text for row in batch]
-        vectors = encoder.encode(texts, batch_size)
         ids = [row.id for row in batch]
+        db.session.commit()  # nothing is written yet: this only ends the transaction of the reads
+        vectors = encoder.encode(texts, batch_size)
         # Replace, not update: a fresh id tells other workers' matrices that the table changed.
         db.session.execute(
             Embedding.__table__.delete().where(

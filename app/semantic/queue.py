@@ -37,6 +37,9 @@ RECENT_RUNS = 8
 # thread that stopped answering gets there, since admission already checked the expected wait.
 STUCK_FACTOR, STUCK_FLOOR_S = 4, 10.0
 SLOT_POLL_S = 0.5  # how long one wait for an instance slot lasts before the model thread looks again
+# How long a model thread that has just released its slot stands back when another worker's waits: more
+# than the waiters' longest pause between tries (slots.LAST_PAUSE), so one of them takes it.
+HANDOVER_PAUSE_S = 0.02
 
 
 class QueueFull(Exception):
@@ -140,7 +143,8 @@ class ModelQueue:
         if not job.done.wait(timeout):
             with self._cond:
                 job.cancelled = True  # the model thread skips it if it has not started it
-            raise QueueStuck(f"no answer from the model in {timeout:.0f} s")
+                if not job.done.is_set():  # answered between the wait's end and the lock: take it
+                    raise QueueStuck(f"no answer from the model in {timeout:.0f} s")
         if job.error is not None:
             raise job.error
         return job.result
@@ -169,6 +173,9 @@ class ModelQueue:
                     if run:
                         return self._started(run, self.seconds_per_query)
                     continue
+                if self._background and self._slots is not None and self._slots.others_waiting():
+                    self._cond.wait(HANDOVER_PAUSE_S)  # another worker's queries go before our passages
+                    continue
                 if self._background:
                     job = self._background.popleft()
                     if not job.cancelled:
@@ -187,50 +194,67 @@ class ModelQueue:
             run = self._next()
             started = self._clock()
             try:
-                slot = self._slot()
-                try:
-                    if run[0].kind == "query":
-                        vectors = self._encode([job.texts[0] for job in run], len(run), kind="query")
-                        results = [vectors[i : i + 1] for i in range(len(run))]
-                    else:
-                        results = [self._encode(run[0].texts, run[0].batch_size, kind="passage")]
-                finally:
-                    if slot is not None:
-                        slot.release()
-            except BaseException as exc:  # noqa: BLE001 -- the callers get the error; the thread goes on
-                for job in run:
-                    job.error = exc
-                    job.done.set()
-                with self._cond:
-                    self._run_started = None
-                continue
+                results = self._run(run)
+            except Exception as exc:  # noqa: BLE001 -- one failed run must not stop the queue
+                # Each job again on its own, so that a text the runtime cannot encode fails only its caller.
+                results = self._one_by_one(run) if len(run) > 1 else [_failed(run[0], exc)]
             took = self._clock() - started
             with self._cond:
                 self._run_started = None
                 texts = sum(len(job.texts) for job in run)
-                if run[0].kind == "query":
-                    self.runs += 1
-                    self.batched += texts
-                    self.seconds_per_query = _per_text(self._recent["query"], took, texts)
-                elif texts:
-                    self.seconds_per_passage = _per_text(self._recent["passage"], took, texts)
+                if all(job.error is None for job in run):
+                    if run[0].kind == "query":
+                        self.runs += 1
+                        self.batched += texts
+                        self.seconds_per_query = _per_text(self._recent["query"], took, texts)
+                    elif texts:
+                        self.seconds_per_passage = _per_text(self._recent["passage"], took, texts)
             for job, result in zip(run, results):
                 job.result = result
                 job.done.set()
             if self._on_run is not None:
                 try:
-                    self._on_run(run[0].kind, sum(len(job.texts) for job in run))
+                    self._on_run(run[0].kind, texts)
                 except Exception:  # noqa: BLE001 -- counting must never stop the model thread
                     log.debug("on_run failed", exc_info=True)
+
+    def _one_by_one(self, run: list[_Job]) -> list:
+        results = []
+        for job in run:
+            try:
+                results.append(self._run([job])[0])
+            except Exception as exc:  # noqa: BLE001 -- its caller gets the error
+                results.append(_failed(job, exc))
+        return results
+
+    def _run(self, run: list[_Job]) -> list:
+        """One model run holding an instance slot: each job's result, in order."""
+        slot = self._slot()
+        try:
+            if run[0].kind == "query":
+                vectors = self._encode([job.texts[0] for job in run], len(run), kind="query")
+                return [vectors[i : i + 1] for i in range(len(run))]
+            return [self._encode(run[0].texts, run[0].batch_size, kind="passage")]
+        finally:
+            if slot is not None:
+                slot.release()
 
     def _slot(self):
         """One of the instance's slots, waited for as long as it takes (the queue's deadline covers it)."""
         if self._slots is None:
             return None
-        while True:
-            slot = self._slots.acquire(timeout=SLOT_POLL_S)
-            if slot is not None:
-                return slot
+        if self._slots.others_waiting():
+            time.sleep(HANDOVER_PAUSE_S)  # our last run just ended: a waiting worker goes first
+        with self._slots.waiting():
+            while True:
+                slot = self._slots.acquire(timeout=SLOT_POLL_S)
+                if slot is not None:
+                    return slot
+
+
+def _failed(job: _Job, exc: Exception) -> None:
+    job.error = exc
+    return None
 
 
 def _per_text(recent: deque, seconds: float, texts: int) -> float:

@@ -185,13 +185,16 @@ class SemanticService:
                                 self.settings.embedding_batch_size, progress=progress,
                                 vector_store=self.vector_store())
 
-    def embed_pending(self, wanted: Callable[[], bool] = lambda: True) -> int:
+    def embed_pending(self, wanted: Callable[[], bool] = lambda: True, after: dict[str, int] | None = None) -> int:
         """One round of the background embedder: up to EMBED_ROUND_BATCHES batches of the rows that
-        have no vector for this model, tags first; returns how many were stored."""
+        have no vector for this model (of each kind, only ids above after[kind]), tags first; returns
+        how many were stored."""
+        from . import index
+
         budget = self.settings.embedding_batch_size * EMBED_ROUND_BATCHES
         done = 0
         for kind in KINDS:
-            rows = self.pending(kind, limit=budget - done)
+            rows = index.missing(kind, self.encoder().fingerprint, budget - done, after_id=(after or {}).get(kind, 0))
             for start in range(0, len(rows), self.settings.embedding_batch_size):
                 if not wanted():
                     return done
@@ -202,10 +205,11 @@ class SemanticService:
             _count_embedded(done)
         return done
 
-    def newest(self) -> tuple:
-        """(fingerprint, newest tag id, newest item id): what the embedder compares to skip a round."""
-        return (self.encoder().fingerprint, *db.session.execute(
-            select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one())
+    def newest(self) -> dict[str, int]:
+        """The newest id of each kind (0 when there is none): where the embedder's rounds start looking."""
+        tag, item = db.session.execute(
+            select(select(func.max(Tag.id)).scalar_subquery(), select(func.max(Item.id)).scalar_subquery())).one()
+        return {"tag": tag or 0, "item": item or 0}
 
     def backlog(self) -> int:
         """Tags and items without a vector for this model (three counts, no anti-join)."""
@@ -305,6 +309,9 @@ class SemanticService:
                              f"{full.retry_after} s, or search with mode=text", full.retry_after) from None
         except QueueStuck as stuck:
             raise SemanticUnavailable(f"the semantic model is not answering ({stuck})") from None
+        except Exception as exc:  # the runtime failed on this query: a 503 with the reason, never a 500
+            log.error("the semantic model failed on a query: %s", _describe(exc))
+            raise SemanticUnavailable(f"the semantic model failed on this query ({_describe(exc)})") from None
 
     def warm(self) -> bool:
         """Load the model and answer one query, so this process's first user query pays no load.

@@ -17,6 +17,7 @@ from a thread (SIGALRM only reaches the main thread), and the model thread looks
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -33,6 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger(__name__)
 
 SLOTS_FOLDER = "semantic-slots"
+# Held shared by every model thread waiting for a slot, so that one that has just released its slot can
+# see another worker waiting and let it go first (a flock waiter is not queued: without this, the thread
+# that releases takes the slot back before a polling waiter notices it was free).
+WAITING_FILE = "waiting.lock"
 # Pauses between two rounds of tries grow from the first to the last: a slot freed by a query
 # (tens of ms) is noticed quickly, and a long wait does not spin on the CPU it is waiting for.
 FIRST_PAUSE, LAST_PAUSE = 0.001, 0.01
@@ -113,6 +118,38 @@ class Slots:
             for _, fd in fds:
                 if fd != taken:
                     os.close(fd)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Announce, for the block, that this thread waits for a slot (see others_waiting)."""
+        fd = self._open_waiting()
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def others_waiting(self) -> bool:
+        """Whether a model thread of this instance (another worker's) waits for a slot now."""
+        fd = self._open_waiting()
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _open_waiting(self) -> int | None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return os.open(self.directory / WAITING_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # an unusable folder: no handover, as no bound (see _unbounded)
+            return None
 
     def _unbounded(self, exc: OSError) -> Slot:
         if self._warned.acquire(blocking=False):
