@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from app.semantic.queue import ModelQueue, QueueFull
+from app.semantic.queue import UNIT_OVERHEAD, ModelQueue, QueueFull
 from support import wait_until
 
 
@@ -42,7 +42,8 @@ def hold_first_run(queue: ModelQueue, model: Model) -> threading.Thread:
 def enqueue(queue: ModelQueue, texts: list[str], answers: dict) -> list[threading.Thread]:
     """Each text submitted from its own thread, strictly one after the other (each in line before the next)."""
     threads = []
-    for n, text in enumerate(texts, start=1):
+    base = queue.depth()
+    for n, text in enumerate(texts, start=base + 1):
         def ask(text=text):
             try:
                 answers[text] = queue.encode_query(text)
@@ -58,6 +59,7 @@ def enqueue(queue: ModelQueue, texts: list[str], answers: dict) -> list[threadin
 def test_waiting_queries_are_encoded_together_in_arrival_order(tmp_path):
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=3, deadline_s=60)
+    queue.seconds_per_unit = 0.001  # measured already: admission goes by the deadline alone
     first = hold_first_run(queue, model)
     answers: dict = {}
     threads = enqueue(queue, [f"q{i}" for i in range(1, 8)], answers)
@@ -85,19 +87,39 @@ def test_each_caller_of_a_batch_gets_its_own_vector(tmp_path):
 
 def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
     model = Model()
-    queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.0, clock=lambda: 0.0)
-    queue.seconds_per_query = 0.1  # as measured: a run of one query takes 0.1 s
-    first = hold_first_run(queue, model)  # in flight, 0.1 s left on the still clock
+    queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.05, clock=lambda: 0.0)
+    queue.seconds_per_unit = 0.1 / (3 + UNIT_OVERHEAD)  # as measured: a 3-character query takes 0.1 s
+    model.gate.clear()
+    first = threading.Thread(target=queue.encode_query, args=("q00",))
+    first.start()
+    assert model.entered.wait(30)  # in flight, 0.1 s left on the still clock
     answers: dict = {}
-    # Positions 1-9 expect 0.1 + 0.1 * n s, at most 1.0 s: all admitted. The tenth would wait 1.1 s.
-    threads = enqueue(queue, [f"q{i}" for i in range(1, 10)], answers)
+    # Queries 1-9 in line expect 0.1 + 0.1 * n s, at most 1.0 s: all admitted. The tenth would wait 1.1 s.
+    threads = enqueue(queue, [f"q{i:02d}" for i in range(1, 10)], answers)
     with pytest.raises(QueueFull) as refused:
         queue.encode_query("q10")
     assert refused.value.expected_wait == pytest.approx(1.1) and refused.value.retry_after == 1
     model.gate.set()
     for thread in (first, *threads):
         thread.join(30)
-    assert answers == {f"q{i}": f"vec:q{i}" for i in range(1, 10)}  # every admitted query answered
+    assert answers == {f"q{i:02d}": f"vec:q{i:02d}" for i in range(1, 10)}  # every admitted query answered
+
+
+def test_a_long_query_counts_for_the_work_it_is():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0)
+    queue.seconds_per_unit = 0.001
+    first = hold_first_run(queue, model)  # "q0": 18 units in flight, 18 ms
+    answers: dict = {}
+    long = "מילה " * 100  # 500 characters: 516 units, about half a second
+    threads = enqueue(queue, [long], answers)
+    with pytest.raises(QueueFull):  # a second one would end past the deadline (1.05 s)
+        queue.encode_query(long + " ")
+    threads += enqueue(queue, ["קצר", "עוד"], answers)  # short ones still fit: 19 units each
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert set(answers) == {long, "קצר", "עוד"}
 
 
 def test_retry_after_is_the_time_the_queue_needs_to_drain_to_the_deadline():

@@ -29,10 +29,14 @@ from .slots import Slots
 
 log = logging.getLogger(__name__)
 
-# Runs whose seconds and texts make the estimate of seconds per text (their sums' ratio: the queue's drain
-# rate). A ratio of sums, not an average of each run's ratio: a run of one query that waited for another
-# worker's run to free the slot says little of what a full run costs per query, and is weighed as one.
+# Runs whose seconds and work make the estimate of seconds per unit of work (their sums' ratio: the
+# queue's drain rate). A ratio of sums, not an average of each run's ratio: a run of one query that waited
+# for another worker's run to free the slot says little of what a full run costs, and is weighed as one.
 RECENT_RUNS = 8
+# A text's work, in units: its characters plus a fixed part (the prompt, the run's own overhead). A model
+# run costs about its tokens, and a 500-character query tens of times a one-word one: counting queries
+# alone let a queue of long queries admit waits many times the deadline.
+UNIT_OVERHEAD = 16
 # How long an admitted query waits at most, as a multiple of the deadline (plus a floor): only a model
 # thread that stopped answering gets there, since admission already checked the expected wait.
 STUCK_FACTOR, STUCK_FLOOR_S = 4, 10.0
@@ -55,10 +59,11 @@ class QueueStuck(Exception):
 
 
 class _Job:
-    __slots__ = ("texts", "kind", "batch_size", "done", "result", "error", "cancelled")
+    __slots__ = ("texts", "kind", "batch_size", "units", "done", "result", "error", "cancelled")
 
     def __init__(self, texts: Sequence[str], kind: str, batch_size: int):
         self.texts, self.kind, self.batch_size = list(texts), kind, batch_size
+        self.units = sum(len(text) + UNIT_OVERHEAD for text in self.texts)
         self.done = threading.Event()
         self.result = self.error = None
         self.cancelled = False
@@ -80,10 +85,11 @@ class ModelQueue:
         # The run in flight: when it started and its estimated length (for the wait of those behind it).
         self._run_started: float | None = None
         self._run_estimate = 0.0
-        # Estimates of seconds per text, from slot request to results, per kind of run (RECENT_RUNS). None
-        # until a run has been measured: the first query is always admitted.
-        self.seconds_per_query: float | None = None
-        self.seconds_per_passage: float | None = None
+        # Estimates of seconds per unit of work (UNIT_OVERHEAD), from slot request to results, per kind of
+        # run (RECENT_RUNS). None until a run has been measured: until then one run's worth is admitted.
+        self.seconds_per_unit: float | None = None
+        self.seconds_per_passage_unit: float | None = None
+        self._waiting_units = 0  # the work of the queries waiting
         self._recent: dict[str, deque] = {"query": deque(maxlen=RECENT_RUNS), "passage": deque(maxlen=RECENT_RUNS)}
         self.runs = self.batched = 0  # model runs for queries, and the queries they encoded
 
@@ -94,10 +100,11 @@ class ModelQueue:
         job = _Job([text], "query", self.max_batch)
         with self._cond:
             self._ensure_thread()
-            wait = self.expected_wait(len(self._queries) + 1)
-            if wait > self.deadline_s:
+            wait = self.expected_wait(self._waiting_units + job.units)
+            if wait > self.deadline_s or (self.seconds_per_unit is None and len(self._queries) >= self.max_batch):
                 raise QueueFull(wait, self.retry_after(wait))
             self._queries.append(job)
+            self._waiting_units += job.units
             self._cond.notify()
         return self._await(job, self.deadline_s * STUCK_FACTOR + STUCK_FLOOR_S)[0]
 
@@ -114,17 +121,21 @@ class ModelQueue:
         """Queries waiting (not counting the run in flight)."""
         return len(self._queries)
 
-    def expected_wait(self, position: int) -> float:
-        """Seconds until the query at ``position`` (1: first in line) is answered: the rest of the run
-        in flight, then the runs of SEMANTIC_BATCH_MAX queries ahead of it and its own."""
-        if self.seconds_per_query is None:
+    def expected_wait(self, units: int) -> float:
+        """Seconds until a query is answered with ``units`` of work ahead of it and its own: the rest of
+        the run in flight, then that work at the measured seconds per unit. 0 before any measurement."""
+        if self.seconds_per_unit is None:
             return 0.0
         in_flight = 0.0
         if self._run_started is not None:
             # The rest of the run in flight; one already past its estimate (its slot held elsewhere, a
-            # long text) is taken to need as long again as it is late, so a stalled model sheds.
+            # starved CPU) is taken to need as long again as it is late, so a stalled model sheds.
             in_flight = abs(self._run_estimate - (self._clock() - self._run_started))
-        return in_flight + position * self.seconds_per_query
+        return in_flight + units * self.seconds_per_unit
+
+    def waiting_time(self) -> float:
+        """The expected wait of the queries in line now (what /readyz shows)."""
+        return self.expected_wait(self._waiting_units)
 
     def retry_after(self, wait: float) -> int:
         """Whole seconds until the queue has drained to where a new query would fit the deadline."""
@@ -163,15 +174,16 @@ class ModelQueue:
         with self._cond:
             while True:
                 while self._queries and self._queries[0].cancelled:
-                    self._queries.popleft()
+                    self._waiting_units -= self._queries.popleft().units
                 if self._queries:
                     run = []
                     while self._queries and len(run) < self.max_batch:
                         job = self._queries.popleft()
+                        self._waiting_units -= job.units
                         if not job.cancelled:
                             run.append(job)
                     if run:
-                        return self._started(run, self.seconds_per_query)
+                        return self._started(run, self.seconds_per_unit)
                     continue
                 if self._background and self._slots is not None and self._slots.others_waiting():
                     self._cond.wait(HANDOVER_PAUSE_S)  # another worker's queries go before our passages
@@ -179,13 +191,13 @@ class ModelQueue:
                 if self._background:
                     job = self._background.popleft()
                     if not job.cancelled:
-                        return self._started([job], self.seconds_per_passage, len(job.texts))
+                        return self._started([job], self.seconds_per_passage_unit)
                     continue
                 self._cond.wait()
 
-    def _started(self, run: list[_Job], per_text: float | None, texts: int | None = None) -> list[_Job]:
+    def _started(self, run: list[_Job], per_unit: float | None) -> list[_Job]:
         self._run_started = self._clock()
-        self._run_estimate = (per_text or 0.0) * (texts if texts is not None else len(run))
+        self._run_estimate = (per_unit or 0.0) * sum(job.units for job in run)
         return run
 
     def _loop(self) -> None:
@@ -202,13 +214,14 @@ class ModelQueue:
             with self._cond:
                 self._run_started = None
                 texts = sum(len(job.texts) for job in run)
+                units = sum(job.units for job in run)
                 if all(job.error is None for job in run):
                     if run[0].kind == "query":
                         self.runs += 1
                         self.batched += texts
-                        self.seconds_per_query = _per_text(self._recent["query"], took, texts)
-                    elif texts:
-                        self.seconds_per_passage = _per_text(self._recent["passage"], took, texts)
+                        self.seconds_per_unit = _per_unit(self._recent["query"], took, units)
+                    elif units:
+                        self.seconds_per_passage_unit = _per_unit(self._recent["passage"], took, units)
             for job, result in zip(run, results):
                 job.result = result
                 job.done.set()
@@ -257,6 +270,6 @@ def _failed(job: _Job, exc: Exception) -> None:
     return None
 
 
-def _per_text(recent: deque, seconds: float, texts: int) -> float:
-    recent.append((seconds, texts))
+def _per_unit(recent: deque, seconds: float, units: int) -> float:
+    recent.append((seconds, units))
     return sum(s for s, _ in recent) / sum(n for _, n in recent)

@@ -243,9 +243,8 @@ class SemanticService:
         status: dict = {}
         queue = self._queue
         if queue is not None:
-            status["queue"] = {"waiting": queue.depth(), "runs": queue.runs, "queries": queue.batched,
-                               "ms_per_query": None if queue.seconds_per_query is None
-                               else round(queue.seconds_per_query * 1000, 1)}
+            status["queue"] = {"waiting": queue.depth(), "expected_wait_ms": round(queue.waiting_time() * 1000),
+                               "runs": queue.runs, "queries": queue.batched}
         if self.embedder is not None:
             status["embedder"] = {"working": self.embedder.working, "backlog": self.embedder.backlog}
         return status
