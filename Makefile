@@ -16,7 +16,7 @@ FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv release run seed model test test-fast container-test bench load docs manifests constraints clean
+.PHONY: help venv release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -78,6 +78,11 @@ bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text sea
 load: venv ## 60 s load under the 512 MB tier, then today's design vs shared weights per tier and an overload run; writes bench/results/load.json, serving.*
 	$(PY) -m bench.load --seconds 60
 	$(PY) -m bench.serving --seconds 60
+	$(PY) -m bench.readme
+
+capacity: venv ## Semantic capacity, the previous release vs this tree, closed and open loop per tier and platform CPU (~1 h); writes bench/results/capacity.*
+	$(PY) -m bench.capacity
+	$(PY) -m bench.batching
 	$(PY) -m bench.readme
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py

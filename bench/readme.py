@@ -112,6 +112,28 @@ def serving_section(data: dict) -> str:
     return table(data)
 
 
+def capacity_section(data: dict) -> str:
+    from bench.capacity import table
+
+    # capacity.md is a page of its own: its title goes, its sections become bold lines inside the README's,
+    # and every step of every ladder stays there (the README links it).
+    out, skipping = [], False
+    for line in table(data).strip().splitlines()[1:]:
+        if line.startswith("## "):
+            skipping = line == "## Ladder steps"
+            line = f"**{line[3:]}**"
+        if not skipping:
+            out.append(line)
+    out += ["", "Every step of every ladder: [bench/results/capacity.md](bench/results/capacity.md)."]
+    return "\n".join(out).strip()
+
+
+def batching_section(data: dict) -> str:
+    from bench.batching import table
+
+    return table(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; the README needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -120,7 +142,9 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "relevance-results": ("relevance.json", relevance_section),
             "fuzz-results": ("fuzz.json", fuzz_section),
             "faults-results": ("faults.json", faults_section),
-            "serving-results": ("serving.json", serving_section)}
+            "serving-results": ("serving.json", serving_section),
+            "capacity-results": ("capacity.json", capacity_section),
+            "batching-results": ("batching.json", batching_section)}
 
 
 def main() -> int:
