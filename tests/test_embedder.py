@@ -155,3 +155,30 @@ def test_a_released_lock_is_free_for_another_process(make_app, tiny_onnx):
             conn.execute(sa.select(sa.func.pg_advisory_unlock(embedder_module.ADVISORY_KEY)))
     finally:
         engine.dispose()
+
+
+def test_the_release_lock_is_free_while_the_embedder_holds_its_own(make_app, tiny_onnx):
+    """A release (app/release.py) runs while an instance's embedder works: their locks differ."""
+    import sqlalchemy as sa
+
+    from app import release
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
+    settings = app.extensions["memfit"].settings
+    with app.app_context():
+        lock = embedder_module.DatabaseLock(app)
+        assert lock.acquire()
+        try:
+            if settings.is_sqlite:
+                assert not str(lock._path).endswith(".release.lock")
+                return
+            engine = sa.create_engine(settings.database_url)
+            try:
+                with engine.connect() as conn:
+                    key = release.ADVISORY_LOCK_KEY
+                    assert conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar()
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+            finally:
+                engine.dispose()
+        finally:
+            lock.release()

@@ -6,7 +6,7 @@ import threading
 import pytest
 from werkzeug.serving import make_server
 
-from support import require
+from support import embed_all, require
 
 pytestmark = pytest.mark.browser
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -45,6 +45,8 @@ def live(make_app):
 
             db.session.add_all(Item(title=title, body=body) for title, body in items)
             db.session.commit()
+        if "SEMANTIC_MODEL" in env:
+            embed_all(app)  # what gunicorn's background embedder does; this test server has none
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -34,8 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-# An advisory lock key of memfit's own ("memfit" in ASCII), so other users of the database do not collide.
-ADVISORY_KEY = 0x6D656D666974
+# An advisory lock key of the embedder's own ("mfembd" in ASCII): not the release's (app/release.py), so a
+# release runs while the embedder works, and other users of the database do not collide.
+ADVISORY_KEY = 0x6D66656D6264
 LOCK_RETRY_S = 5.0  # how often a worker without the lock tries to take it
 ERROR_PAUSE_S = 5.0  # after a failed round (database away, model failed): try again, quietly
 # A round looks only at ids above the newest seen when nothing was missing, less this margin: a row
