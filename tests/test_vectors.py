@@ -69,13 +69,16 @@ def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
     assert store.kind == "pgvector" and store.memory_bytes() == 0
     with app.app_context():
         assert db.session.execute(db.text("SELECT count(*) FROM embeddings WHERE vec IS NULL")).scalar() == 0
-    # The same query through the in-process index on the same rows gives the same order.
+    # The same query through the in-process index on the same rows gives the same ranking, up to the
+    # float16 the in-process matrix keeps (pgvector keeps float32): near-ties may swap, scores agree.
     local = index.VectorIndex(64 * 2**20)
     encoder = get_service(app).encoder()
     query = encoder.encode(["ספרים לילדים"], 1)[0]
     with app.app_context():
-        assert [r for r, _ in local.top(encoder.fingerprint, "item", query, 5)] == \
-               [r for r, _ in store.top(encoder.fingerprint, "item", query, 5)]
+        mine = local.top(encoder.fingerprint, "item", query, 6)
+        theirs = store.top(encoder.fingerprint, "item", query, 5)
+    assert all(abs(a[1] - b[1]) < 2e-3 for a, b in zip(mine, theirs)), (mine, theirs)
+    assert {r for r, _ in theirs} <= {r for r, _ in mine}, (mine, theirs)
 
 
 def test_postgres_without_pgvector_falls_back(tmp_path):
