@@ -130,6 +130,9 @@ class Embedding(Base):
     __table_args__ = (
         UniqueConstraint("model_fp", "kind", "ref_id", name="uq_embedding_ref"),
         Index("ix_embedding_fp_kind", "model_fp", "kind"),
+        # A vector stored again gets a new id, never a freed one (migration 0004): the in-process
+        # matrices tell appends from other changes by their ids.
+        {"sqlite_autoincrement": True},
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_fp: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -159,3 +159,22 @@ def test_a_worker_on_an_unmigrated_database_answers_503_and_creates_nothing(bare
         assert sa.inspect(db.engine).get_table_names() == []  # no schema work in the request path
         create_schema()
     assert client.get("/search", query_string={"q": "ספר"}).status_code == 200  # rechecked until ready
+
+
+def test_embedding_ids_are_never_reused_after_upgrade(bare_app, backend):
+    """A vector stored again (delete, then insert) after the newest one went gets a fresh id, on a
+    database made before migration 0004 too: SQLite would otherwise hand out the freed id again."""
+    with bare_app.app_context():
+        first_release_metadata().create_all(db.engine)
+        insert = sa.text("INSERT INTO embeddings (model_fp, kind, ref_id, text_hash, dim, vector, created_at) "
+                         "VALUES ('fp', 'item', :ref, 'h', 1, :v, :t)")
+        for ref in (1, 2):
+            db.session.execute(insert, {"ref": ref, "v": b"\x00\x3c", "t": datetime.now(timezone.utc)})
+        db.session.commit()
+        create_schema()
+        assert db.session.execute(sa.text("SELECT count(*) FROM embeddings")).scalar() == 2  # rows kept
+        newest = db.session.execute(sa.text("SELECT max(id) FROM embeddings")).scalar()
+        db.session.execute(sa.text("DELETE FROM embeddings WHERE id = :id"), {"id": newest})
+        db.session.execute(insert, {"ref": 2, "v": b"\x00\x3c", "t": datetime.now(timezone.utc)})
+        db.session.commit()
+        assert db.session.execute(sa.text("SELECT max(id) FROM embeddings")).scalar() > newest

@@ -120,6 +120,46 @@ def test_matrix_refreshes_when_vectors_are_added(app):
     assert len(hits) == 11 and hits[0][0] == 999
 
 
+def add_row(ref_id: int, vector: np.ndarray, row_id: int | None = None) -> None:
+    db.session.add(Embedding(id=row_id, model_fp="fp", kind="item", ref_id=ref_id, text_hash="h", dim=32,
+                             vector=index.to_blob(vector)))
+    db.session.commit()
+
+
+def test_rows_added_are_appended_to_the_matrix_not_rebuilt(app):
+    """New vectors (a create every few seconds under load) are read on their own: the matrix's
+    buffers stay the same ones, and the new rows are found."""
+    vectors = fill(app, 100)
+    store = index.VectorIndex(64 * 2**20)
+    with app.app_context():
+        store.top("fp", "item", vectors[0], 5)
+        (before,) = store._matrices.values()
+        for ref_id in (501, 502):
+            add_row(ref_id, vectors[ref_id - 491])
+        hits = store.top("fp", "item", vectors[11], 3)
+        (after,) = store._matrices.values()
+    assert after.vectors_buffer is before.vectors_buffer and len(after.ids) == 102
+    assert {hits[0][0], hits[1][0]} == {12, 502}  # vectors[11] is item 12's vector and item 502's
+
+
+def test_a_change_that_is_not_only_appends_rebuilds_the_matrix(app):
+    """A row deleted and another committed late with a lower id (PostgreSQL ids are taken at insert,
+    seen at commit) leave a count that an append would match: the sum of ids tells them apart."""
+    vectors = fill(app, 10)
+    query = np.zeros(32, dtype=np.float32)
+    query[0] = 1
+    store = index.VectorIndex(64 * 2**20)
+    with app.app_context():
+        db.session.execute(Embedding.__table__.delete().where(Embedding.id.in_([4, 5])))
+        db.session.commit()
+        store.top("fp", "item", query, 20)
+        db.session.execute(Embedding.__table__.delete().where(Embedding.id == 3))
+        add_row(444, query, row_id=4)  # the late commit
+        add_row(777, vectors[0])
+        hits = dict(store.top("fp", "item", query, 20))
+    assert 444 in hits and 777 in hits and 3 not in hits and len(hits) == 9
+
+
 def test_a_rebuild_lets_the_old_matrix_go_before_allocating_the_new(app, monkeypatch):
     """Peak memory of a refresh is one matrix, not two: what the index holds plus what it is allocating
     stays within the bound, and the previous matrix is already freed when the new one is allocated."""
@@ -131,6 +171,8 @@ def test_a_rebuild_lets_the_old_matrix_go_before_allocating_the_new(app, monkeyp
     with app.app_context():
         store.top("fp", "item", query, 5)
         (old,) = [weakref.ref(m) for m in store._matrices.values()]
+        # A row replaced (not only added): the matrix is rebuilt, not appended to.
+        db.session.execute(Embedding.__table__.delete().where(Embedding.ref_id == 7))
         db.session.add(Embedding(model_fp="fp", kind="item", ref_id=5000, text_hash="h", dim=32,
                                  vector=index.to_blob(query)))
         db.session.commit()

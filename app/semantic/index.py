@@ -9,7 +9,7 @@ Two stores search them (``SemanticService.vector_store()`` picks one per app):
 * PostgreSQL with pgvector: the database does the search (``vec <=> query``); the web process
   holds no vectors at all, whatever the corpus size.
 * Otherwise (SQLite, or PostgreSQL without the extension): a per-worker float16 matrix (half of
-  fp32's bytes), refreshed when the table changes and bounded by SEMANTIC_INDEX_MAX_MB; past that
+  fp32's bytes), appended to as rows are added (rebuilt on any other change) and bounded by SEMANTIC_INDEX_MAX_MB; past that
   bound it streams the rows from the database in chunks, so memory does not grow with the corpus.
 """
 
@@ -127,9 +127,11 @@ def counts(fingerprint: str) -> dict:
 
 @dataclass
 class _Matrix:
-    version: tuple
+    version: tuple  # (count, max id, sum of ids) of the table's rows it holds
     ids: np.ndarray
-    vectors: np.ndarray  # float16, (n, dim)
+    vectors: np.ndarray  # float16, (n, dim): views of the first n rows of the buffers below
+    ids_buffer: np.ndarray
+    vectors_buffer: np.ndarray  # rows past n are free room for appends
 
 
 class VectorIndex:
@@ -138,7 +140,7 @@ class VectorIndex:
     kind = "in-process"
 
     def write(self, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Nothing to do: the matrix is rebuilt from the table when it changes."""
+        """Nothing to do: the matrix follows the table (new rows appended, anything else rebuilt)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -146,13 +148,15 @@ class VectorIndex:
         self._matrices: dict[tuple[str, str], _Matrix] = {}
 
     def memory_bytes(self) -> int:
-        return sum(m.vectors.nbytes + m.ids.nbytes for m in self._matrices.values())
+        return sum(m.vectors_buffer.nbytes + m.ids_buffer.nbytes for m in self._matrices.values())
 
     def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The k most similar (ref_id, cosine) of kind, best first."""
-        # count and max(id) come from the (model_fp, kind) index alone: cheap enough for every query.
+        # These come from the (model_fp, kind) index alone: cheap enough for every query. The sum of ids
+        # tells an append from a delete plus a late commit that leave the same count (see _append).
         version = tuple(db.session.execute(
-            select(func.count(), func.max(Embedding.id)).where(Embedding.model_fp == fingerprint, Embedding.kind == kind)
+            select(func.count(), func.max(Embedding.id), func.coalesce(func.sum(Embedding.id), 0))
+            .where(Embedding.model_fp == fingerprint, Embedding.kind == kind)
         ).one())
         n = version[0]
         if not n:
@@ -174,30 +178,68 @@ class VectorIndex:
             cached = self._matrices.get(key)
             if cached is not None and cached.version == version:
                 return cached
-            # Let the old matrix go before the new one is allocated: holding both while copying would
-            # make the peak twice the bound. Queries already scoring the old one keep it until they end.
-            self._matrices.pop(key, None)
-            cached = None
-            # Rows are copied one by one into a preallocated float16 array: no list of blobs and no
-            # joined copy, so building the matrix costs the matrix and nothing more.
-            n, dim = version[0], query_dim
-            ids = np.empty(n, dtype=np.int64)
-            vectors = np.empty((n, dim), dtype="<f2")
-            rows = db.session.execute(
-                select(Embedding.ref_id, Embedding.vector).where(
-                    Embedding.model_fp == fingerprint, Embedding.kind == kind).order_by(Embedding.id)
-                .execution_options(yield_per=STREAM_CHUNK))
-            count = 0
-            for ref_id, blob in rows:
-                if count == n:  # rows added since the version was read: the next query refreshes
-                    break
-                ids[count] = ref_id
-                vectors[count] = np.frombuffer(blob, dtype="<f2")
-                count += 1
-            rows.close()
-            matrix = _Matrix(version, ids[:count], vectors[:count])
-            self._matrices[key] = matrix
-            return matrix
+            if cached is not None:
+                appended = self._append(key, cached, version)
+                if appended is not None:
+                    return appended
+            cached = None  # no reference of ours may keep the old matrix alive through the rebuild
+            return self._rebuild(key, version, query_dim)
+
+    def _rows(self, fingerprint: str, kind: str, after_id: int = 0):
+        return db.session.execute(
+            select(Embedding.id, Embedding.ref_id, Embedding.vector).where(
+                Embedding.model_fp == fingerprint, Embedding.kind == kind, Embedding.id > after_id)
+            .order_by(Embedding.id).execution_options(yield_per=STREAM_CHUNK))
+
+    def _append(self, key: tuple[str, str], cached: _Matrix, version: tuple) -> _Matrix | None:
+        """The cached matrix plus the rows stored after it, when that is all that changed: creates
+        (one row each, every few seconds under load) then cost their rows, not a rebuild per worker.
+
+        None when the table changed otherwise (a row deleted or replaced, or committed late with an id
+        below the cached max: the rows after the max no longer add up to the count and the sum of
+        ids) or the free room is used up."""
+        held, held_max, held_sum = cached.version
+        count, newest, total = version
+        added = count - held
+        if added <= 0 or newest is None or held_max is None or newest <= held_max:
+            return None
+        if held + added > len(cached.ids_buffer):
+            return None
+        rows = self._rows(*key, after_id=held_max).all()
+        if len(rows) != added or held_sum + sum(row[0] for row in rows) != total:
+            return None
+        # Rows past `held` are not in any published matrix: queries scoring the old view never see them.
+        for offset, (_, ref_id, blob) in enumerate(rows):
+            cached.ids_buffer[held + offset] = ref_id
+            cached.vectors_buffer[held + offset] = np.frombuffer(blob, dtype="<f2")
+        matrix = _Matrix(version, cached.ids_buffer[:count], cached.vectors_buffer[:count],
+                         cached.ids_buffer, cached.vectors_buffer)
+        self._matrices[key] = matrix
+        return matrix
+
+    def _rebuild(self, key: tuple[str, str], version: tuple, dim: int) -> _Matrix:
+        # Let the old matrix go before the new one is allocated: holding both while copying would
+        # make the peak twice the bound. Queries already scoring the old one keep it until they end.
+        self._matrices.pop(key, None)
+        # Rows are copied one by one into preallocated float16 arrays: no list of blobs and no joined
+        # copy. A quarter more room than today's rows (within the bound) takes the appends to come.
+        n = version[0]
+        room = max(n, min(n + max(n // 4, 256), self.max_bytes // (dim * 2 + 8)))
+        ids = np.empty(room, dtype=np.int64)
+        vectors = np.empty((room, dim), dtype="<f2")
+        rows = self._rows(*key)
+        count, newest, total = 0, None, 0
+        for row_id, ref_id, blob in rows:
+            if count == n:  # rows added since the version was read: the next query appends them
+                break
+            ids[count] = ref_id
+            vectors[count] = np.frombuffer(blob, dtype="<f2")
+            newest, total = row_id, total + row_id
+            count += 1
+        rows.close()
+        matrix = _Matrix((count, newest, total), ids[:count], vectors[:count], ids, vectors)
+        self._matrices[key] = matrix
+        return matrix
 
     def _stream_top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         best: list[tuple[float, int]] = []
