@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MB = 1024 * 1024
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # cgroup v1 writes a huge number (PAGE_COUNTER_MAX pages) for "no limit"; v2 writes "max".
 V1_NO_LIMIT = 1 << 60
 
@@ -185,10 +186,16 @@ def read_process(pid: int | None = None, proc: str | Path = "/proc") -> ProcessM
 
 
 def process_rss(pid: int | None = None) -> int:
-    """RSS alone, cheaply (/proc/PID/statm, no page-table walk): an upper bound of private memory."""
-    import psutil
+    """RSS alone, cheaply (/proc/PID/statm, no page-table walk): an upper bound of private memory.
 
-    return psutil.Process(pid or os.getpid()).memory_info().rss
+    Read directly: it runs after every request, and psutil's Process object costs ten times the read."""
+    try:
+        with open(f"/proc/{pid or 'self'}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):  # no procfs (macOS): psutil knows the platform's way
+        import psutil
+
+        return psutil.Process(pid or os.getpid()).memory_info().rss
 
 
 def process_tree(root: int) -> list[int]:

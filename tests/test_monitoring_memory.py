@@ -1,4 +1,5 @@
 """monitoring/memory.py: cgroup v1 and v2 readers against fixture files, "no limit" included."""
+import os
 
 import pytest
 
@@ -74,3 +75,16 @@ def test_effective_limit_is_the_smaller_of_cgroup_and_host(v1):
     assert memory.effective_limit(v1(str(512 * MB))) == min(512 * MB, host)
     assert memory.effective_limit(v1("9223372036854771712")) == host
     assert memory.effective_limit(v1(str(host * 4))) == host
+
+
+def test_process_rss_reads_what_psutil_reads():
+    """The per-request reading (/proc/self/statm) is the RSS psutil gives, of this process and another."""
+    import psutil
+
+    from monitoring import memory
+
+    ballast = bytearray(32 * 1024 * 1024)  # touched pages: RSS far from zero and from a page count
+    for pid in (None, os.getppid()):
+        theirs = psutil.Process(pid or os.getpid()).memory_info().rss
+        assert abs(memory.process_rss(pid) - theirs) < 4 * 1024 * 1024, (pid, memory.process_rss(pid), theirs)
+    del ballast
