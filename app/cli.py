@@ -1,4 +1,4 @@
-"""Command-line tasks: ``flask --app app init-db | seed | embed | model prepare``."""
+"""Command-line tasks: ``flask --app app init-db | seed | embed | text-index | model prepare | vectors publish``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import func, select
 
 from .data import load_sample
-from .db import Item, create_schema, db, tags_by_name
+from .db import Embedding, Item, create_schema, db, tags_by_name
 from .semantic.service import SemanticUnavailable
 from .state import get_service, get_settings
 
@@ -116,6 +116,50 @@ def build_synthetic_command(output: Path, arch: str, seed: int):
     click.echo(f"built {arch} model at {build(output, arch=arch, seed=seed)}")
 
 
+@click.group("vectors")
+def vectors_group():
+    """The instance's shared vector index (SQLite, or PostgreSQL without pgvector)."""
+
+
+@vectors_group.command("publish")
+@click.option("--fingerprint", help="Model fingerprint whose vectors to index (default: the configured model's; "
+                                    "given, no model is loaded).")
+@click.option("--kind", "kinds", type=click.Choice(["tag", "item"]), multiple=True,
+              help="Which vectors (repeatable; default both).")
+@with_appcontext
+def vectors_publish_command(fingerprint: str | None, kinds: tuple[str, ...]):
+    """Build a new generation of the shared vector index from the database and make it current.
+
+    The background embedder runs this by itself when a generation is due; run it by hand after a bulk
+    change, or to see the build's time. Safe at any moment: workers keep the old generation until the
+    new one is complete, and one build runs per instance at a time."""
+    from .release import Progress
+    from .semantic import shared
+
+    folder = shared.folder_for(get_settings())
+    if folder is None:
+        raise click.ClickException("VECTOR_INDEX_DIR=off: this instance keeps no shared vector index")
+    if not fingerprint:
+        try:
+            fingerprint = get_service().encoder().fingerprint
+        except SemanticUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    for kind in kinds or ("tag", "item"):
+        total = db.session.scalar(select(func.count()).select_from(Embedding).where(
+            Embedding.model_fp == fingerprint, Embedding.kind == kind))
+        progress = Progress(f"indexing {kind} vectors", total)
+        result = shared.publish(folder, fingerprint, kind, progress=progress.update)
+        progress.close()
+        if result is None:
+            click.echo(f"{kind}: another process is publishing this instance's index; nothing done")
+        elif not result["count"]:
+            click.echo(f"{kind}: no vectors for model {fingerprint[:12]} yet; nothing to index")
+        else:
+            click.echo(f"{kind}: published {result['file']} ({result['count']} vectors, "
+                       f"{result['built_seconds']} s) in {folder}")
+
+
 def register(app: Flask) -> None:
-    for command in (init_db_command, seed_command, embed_command, text_index_command, model_group):
+    for command in (init_db_command, seed_command, embed_command, text_index_command, model_group,
+                    vectors_group):
         app.cli.add_command(command)

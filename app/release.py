@@ -206,7 +206,7 @@ def hnsw_index_name(dim: int) -> str:
     return f"{RELEASE_MANAGED_INDEX_PREFIX}_d{dim}"
 
 
-def ensure_hnsw(fingerprint: str, dim: int, min_rows: int) -> str:
+def ensure_hnsw(fingerprint: str, dim: int, min_rows: int, build_memory: str = "256MB") -> str:
     """Build the HNSW index on vec::vector(dim) (PgVectorIndex.top's expression) once the model has
     min_rows vectors; returns what happened. Built CONCURRENTLY: the running release keeps writing."""
     name = hnsw_index_name(dim)
@@ -225,9 +225,17 @@ def ensure_hnsw(fingerprint: str, dim: int, min_rows: int) -> str:
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         if valid is False:
             conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-        # Partial on dim: the cast fails on vectors of another size (an older model's).
-        conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
-                          f"USING hnsw ((vec::vector({dim})) vector_cosine_ops) WHERE dim = {dim}"))
+        # The graph is built in maintenance_work_mem (past it, pgvector builds on disk, several times
+        # slower) by up to two parallel workers; both only for this connection, reset before it goes back.
+        conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"), {"m": build_memory})
+        conn.execute(text("SELECT set_config('max_parallel_maintenance_workers', '2', false)"))
+        try:
+            # Partial on dim: the cast fails on vectors of another size (an older model's).
+            conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
+                              f"USING hnsw ((vec::vector({dim})) vector_cosine_ops) WHERE dim = {dim}"))
+        finally:
+            conn.execute(text("RESET maintenance_work_mem"))
+            conn.execute(text("RESET max_parallel_maintenance_workers"))
     return f"index {name} built on {n} vectors"
 
 
@@ -393,7 +401,7 @@ def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_M
             if pruned:
                 echo(f"embeddings: pruned {pruned} vectors of older models")
         if pgvector:
-            echo(f"hnsw: {ensure_hnsw(fingerprint, encoder.dim, hnsw_min_rows)}")
+            echo(f"hnsw: {ensure_hnsw(fingerprint, encoder.dim, hnsw_min_rows, settings.hnsw_build_memory)}")
     echo(f"release done in {time.monotonic() - started:.1f}s")
 
 

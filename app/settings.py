@@ -109,6 +109,15 @@ def _rate_limit(raw: str) -> str:
     return value
 
 
+def _pg_memory(raw: str) -> str:
+    import re
+
+    value = raw.strip()
+    if not re.fullmatch(r"[1-9][0-9]{0,6}(kB|MB|GB)", value):
+        raise ValueError("accepts a PostgreSQL memory size such as '256MB' or '1GB'")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     env: str
@@ -157,7 +166,21 @@ FIELDS: tuple[Field, ...] = (
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
           "gunicorn workers (read by gunicorn.conf.py); the app uses it to share CPUs among workers."),
     Field("SEMANTIC_INDEX_MAX_MB", "64", _int(1, 4096),
-          "Bound on the in-process vector matrix (SQLite back end); past it, search streams from the DB."),
+          "Bound on a worker's in-process vector matrix (the rows newer than the shared index, or every row "
+          "without one); past it, search streams them from the database."),
+    Field("VECTOR_INDEX_DIR", "", _text,
+          "Folder of the instance's shared vector index (SQLite, or PostgreSQL without pgvector): one "
+          "memory-mapped HNSW file per model and kind, read by every worker. Empty: beside the SQLite file "
+          "(<file>.vectors), else the instance's shared folder. off: a matrix in every worker instead."),
+    Field("VECTOR_INDEX_REBUILD_ROWS", "2000", _int(1, 10_000_000),
+          "Vectors stored after the shared index's generation (searched exactly beside it) that start the "
+          "build of a new one; a tenth of the generation's rows if that is more."),
+    Field("PGVECTOR_EF_SEARCH", "200", _int(10, 1000),
+          "pgvector's hnsw.ef_search for each semantic query (at least the rows it asks for): the HNSW "
+          "candidates looked at. pgvector's own default, 40, returned 39-40 of the 50 rows asked for."),
+    Field("HNSW_BUILD_MEMORY", "256MB", _pg_memory,
+          "maintenance_work_mem of the release's HNSW build on PostgreSQL: at 100 k vectors the build took "
+          "280-410 s with the server's 64MB and 65 s with 1GB. Keep it well under the database plan's memory."),
     Field("SEMANTIC_EMBEDDER", "true", _bool,
           "Under gunicorn, compute new tags' and items' vectors in the background: one worker per database "
           "(a lock) embeds while no query waits. false: only `flask embed` and the release step embed."),
@@ -252,6 +275,10 @@ class Settings:
     semantic_nice: int
     web_concurrency: int
     semantic_index_max_mb: int
+    vector_index_dir: str
+    pgvector_ef_search: int
+    hnsw_build_memory: str
+    vector_index_rebuild_rows: int
     semantic_embedder: bool
     semantic_embed_interval: float
     semantic_warm: bool

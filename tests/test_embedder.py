@@ -18,7 +18,7 @@ from support import ROOT, embed_all, wait_until
 KILLED_MID_BATCH = """
 import os, signal, sys
 from app import create_app
-from app.semantic import embedder, index
+from app.semantic import embedder, index, shared
 from app.settings import Settings
 
 writes = []
@@ -28,6 +28,7 @@ def write(self, ids, vectors):
         os.kill(os.getpid(), signal.SIGKILL)
 index.VectorIndex.write = write
 index.PgVectorIndex.write = write
+shared.SharedIndex.write = write
 app = create_app(Settings.from_env(instance_path=sys.argv[1]))
 with app.app_context():
     lock = embedder.DatabaseLock(app)

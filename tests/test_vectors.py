@@ -81,6 +81,46 @@ def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
     assert {r for r, _ in theirs} <= {r for r, _ in mine}, (mine, theirs)
 
 
+def test_pgvector_hnsw_returns_every_row_asked_for(pg_app):
+    """Through an HNSW index a query gets the rows it asks for: pgvector's default ef_search (40) gave
+    39-40 of 50, and a filter (another model's vectors of the same size) can leave fewer still."""
+    from app import release
+
+    fill(pg_app, 400)  # this model's vectors
+    rng = np.random.default_rng(9)
+    with pg_app.app_context():
+        others = rng.standard_normal((3000, 32)).astype(np.float32)
+        db.session.execute(Embedding.__table__.insert(), [
+            {"model_fp": "old", "kind": "item", "ref_id": i + 1, "text_hash": "h", "dim": 32,
+             "vector": index.to_blob(v / np.linalg.norm(v))} for i, v in enumerate(others)])
+        db.session.commit()
+        assert index.enable_pgvector()
+        assert "built" in release.ensure_hnsw("fp", 32, min_rows=1)
+        store = index.PgVectorIndex()
+        query = rng.standard_normal(32).astype(np.float32)
+        query /= np.linalg.norm(query)
+        # The plan a large table gets: the HNSW index, not the b-trees on (model_fp, kind) nor a scan
+        # (dropped and discouraged in this transaction only; rolled back below).
+        db.session.execute(db.text("SET LOCAL enable_seqscan = off"))
+        db.session.execute(db.text("DROP INDEX ix_embedding_fp_kind"))
+        db.session.execute(db.text("ALTER TABLE embeddings DROP CONSTRAINT uq_embedding_ref"))
+        plan = "\n".join(db.session.scalars(db.text(
+            "EXPLAIN SELECT ref_id FROM embeddings WHERE model_fp = 'fp' AND kind = 'item' AND dim = 32 "
+            "AND vec IS NOT NULL ORDER BY vec::vector(32) <=> CAST(:q AS vector(32)) LIMIT 50"),
+            {"q": index._literal(query)}))
+        assert "ix_embeddings_vec_hnsw_d32" in plan, plan
+        hits = store.top("fp", "item", query, 50)
+        assert len(hits) == 50 and len({r for r, _ in hits}) == 50
+        assert db.session.scalar(db.text("SHOW hnsw.ef_search")) == "200"  # PGVECTOR_EF_SEARCH's default
+        db.session.rollback()
+        # The search's settings were the transaction's own: the pooled connection is back to defaults.
+        assert db.session.scalar(db.text("SHOW hnsw.ef_search")) == "40"
+        stored = np.stack([np.frombuffer(b, dtype="<f2").astype(np.float32) for b in db.session.scalars(
+            db.text("SELECT vector FROM embeddings WHERE model_fp = 'fp' ORDER BY ref_id"))])
+    exact = np.argsort(-(stored @ query))[:10] + 1
+    assert len(set(exact) & {r for r, _ in hits[:10]}) >= 9  # recall@10 of what came back
+
+
 def test_postgres_without_pgvector_falls_back(tmp_path):
     from support import postgres_url, require
 

@@ -45,6 +45,7 @@ ERROR_PAUSE_S = 5.0  # after a failed round (database away, model failed): try a
 RECENT_IDS = 1000
 FULL_SCAN_EVERY_S = 60.0
 BACKLOG_EVERY_S = 5.0  # the backlog's counts (three, over whole tables) at most this often
+INDEX_CHECK_EVERY_S = 10.0  # how often each worker looks whether the shared index needs a new generation
 
 
 class DatabaseLock:
@@ -158,7 +159,7 @@ class Embedder:
         service = self.app.extensions["memfit"].semantic
         floor: dict[str, int] = {}  # look above these ids (empty: everywhere)
         seen: dict[str, int] | None = None  # the newest ids at the last round
-        last_full = last_count = 0.0
+        last_full = last_count = last_index = 0.0
         last_problem: str | None = None
         while not self._stop.is_set():
             pause = self.interval
@@ -175,6 +176,11 @@ class Embedder:
                                      os.getpid())
                     elif not self.lock.held():
                         self.working = False
+                    if service.loaded and time.monotonic() - last_index > INDEX_CHECK_EVERY_S:
+                        # Every worker with the model, not only the embedder: the index is the instance's
+                        # (another instance may hold the database's embedder lock).
+                        last_index = time.monotonic()
+                        service.maintain_index()
                     if not service.loaded:
                         pause = self.interval
                     elif not self.working:

@@ -125,9 +125,21 @@ def counts(fingerprint: str) -> dict:
     return result
 
 
+def table_version(fingerprint: str, kind: str, after_id: int = 0) -> tuple[int, int | None, int]:
+    """(count, largest id, sum of ids) of kind's vectors above after_id.
+
+    From the (model_fp, kind) index alone: cheap enough for every query. The sum of ids tells rows
+    added from a row deleted plus another committed late, which leave the same count (_append)."""
+    count, newest, total = db.session.execute(
+        select(func.count(), func.max(Embedding.id), func.coalesce(func.sum(Embedding.id), 0))
+        .where(Embedding.model_fp == fingerprint, Embedding.kind == kind, Embedding.id > after_id)).one()
+    return int(count), (int(newest) if newest is not None else None), int(total)
+
+
 @dataclass
 class _Matrix:
     version: tuple  # (count, max id, sum of ids) of the table's rows it holds
+    after_id: int  # it holds the rows above this id (0: all; a shared index's newer rows otherwise)
     ids: np.ndarray
     vectors: np.ndarray  # float16, (n, dim): views of the first n rows of the buffers below
     ids_buffer: np.ndarray
@@ -150,14 +162,10 @@ class VectorIndex:
     def memory_bytes(self) -> int:
         return sum(m.vectors_buffer.nbytes + m.ids_buffer.nbytes for m in self._matrices.values())
 
-    def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The k most similar (ref_id, cosine) of kind, best first."""
-        # These come from the (model_fp, kind) index alone: cheap enough for every query. The sum of ids
-        # tells an append from a delete plus a late commit that leave the same count (see _append).
-        version = tuple(db.session.execute(
-            select(func.count(), func.max(Embedding.id), func.coalesce(func.sum(Embedding.id), 0))
-            .where(Embedding.model_fp == fingerprint, Embedding.kind == kind)
-        ).one())
+    def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int,
+            after_id: int = 0) -> list[tuple[int, float]]:
+        """The k most similar (ref_id, cosine) of kind (rows above after_id), best first."""
+        version = table_version(fingerprint, kind, after_id)
         n = version[0]
         if not n:
             return []
@@ -165,25 +173,25 @@ class VectorIndex:
         query = np.asarray(query, dtype=np.float32)
         if n * (dim * 2 + 8) > self.max_bytes:
             self._matrices.pop((fingerprint, kind), None)
-            return self._stream_top(fingerprint, kind, query, k)
-        matrix = self._matrix(fingerprint, kind, version, dim)
+            return self._stream_top(fingerprint, kind, query, k, after_id)
+        matrix = self._matrix(fingerprint, kind, version, dim, after_id)
         return _top_k(matrix.ids, _scores(matrix.vectors, query), k)
 
-    def _matrix(self, fingerprint: str, kind: str, version: tuple, query_dim: int) -> _Matrix:
+    def _matrix(self, fingerprint: str, kind: str, version: tuple, query_dim: int, after_id: int) -> _Matrix:
         key = (fingerprint, kind)
         cached = self._matrices.get(key)
-        if cached is not None and cached.version == version:
+        if cached is not None and cached.version == version and cached.after_id == after_id:
             return cached
         with self._lock:
             cached = self._matrices.get(key)
-            if cached is not None and cached.version == version:
+            if cached is not None and cached.version == version and cached.after_id == after_id:
                 return cached
-            if cached is not None:
+            if cached is not None and cached.after_id == after_id:
                 appended = self._append(key, cached, version)
                 if appended is not None:
                     return appended
             cached = None  # no reference of ours may keep the old matrix alive through the rebuild
-            return self._rebuild(key, version, query_dim)
+            return self._rebuild(key, version, query_dim, after_id)
 
     def _rows(self, fingerprint: str, kind: str, after_id: int = 0):
         return db.session.execute(
@@ -212,12 +220,12 @@ class VectorIndex:
         for offset, (_, ref_id, blob) in enumerate(rows):
             cached.ids_buffer[held + offset] = ref_id
             cached.vectors_buffer[held + offset] = np.frombuffer(blob, dtype="<f2")
-        matrix = _Matrix(version, cached.ids_buffer[:count], cached.vectors_buffer[:count],
+        matrix = _Matrix(version, cached.after_id, cached.ids_buffer[:count], cached.vectors_buffer[:count],
                          cached.ids_buffer, cached.vectors_buffer)
         self._matrices[key] = matrix
         return matrix
 
-    def _rebuild(self, key: tuple[str, str], version: tuple, dim: int) -> _Matrix:
+    def _rebuild(self, key: tuple[str, str], version: tuple, dim: int, after_id: int) -> _Matrix:
         # Let the old matrix go before the new one is allocated: holding both while copying would
         # make the peak twice the bound. Queries already scoring the old one keep it until they end.
         self._matrices.pop(key, None)
@@ -227,7 +235,7 @@ class VectorIndex:
         room = max(n, min(n + max(n // 4, 256), self.max_bytes // (dim * 2 + 8)))
         ids = np.empty(room, dtype=np.int64)
         vectors = np.empty((room, dim), dtype="<f2")
-        rows = self._rows(*key)
+        rows = self._rows(*key, after_id=after_id)
         count, newest, total = 0, None, 0
         for row_id, ref_id, blob in rows:
             if count == n:  # rows added since the version was read: the next query appends them
@@ -237,15 +245,17 @@ class VectorIndex:
             newest, total = row_id, total + row_id
             count += 1
         rows.close()
-        matrix = _Matrix((count, newest, total), ids[:count], vectors[:count], ids, vectors)
+        matrix = _Matrix((count, newest, total), after_id, ids[:count], vectors[:count], ids, vectors)
         self._matrices[key] = matrix
         return matrix
 
-    def _stream_top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def _stream_top(self, fingerprint: str, kind: str, query: np.ndarray, k: int,
+                    after_id: int = 0) -> list[tuple[int, float]]:
         best: list[tuple[float, int]] = []
         rows = db.session.execute(
             select(Embedding.ref_id, Embedding.vector, Embedding.dim).where(
-                Embedding.model_fp == fingerprint, Embedding.kind == kind).execution_options(yield_per=STREAM_CHUNK)
+                Embedding.model_fp == fingerprint, Embedding.kind == kind, Embedding.id > after_id)
+            .execution_options(yield_per=STREAM_CHUNK)
         )
         for chunk in rows.partitions(STREAM_CHUNK):
             ids = np.asarray([r[0] for r in chunk], dtype=np.int64)
@@ -301,6 +311,10 @@ class PgVectorIndex:
 
     kind = "pgvector"
 
+    def __init__(self, ef_search: int = 200):
+        self.ef_search = ef_search
+        self._iterative: bool | None = None  # pgvector >= 0.8 can continue a filtered HNSW scan
+
     def write(self, ids: Sequence[int], vectors: np.ndarray) -> None:
         if ids:
             db.session.execute(text("UPDATE embeddings SET vec = CAST(:v AS vector) WHERE id = :id"),
@@ -313,12 +327,46 @@ class PgVectorIndex:
         # The typed expression vec::vector(<dim>) is what an HNSW index is built on (README
         # "Performance"): with the index the search is approximate and fast, without it exact.
         dim = int(query.shape[0])
-        rows = db.session.execute(text(
-            f"SELECT ref_id, 1 - (vec::vector({dim}) <=> CAST(:q AS vector({dim}))) AS score FROM embeddings "
-            "WHERE model_fp = :fp AND kind = :kind AND dim = :dim AND vec IS NOT NULL "
-            f"ORDER BY vec::vector({dim}) <=> CAST(:q AS vector({dim})) LIMIT :k"),
-            {"q": _literal(query), "fp": fingerprint, "kind": kind, "k": k, "dim": dim})
-        return [(int(ref_id), float(score)) for ref_id, score in rows]
+        params = {"q": _literal(query), "fp": fingerprint, "kind": kind, "k": k, "dim": dim}
+
+        def nearest(exact: bool):
+            # "+ 0" orders by an expression no index has: the exact scan, whatever the planner's settings.
+            order = f"vec::vector({dim}) <=> CAST(:q AS vector({dim}))"
+            order = f"({order}) + 0" if exact else order
+            return [(int(ref_id), float(score)) for ref_id, score in db.session.execute(text(
+                f"SELECT ref_id, 1 - (vec::vector({dim}) <=> CAST(:q AS vector({dim}))) AS score FROM embeddings "
+                f"WHERE model_fp = :fp AND kind = :kind AND dim = :dim AND vec IS NOT NULL ORDER BY {order} LIMIT :k"),
+                params)]
+
+        # An HNSW scan returns at most hnsw.ef_search rows, before the WHERE drops other kinds and
+        # models: at pgvector's default (40) a top-50 came back with 39-40 rows. Local to this
+        # transaction, so nothing leaks to the pooled connection's next user.
+        db.session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),
+                           {"ef": str(min(1000, max(self.ef_search, k)))})
+        if self._iterative is None:
+            version = db.session.scalar(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
+            self._iterative = _version(version) >= (0, 8)
+        if self._iterative:
+            db.session.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
+        rows = nearest(exact=False)
+        if len(rows) < k and self._short(fingerprint, kind, dim, len(rows)):
+            # The filter left fewer rows than asked although the table has them (an older pgvector,
+            # without iterative scans): the exact scan gives them all.
+            rows = nearest(exact=True)
+        return sorted(rows, key=lambda hit: -hit[1])
+
+    def _short(self, fingerprint: str, kind: str, dim: int, got: int) -> bool:
+        have = db.session.scalar(text(
+            "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_fp = :fp AND kind = :kind AND dim = :dim "
+            "AND vec IS NOT NULL LIMIT :enough) s"), {"fp": fingerprint, "kind": kind, "dim": dim, "enough": got + 1})
+        return have > got
+
+
+def _version(text_version: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in (text_version or "0").split(".")[:2])
+    except ValueError:
+        return (0,)
 
 
 def pgvector_ready() -> bool:

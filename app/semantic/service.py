@@ -82,6 +82,7 @@ class SemanticService:
         self.load_seconds: float | None = None
         self.load_count = 0
         self._store = None  # the vector store, chosen on first use: see vector_store()
+        self._publisher = None  # the child process building a shared index generation (maintain_index)
         self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
         self._queue: ModelQueue | None = None  # this process's model queue, made on first use: see queue()
         self.embedder: Embedder | None = None  # this process's background embedder, once started
@@ -138,18 +139,48 @@ class SemanticService:
 
     def vector_store(self):
         """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the release
-        command (app/release.py) has set it up, else the bounded in-process index (a race makes two;
-        one is kept, both are correct). No schema work here: a request never runs DDL."""
+        command (app/release.py) has set it up, else the instance's shared index (shared.py) with
+        the newer rows in a bounded in-process matrix, or that matrix alone with VECTOR_INDEX_DIR=off
+        (a race makes two; one is kept, both are correct). No schema work here: a request never runs DDL."""
         if self._store is None:
-            from . import index  # numpy and the vector code, only on this path
+            from . import index, shared  # numpy and the vector code, only on this path
 
             if not self.settings.is_sqlite and index.pgvector_ready():
-                store = index.PgVectorIndex()
+                store = index.PgVectorIndex(self.settings.pgvector_ef_search)
             else:
                 store = index.VectorIndex(self.settings.semantic_index_max_mb * 1024 * 1024)
+                folder = shared.folder_for(self.settings)
+                if folder is not None:
+                    store = shared.SharedIndex(folder, store)
             if self._store is None:
                 self._store = store
         return self._store
+
+    def maintain_index(self) -> list[str]:
+        """Start the build of a new generation of the shared index where one is due, in a child process
+        (`flask --app app vectors publish`, at SEMANTIC_NICE), unless one is building; returns the kinds
+        it started. Called by the background embedder's loop in every worker whose model is loaded."""
+        store = self.vector_store()
+        if getattr(store, "kind", None) != "shared":
+            return []
+        if self._publisher is not None and self._publisher.poll() is None:
+            return []  # this worker's build is still running
+        from . import shared
+
+        fingerprint = self.encoder().fingerprint
+        reasons = {kind: shared.publish_reason(store.folder, fingerprint, kind,
+                                               self.settings.vector_index_rebuild_rows) for kind in KINDS}
+        db.session.commit()  # end the read transaction: the child reads on its own
+        due = [kind for kind, reason in reasons.items() if reason]
+        if not due:
+            return []
+        with shared.publish_lock(store.folder) as free:
+            if not free:
+                return []  # another worker's build is running
+        for kind in due:
+            log.info("shared vector index: publishing a new generation of %ss (%s)", kind, reasons[kind])
+        self._publisher = shared.start_publisher(fingerprint, due, self.settings.semantic_nice)
+        return due
 
     def slots(self) -> Slots:
         """The instance's semantic slots (the lock files every worker shares); a race makes two equal ones."""

@@ -1,0 +1,203 @@
+"""app/semantic/shared.py: the instance's shared vector index: a published generation searched by every
+worker through a read-only view, the rows stored after it found beside it, nothing half-written or
+mismatched ever trusted, one publisher at a time, and the background path that publishes by itself."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from app.db import Embedding, db
+from app.semantic import index, shared
+from app.state import get_service
+from support import make_settings
+from test_vectors import add_row, expected_top, fill
+
+pytest.importorskip("usearch")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "vectors"
+
+
+def store_in(folder, max_bytes=64 * 2**20):
+    return shared.SharedIndex(folder, index.VectorIndex(max_bytes))
+
+
+def unit(rng, dim=32):
+    v = rng.standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_a_published_generation_is_searched_by_every_worker_from_one_file(app, folder):
+    vectors = fill(app, 3000)
+    rng = np.random.default_rng(1)
+    queries = [unit(rng) for _ in range(20)]
+    first, second = store_in(folder), store_in(folder)  # two workers of one instance
+    with app.app_context():
+        manifest = shared.publish(folder, "fp", "item")
+        assert manifest["count"] == 3000 and (folder / manifest["file"]).exists()
+        results = [first.top("fp", "item", q, 10) for q in queries]
+        assert [second.top("fp", "item", q, 10) for q in queries] == results
+        generation = first.generation("fp", "item")
+    assert generation is not None and generation.file == second.generation("fp", "item").file
+    # Nothing of the generation is the worker's own: no rows after it, so no matrix either.
+    assert first.memory_bytes() == 0 and first.mapped_bytes() > 3000 * 32 * 2
+    found = sum(len({r for r, _ in got} & set(expected_top(vectors, q, 10))) for got, q in zip(results, queries))
+    assert found / (10 * len(queries)) >= 0.95  # approximate search, measured against the exact top 10
+    scores = dict(results[0])
+    exact = vectors.astype(np.float16).astype(np.float32) @ queries[0]
+    assert all(abs(scores[r] - exact[r - 1]) < 2e-3 for r in scores)  # cosine, as the exact path gives
+
+
+def test_rows_stored_after_the_generation_are_found_beside_it(app, folder):
+    fill(app, 500)
+    rng = np.random.default_rng(2)
+    query = unit(rng)
+    store = store_in(folder)
+    with app.app_context():
+        shared.publish(folder, "fp", "item")
+        add_row(9001, query)
+        hits = store.top("fp", "item", query, 5)
+    assert hits[0][0] == 9001 and hits[0][1] > 0.99
+    assert store.memory_bytes() > 0  # the newer row lives in the worker's small matrix
+
+
+def test_a_vector_stored_again_after_the_generation_counts_with_its_new_vector(app, folder):
+    fill(app, 500)
+    query = unit(np.random.default_rng(3))
+    store = store_in(folder)
+    with app.app_context():
+        shared.publish(folder, "fp", "item")
+        db.session.execute(Embedding.__table__.delete().where(Embedding.ref_id == 42))
+        add_row(42, query)
+        hits = store.top("fp", "item", query, 20)
+    assert hits[0][0] == 42 and hits[0][1] > 0.99
+    assert [r for r, _ in hits].count(42) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "count", "missing", "garbage manifest"])
+def test_a_damaged_generation_is_never_trusted_and_the_next_publication_replaces_it(app, folder, damage):
+    vectors = fill(app, 800)
+    query = vectors[7]
+    store = store_in(folder)
+    with app.app_context():
+        manifest = shared.publish(folder, "fp", "item")
+        file, path = folder / manifest["file"], shared.manifest_path(folder, "fp", "item")
+        if damage == "truncated":
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        elif damage == "count":
+            path.write_text(json.dumps({**manifest, "count": manifest["count"] + 1}))
+        elif damage == "missing":
+            file.unlink()
+        else:
+            path.write_text("{half a manifest")
+        hits = store.top("fp", "item", query, 5)
+        assert store.generation("fp", "item") is None  # not trusted: every row searched in-process
+        assert [r for r, _ in hits] == expected_top(vectors, query, 5)
+        assert "unusable" in shared.publish_reason(folder, "fp", "item", 2000)
+        shared.publish(folder, "fp", "item")
+        assert store.generation("fp", "item") is not None
+        assert store.top("fp", "item", query, 1)[0][0] == 8
+        assert shared.publish_reason(folder, "fp", "item", 2000) is None
+
+
+def test_publication_is_due_for_enough_new_rows_or_any_other_change(app, folder, monkeypatch):
+    vectors = fill(app, 20)  # a tenth of it is below the 3 rows asked for below
+    with app.app_context():
+        assert shared.publish_reason(folder, "fp", "item", 3) == "no generation yet"
+        shared.publish(folder, "fp", "item")
+        assert shared.publish_reason(folder, "fp", "item", 3) is None
+        add_row(501, vectors[0])
+        add_row(502, vectors[1])
+        assert shared.publish_reason(folder, "fp", "item", 3) is None  # 2 newer rows: searched beside it
+        add_row(503, vectors[2])
+        assert shared.publish_reason(folder, "fp", "item", 3) == "3 vectors stored after it"
+        shared.publish(folder, "fp", "item")
+        db.session.execute(Embedding.__table__.delete().where(Embedding.ref_id == 5))
+        db.session.commit()
+        assert shared.publish_reason(folder, "fp", "item", 3) is None  # a publication just happened
+        monkeypatch.setattr(shared, "MIN_PUBLISH_GAP_S", 0.0)
+        assert shared.publish_reason(folder, "fp", "item", 3) == "vectors were replaced or removed since it was built"
+
+
+def test_one_publisher_per_instance_at_a_time(app, folder):
+    fill(app, 50)
+    with app.app_context():
+        with shared.publish_lock(folder) as taken:
+            assert taken
+            assert shared.publish(folder, "fp", "item") is None
+        assert not shared.manifest_path(folder, "fp", "item").exists()
+        assert shared.publish(folder, "fp", "item")["count"] == 50
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("fp-item-")) == [
+        "fp-item.json", shared.PUBLISH_LOCK]
+
+
+def test_a_new_generation_removes_the_old_ones_and_leftovers(app, folder):
+    vectors = fill(app, 50)
+    with app.app_context():
+        first = shared.publish(folder, "fp", "item")["file"]
+        (folder / ".fp-item-1-2.usearch.tmp").write_bytes(b"an interrupted build")
+        (folder / "oldmodel-item.json").write_text("{}")
+        add_row(51, vectors[0])
+        second = shared.publish(folder, "fp", "item")["file"]
+    assert first != second
+    assert sorted(p.name for p in folder.iterdir()) == sorted([second, "fp-item.json", shared.PUBLISH_LOCK])
+
+
+def test_the_cli_publishes_and_the_store_of_the_app_uses_it(app, tmp_path):
+    """`flask vectors publish` (what the embedder's loop runs in a child) and the app's own store."""
+    fill(app, 200)
+    result = app.test_cli_runner().invoke(args=["vectors", "publish", "--fingerprint", "fp", "--kind", "item"])
+    assert result.exit_code == 0, result.output
+    assert "item: published" in result.output and "200 vectors" in result.output
+    with app.app_context():
+        store = get_service(app).vector_store()
+    folder = tmp_path / "test.sqlite3.vectors" if get_service(app).settings.is_sqlite else \
+        tmp_path / "instance" / "vectors"  # PostgreSQL without pgvector: the instance's shared folder
+    assert store.kind == "shared" and store.folder == folder
+    with app.app_context():
+        assert store.generation("fp", "item").count == 200
+
+
+def test_the_matrix_alone_when_the_shared_index_is_off(tmp_path):
+    from app import create_app
+
+    app = create_app(make_settings(tmp_path, VECTOR_INDEX_DIR="off"))
+    with app.app_context():
+        assert get_service(app).vector_store().kind == "in-process"
+    result = app.test_cli_runner().invoke(args=["vectors", "publish", "--fingerprint", "fp"])
+    assert result.exit_code == 1 and "VECTOR_INDEX_DIR=off" in result.output
+
+
+def test_the_background_path_publishes_in_a_child_process(tmp_path, monkeypatch, tiny_onnx):
+    """maintain_index, as the embedder's loop calls it: a due generation is built by a child
+    (`flask --app app vectors publish`) on the same database, and is not started twice."""
+    from app import create_app
+
+    db_url = f"sqlite:///{tmp_path / 'bg.sqlite3'}"
+    env = {"DATABASE_URL": db_url, "SEMANTIC_MODEL": str(tiny_onnx), "VECTOR_INDEX_DIR": str(tmp_path / "ix")}
+    for key, value in {**env, "APP_ENV": "test"}.items():
+        monkeypatch.setenv(key, value)  # the child reads its settings from the environment
+    app = create_app(make_settings(tmp_path, **env))
+    app.test_cli_runner().invoke(args=["seed"])
+    assert app.test_cli_runner().invoke(args=["embed"]).exit_code == 0
+    service = get_service(app)
+    with app.app_context():
+        started = service.maintain_index()
+        assert sorted(started) == ["item", "tag"]
+        assert service.maintain_index() == []  # its build is running (or done, and nothing is due)
+        service._publisher.wait(timeout=120)
+        assert service._publisher.returncode == 0
+        store = service.vector_store()
+        fingerprint = service.encoder().fingerprint
+        assert store.generation(fingerprint, "item").count == db.session.query(Embedding).filter_by(
+            kind="item", model_fp=fingerprint).count()
+        assert service.maintain_index() == []
+    client = app.test_client()
+    body = client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
+    assert body["count"] == 10
