@@ -238,7 +238,12 @@ def _json_object() -> dict:
 
 
 def _item_payload() -> dict:
-    payload = _json_object()
+    return item_fields(_json_object())
+
+
+def item_fields(payload: dict) -> dict:
+    """An item's fields as stored, from a JSON object (a request's body or a line of `flask import`);
+    ApiError (400) naming the field and the problem."""
     unknown = sorted(set(payload) - {"title", "body", "tags"})
     if unknown:  # repr: a name may hold a lone surrogate (unencodable) or a bidi control
         names = ", ".join(map(repr, unknown))[:200]

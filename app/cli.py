@@ -1,4 +1,4 @@
-"""Command-line tasks: ``flask --app app init-db | seed | embed | text-index | model prepare | vectors publish``."""
+"""Command-line tasks: ``flask --app app init-db | seed | embed | text-index | import | model prepare | vectors publish``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,48 @@ def build_synthetic_command(output: Path, arch: str, seed: int):
     click.echo(f"built {arch} model at {build(output, arch=arch, seed=seed)}")
 
 
+@click.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--on-error", type=click.Choice(["refuse", "skip"]), default="refuse", show_default=True,
+              help="refuse: import nothing if any line is bad (all are read first); skip: import the good "
+                   "lines and list the bad ones.")
+@with_appcontext
+def import_command(file: Path, on_error: str):
+    """Import items from FILE, JSON lines: {"title": ..., "body": ..., "tags": [...]} per line.
+
+    Resumable: run it again after Ctrl-C or a crash and it continues after the last batch that landed.
+    New items get their vectors from the running instance's background embedder (or `flask embed`)."""
+    from . import importer
+    from .release import Progress
+
+    create_schema()
+    bars: list[Progress] = []
+
+    def progress(lines_left: int):
+        bars.append(Progress(f"importing {file.name} (lines)", lines_left))
+        return bars[-1].update
+
+    try:
+        source = importer.digest(file)
+        with importer.exclusive(source, get_settings()):
+            outcome = importer.run(file, on_error, progress=progress, source=source)
+    except importer.ImportRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: the batches that landed are kept; run the same command again "
+                                   "to continue") from None
+    finally:
+        for bar in bars:
+            bar.close()
+    if outcome.already_done:
+        click.echo(f"{file}: already imported (all {outcome.resumed_after} lines); nothing to do")
+        return
+    resumed = f", continuing after line {outcome.resumed_after}" if outcome.resumed_after else ""
+    click.echo(f"{file}: {outcome.items} items imported{resumed}; their vectors follow in the background")
+    if outcome.bad_count:
+        click.echo(importer.bad_lines_report(outcome), err=True)
+
+
 @click.group("vectors")
 def vectors_group():
     """The instance's shared vector index (SQLite, or PostgreSQL without pgvector)."""
@@ -160,6 +202,6 @@ def vectors_publish_command(fingerprint: str | None, kinds: tuple[str, ...]):
 
 
 def register(app: Flask) -> None:
-    for command in (init_db_command, seed_command, embed_command, text_index_command, model_group,
-                    vectors_group):
+    for command in (init_db_command, seed_command, embed_command, text_index_command, import_command,
+                    model_group, vectors_group):
         app.cli.add_command(command)

@@ -145,6 +145,19 @@ class Embedding(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, nullable=False)
 
 
+class ImportRun(Base):
+    """How far `flask import` got in one file (by the SHA-256 of its bytes): committed with each batch of
+    items, so a run stopped by Ctrl-C or a crash resumes after the last batch that landed."""
+
+    __tablename__ = "imports"
+    source: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the file
+    path: Mapped[str] = mapped_column(Text, nullable=False)  # as given when it started, for people
+    lines_done: Mapped[int] = mapped_column(Integer, nullable=False)
+    items: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now,
+                                                 nullable=False)
+
+
 def tags_by_name(names: list[str]) -> list[Tag]:
     """The Tag rows for names, creating the missing ones in the current transaction."""
     if not names:
