@@ -168,8 +168,10 @@ def vectors_group():
                                     "given, no model is loaded).")
 @click.option("--kind", "kinds", type=click.Choice(["tag", "item"]), multiple=True,
               help="Which vectors (repeatable; default both).")
+@click.option("--if-due", is_flag=True, help="Only where a new generation is due (VECTOR_INDEX_REBUILD_ROWS): "
+                                             "what the background embedder runs.")
 @with_appcontext
-def vectors_publish_command(fingerprint: str | None, kinds: tuple[str, ...]):
+def vectors_publish_command(fingerprint: str | None, kinds: tuple[str, ...], if_due: bool):
     """Build a new generation of the shared vector index from the database and make it current.
 
     The background embedder runs this by itself when a generation is due; run it by hand after a bulk
@@ -190,10 +192,11 @@ def vectors_publish_command(fingerprint: str | None, kinds: tuple[str, ...]):
         total = db.session.scalar(select(func.count()).select_from(Embedding).where(
             Embedding.model_fp == fingerprint, Embedding.kind == kind))
         progress = Progress(f"indexing {kind} vectors", total)
-        result = shared.publish(folder, fingerprint, kind, progress=progress.update)
+        due = get_settings().vector_index_rebuild_rows if if_due else None
+        result = shared.publish(folder, fingerprint, kind, progress=progress.update, if_due=due)
         progress.close()
         if result is None:
-            click.echo(f"{kind}: another process is publishing this instance's index; nothing done")
+            click.echo(f"{kind}: another process is publishing this instance's index, or none is due; nothing done")
         elif not result["count"]:
             click.echo(f"{kind}: no vectors for model {fingerprint[:12]} yet; nothing to index")
         else:

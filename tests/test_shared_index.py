@@ -112,6 +112,7 @@ def test_publication_is_due_for_enough_new_rows_or_any_other_change(app, folder,
         assert shared.publish_reason(folder, "fp", "item", 3) == "no generation yet"
         shared.publish(folder, "fp", "item")
         assert shared.publish_reason(folder, "fp", "item", 3) is None
+        assert shared.publish(folder, "fp", "item", if_due=3) is None  # a second build for the same reason
         add_row(501, vectors[0])
         add_row(502, vectors[1])
         assert shared.publish_reason(folder, "fp", "item", 3) is None  # 2 newer rows: searched beside it
@@ -201,3 +202,41 @@ def test_the_background_path_publishes_in_a_child_process(tmp_path, monkeypatch,
     client = app.test_client()
     body = client.get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"}).get_json()
     assert body["count"] == 10
+
+
+def test_under_gunicorn_the_workers_publish_and_search_one_shared_generation(tmp_path, tiny_onnx):
+    """End to end: two workers with the model; one of them starts the publisher, both search the file it
+    published, and new items (past VECTOR_INDEX_REBUILD_ROWS) bring a new generation that finds them."""
+    import psutil
+
+    from devtools.http import fetch
+    from support import Gunicorn, wait_until
+    from test_gunicorn import semantic_ids
+
+    folder = tmp_path / "gunicorn.sqlite3.vectors"
+    env = {"WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "SEMANTIC_MODEL": str(tiny_onnx),
+           "SEMANTIC_WARM": "true", "SEMANTIC_EMBED_INTERVAL": "0.1", "VECTOR_INDEX_REBUILD_ROWS": "1"}
+
+    def generation() -> dict | None:
+        manifests = list(folder.glob("*-item.json")) if folder.exists() else []
+        return json.loads(manifests[0].read_text()) if manifests else None
+
+    with Gunicorn(tmp_path, env) as server:
+        first = wait_until(generation, "the first generation of the item index", timeout=120)
+        assert first["count"] > 0
+
+        def mapped_by_workers() -> bool:
+            assert semantic_ids(server, "ספרים לילדים")  # each poll a query, to whichever worker takes it
+            name = generation()["file"]
+            users = [p for p in server.workers() if any(m.path.endswith(name) for m in psutil.Process(p).memory_maps())]
+            return len(users) == 2
+
+        wait_until(mapped_by_workers, "both workers to map the same generation file")
+        # A new generation is due once the newer rows pass VECTOR_INDEX_REBUILD_ROWS and a tenth of it.
+        for n in range(first["count"] // 10 + 1):
+            title, body = f"פריט אינדקס משותף {n}", f"גוף חדש לגמרי לבדיקת הדור הבא {n}"
+            status, answer, _ = fetch(f"{server.url}/items", {"title": title, "body": body}, timeout=30)
+            assert status == 201, answer
+        item_id = json.loads(answer)["id"]
+        wait_until(lambda: generation()["count"] > first["count"], "a new generation with the new item", timeout=120)
+        wait_until(lambda: item_id in semantic_ids(server, f"{title} {body}"), "the new item found by meaning")

@@ -224,14 +224,18 @@ def publish_lock(folder: Path):
         os.close(fd)
 
 
-def publish(folder: Path, fingerprint: str, kind: str,
-            progress: Callable[[int], None] | None = None) -> dict | None:
+def publish(folder: Path, fingerprint: str, kind: str, progress: Callable[[int], None] | None = None,
+            if_due: int | None = None) -> dict | None:
     """Build a new generation of kind from the database and make it current; None when another
-    process is publishing. Returns what the manifest says."""
+    process is publishing, or with if_due (VECTOR_INDEX_REBUILD_ROWS) when, once the lock is held,
+    none is due any more (two workers started a build for the same reason). Returns the manifest."""
     from usearch.index import Index
 
     with publish_lock(folder) as taken:
         if not taken:
+            return None
+        if if_due is not None and publish_reason(folder, fingerprint, kind, if_due) is None:
+            db.session.commit()
             return None
         started = time.monotonic()
         index = None
@@ -298,15 +302,20 @@ def _remove_old(folder: Path, fingerprint: str, kind: str, keep: str) -> None:
                 path.unlink()
 
 
-def start_publisher(fingerprint: str, kinds: list[str], nice: int):
+def start_publisher(folder: Path, fingerprint: str, kinds: list[str], nice: int):
     """`flask --app app vectors publish` for kinds, in a child process at a lower priority: the build's
     memory is the child's and goes with it, never a worker's (which the recycling bound would count)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "flask", "--app", "app", "vectors", "publish", "--fingerprint", fingerprint]
+    command = [sys.executable, "-m", "flask", "--app", "app", "vectors", "publish", "--fingerprint", fingerprint,
+               "--if-due"]
     for kind in kinds:
         command += ["--kind", kind]
-    return subprocess.Popen(command, cwd=root, stdin=subprocess.DEVNULL,
+    # The folder as this worker resolved it, and no metrics folder: the child is not a gunicorn worker,
+    # and files of its pid there would outlive it in the instance's /metrics.
+    env = {**os.environ, "VECTOR_INDEX_DIR": str(folder)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL,
                             preexec_fn=(lambda: os.nice(nice)) if nice else None)
