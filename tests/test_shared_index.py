@@ -41,6 +41,7 @@ def test_a_published_generation_is_searched_by_every_worker_from_one_file(app, f
     with app.app_context():
         manifest = shared.publish(folder, "fp", "item")
         assert manifest["count"] == 3000 and (folder / manifest["file"]).exists()
+        assert manifest["search"] == "hnsw"  # 32-d: the graph passes its probe
         results = [first.top("fp", "item", q, 10) for q in queries]
         assert [second.top("fp", "item", q, 10) for q in queries] == results
         generation = first.generation("fp", "item")
@@ -240,3 +241,19 @@ def test_under_gunicorn_the_workers_publish_and_search_one_shared_generation(tmp
         item_id = json.loads(answer)["id"]
         wait_until(lambda: generation()["count"] > first["count"], "a new generation with the new item", timeout=120)
         wait_until(lambda: item_id in semantic_ids(server, f"{title} {body}"), "the new item found by meaning")
+
+
+def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folder):
+    """Random 768-d vectors are equidistant: a graph walk finds few of the true neighbours (recall 0.50
+    at 10 k in bench/vectors.py). The probe at publication sees it, and that generation is searched
+    exactly, through the same shared file."""
+    vectors = fill(app, 10_000, dim=768)
+    rng = np.random.default_rng(5)
+    store = store_in(folder)
+    with app.app_context():
+        manifest = shared.publish(folder, "fp", "item")
+        assert manifest["search"] == "exact" and manifest["probe_recall"] < shared.MIN_RECALL
+        assert store.generation("fp", "item").exact
+        for _ in range(10):
+            q = unit(rng, 768)
+            assert [r for r, _ in store.top("fp", "item", q, 10)] == expected_top(vectors, q, 10)
