@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 from pathlib import Path
 
 from flask import Blueprint, jsonify, request
@@ -21,9 +20,10 @@ from flask.blueprints import BlueprintSetupState
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from . import hebrew, search
-from .db import BODY_MAX, ID_MAX, TAG_MAX, TAGS_PER_ITEM_MAX, TITLE_MAX, Item, db, tags_by_name
+from . import search
+from .db import ID_MAX, Item, db, tags_by_name
 from .errors import ApiError
+from .items import checked_text, item_fields
 from .search import LIMIT_DEFAULT, LIMIT_MAX
 from .state import get_service, get_settings
 
@@ -32,10 +32,6 @@ bp = Blueprint("api", __name__)
 
 QUERY_STRING_MAX = 4096  # bytes; the q parameter has its own, smaller limit (MAX_QUERY_LENGTH)
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
-# Embedding, override and isolate controls reorder how text is shown (a "Trojan source" title or tag
-# reads differently from what is stored). The marks LRM, RLM and ALM stay allowed: Hebrew text uses them.
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-MULTILINE = frozenset("\t\n\r")
 
 
 # --- a test-only fault-injection point ----------------------------------------------------------
@@ -142,40 +138,6 @@ def token_matches(given: str, token: str) -> bool:
 # --- input checks -----------------------------------------------------------------------------
 
 
-def _refuse(field: str, problem: str, code: str = "bad_field"):
-    raise ApiError(400, code, f"{field} {problem}")
-
-
-def _checked_text(field: str, value: object, *, limit: int, required: bool, multiline: bool = False,
-                  code: str = "bad_field") -> str:
-    """value as stored: NFC, stripped, valid Unicode, no controls, at most limit characters."""
-    if not isinstance(value, str):
-        _refuse(field, "is required: a non-empty string" if required else "must be a string", code)
-    for position, char in enumerate(value):
-        point = ord(char)
-        if 0xD800 <= point <= 0xDFFF:
-            _refuse(field, f"contains an unpaired surrogate (U+{point:04X}) at character {position}: "
-                           "text must be valid Unicode", code)
-    value = unicodedata.normalize("NFC", value).strip()
-    for char in value:
-        point, category = ord(char), unicodedata.category(char)
-        if category == "Cc" and not (multiline and char in MULTILINE):
-            _refuse(field, f"contains the control character U+{point:04X}, which is not allowed", code)
-        if char in BIDI_CONTROLS:
-            _refuse(field, f"contains the bidi control U+{point:04X} ({unicodedata.name(char)}), which is not allowed",
-                    code)
-        if (point & 0xFFFE) == 0xFFFE or 0xFDD0 <= point <= 0xFDEF:
-            _refuse(field, f"contains U+{point:04X}, a Unicode noncharacter", code)
-    if value and unicodedata.category(value[0]).startswith("M"):
-        _refuse(field, f"begins with a combining mark (U+{ord(value[0]):04X}) that has no letter to attach to", code)
-    # Letters, digits, punctuation or symbols: a text of only spaces and invisible marks says nothing.
-    if required and not any(unicodedata.category(char)[0] in "LNPS" for char in value):
-        _refuse(field, "is required: a non-empty string with visible text", code)
-    if len(value) > limit:
-        _refuse(field, f"is too long: at most {limit} characters (counted after Unicode NFC normalisation)", code)
-    return value
-
-
 def _whole_number(name: str, raw: str, low: int, high: int, code: str) -> int:
     # str.isdigit() accepts '²' and '٣'; int() accepts '٣' but not '²'. Only ASCII digits are a number
     # here, and a long string is refused before int() (which stops at 4,300 digits with a ValueError).
@@ -199,7 +161,7 @@ def search_view():
         raise ApiError(400, "bad_parameter", f"unknown parameter(s): {names}; accepts q, mode, limit")
     if not args.get("q", "").strip():
         raise ApiError(400, "bad_query", "q is required: the text to search for")
-    query = _checked_text("q", args["q"], limit=get_settings().max_query_length, required=True, code="bad_query")
+    query = checked_text("q", args["q"], limit=get_settings().max_query_length, required=True, code="bad_query")
     mode = args.get("mode", "text")
     if mode not in search.MODES:
         raise ApiError(400, "bad_mode", f"mode {mode[:20]!r} is unknown; accepts {', '.join(search.MODES)}")
@@ -239,33 +201,6 @@ def _json_object() -> dict:
 
 def _item_payload() -> dict:
     return item_fields(_json_object())
-
-
-def item_fields(payload: dict) -> dict:
-    """An item's fields as stored, from a JSON object (a request's body or a line of `flask import`);
-    ApiError (400) naming the field and the problem."""
-    unknown = sorted(set(payload) - {"title", "body", "tags"})
-    if unknown:  # repr: a name may hold a lone surrogate (unencodable) or a bidi control
-        names = ", ".join(map(repr, unknown))[:200]
-        raise ApiError(400, "bad_field", f"unknown field(s): {names}; accepts title, body, tags")
-    title = _checked_text("title", payload.get("title"), limit=TITLE_MAX, required=True)
-    body = _checked_text("body", payload.get("body", ""), limit=BODY_MAX, required=False, multiline=True)
-    tags = payload.get("tags", [])
-    if not isinstance(tags, list) or len(tags) > TAGS_PER_ITEM_MAX:
-        raise ApiError(400, "bad_field", f"tags must be a list of at most {TAGS_PER_ITEM_MAX} strings")
-    clean = []
-    for position, tag in enumerate(tags):
-        field = f"tags[{position}]"
-        tag = _checked_text(field, tag, limit=TAG_MAX, required=True)
-        if tag.lstrip("#").strip():  # "#חדש" is the tag "חדש"; a tag of only "#" stays as it is
-            tag = _checked_text(field, tag.lstrip("#"), limit=TAG_MAX, required=True)
-        # The search form (tags.norm) has the same width as the name, and lower-casing can lengthen
-        # text: 'İ' becomes 'i' + U+0307. Count what the column will hold, not what was sent.
-        if len(hebrew.normalize(tag)) > TAG_MAX:
-            _refuse(field, f"is too long once normalised for search (lower case can lengthen letters such as "
-                           f"'İ'): at most {TAG_MAX} characters")
-        clean.append(tag)
-    return {"title": title, "body": body, "tags": list(dict.fromkeys(clean))}
 
 
 @bp.post("/items")

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .db import ImportRun, Item, db, tags_by_name
 from .errors import ApiError
+from .items import item_fields
 
 BATCH = 500
 SHOWN_BAD = 20  # bad lines listed; the rest are counted
@@ -76,8 +77,6 @@ def lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
 
 def parse(text: str) -> dict:
     """One line's item fields; ValueError with what is wrong."""
-    from .api import item_fields
-
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -85,3 +85,9 @@ def test_cli_uses_the_service_and_the_database_not_api_or_search():
     reached = import_graph()["app.cli"]
     assert not {m for m in reached if m == "app.api" or m.startswith("app.search")}, sorted(reached)
     assert {"app.db", "app.state"} <= reached
+
+
+def test_the_import_checks_items_as_the_api_does_without_importing_the_api():
+    graph = import_graph()
+    assert "app.items" in graph["app.importer"] and "app.items" in graph["app.api"]
+    assert "app.api" not in graph["app.importer"] and "app.api" not in graph["app.cli"]
