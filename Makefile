@@ -67,6 +67,7 @@ BENCH_DATABASE_URL ?=
 bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
+	$(PY) -m bench.instance_vectors
 	$(PY) -m bench.sharing
 	$(PY) -m bench.textscale
 	$(PY) -m bench.relevance.evaluate

@@ -1,0 +1,144 @@
+"""The 512 MB tier serving 100,000 items' vectors from its shared index: the instance's memory while a
+worker publishes the first generation and while semantic queries are answered.
+
+    python -m bench.instance_vectors              # 100,000 vectors
+    python -m bench.instance_vectors --vectors 20000
+
+The tier's own settings (deploy/env/512mb.env: two workers) in a 512 MB memory cgroup, with the
+Hebrew-capable multilingual-e5-small q8 artifact (bench/e5.py, 384-d) as the model. The database is the
+bundled sample, embedded by `flask embed`, plus N item vectors (bench/vectors.py's e5 vectors of Hebrew
+passages) stored under the served model's fingerprint, as a large corpus would leave them. The server
+starts with no index; the embedder's loop publishes one (the PSS of the whole process tree is sampled
+every 50 ms, the publisher's child included); then 200 semantic queries are sent, 4 at a time, and the
+latency of the answered ones is recorded. Nothing is asserted. Results: bench/results/instance-vectors.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vectors", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from bench.e5 import prepared_artifact
+    from bench.run import WORK, Cgroup, flask, measured, strict_peak, tier_env
+    from bench.vectors import e5_vectors, hebrew_texts
+    from devtools.gunicorn import GunicornServer
+    from devtools.http import fetch, free_port
+
+    work = WORK / "instance-vectors"
+    work.mkdir(parents=True, exist_ok=True)
+    db_path = work / "db.sqlite3"
+    for leftover in [*work.glob("db.sqlite3*")]:
+        if leftover.is_dir():
+            for f in leftover.iterdir():
+                f.unlink()
+            leftover.rmdir()
+        else:
+            leftover.unlink()
+    port = free_port()
+    env = {**os.environ, **tier_env("512mb"), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
+           "SEMANTIC_MODEL": str(prepared_artifact()), "SECRET_KEY": "bench", "APP_ENV": "production",
+           "WRITE_TOKEN": "bench", "PROMETHEUS_MULTIPROC_DIR": str(work / f"metrics-{port}")}
+    flask("seed", env=env)
+    flask("embed", env=env)
+    passages, _ = e5_vectors(max(args.vectors, 10_000))
+    passages = passages[: args.vectors]
+    store_vectors(env, passages)
+    cgroup = Cgroup("instance-vectors", 512)
+    server = GunicornServer(env, work / "gunicorn.log", port=port, wrap=cgroup.wrap, ready_timeout=180)
+    folder = Path(f"{db_path}.vectors")
+    queries = hebrew_texts(args.queries, (2, 5), seed=3)
+    timings: list[float] = []
+    statuses: dict[int, int] = {}
+    with measured(server, cgroup, "publish", reset_peak=True) as (sampler, figures):
+        started = time.monotonic()
+        while time.monotonic() - started < 600:
+            manifest = next(iter(folder.glob("*-item.json")), None) if folder.exists() else None
+            if manifest and json.loads(manifest.read_text())["count"] >= args.vectors:
+                break
+            time.sleep(0.5)
+        else:
+            raise SystemExit("no generation of the item index within 600 s")
+        published = json.loads(manifest.read_text())
+        published_after = round(time.monotonic() - started, 1)
+        sampler.phase = "queries"
+
+        def one(q: str) -> None:
+            t = time.perf_counter()
+            status, _, _ = fetch(f"{server.url}/search?" + urllib.parse.urlencode({"q": q, "mode": "semantic"}),
+                                 timeout=30)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                timings.append((time.perf_counter() - t) * 1000)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, queries))
+    samples = sampler.samples
+    by_phase = {phase: [s for s in samples if s["phase"] == phase] for phase in ("publish", "queries")}
+    timings.sort()
+    result = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tier": "512mb",
+        "model": "multilingual-e5-small q8 (384-d)", "vectors": args.vectors + 0,
+        "generation": {k: published.get(k) for k in ("count", "search", "probe_recall", "built_seconds")},
+        "index_file_mb": round((folder / published["file"]).stat().st_size / 2**20, 1),
+        "published_after_start_s": published_after,
+        "pss_peak_publishing_mb": strict_peak(by_phase["publish"], "pss_mb"),
+        "pss_peak_serving_mb": strict_peak(by_phase["queries"], "pss_mb"),
+        "pss_end_mb": by_phase["queries"][-1]["pss_mb"],
+        "queries": args.queries, "status": {str(k): v for k, v in sorted(statuses.items())},
+        "semantic_p50_ms": round(statistics.median(timings), 1) if timings else None,
+        "semantic_p95_ms": round(timings[int(0.95 * (len(timings) - 1))], 1) if timings else None,
+        **{k: figures.get(k) for k in ("cgroup_peak_mb", "oom_kills")},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "instance-vectors.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def store_vectors(env: dict, passages) -> None:
+    """passages as item vectors of the served model, with ref ids past the sample's items."""
+    import subprocess
+
+    code = (
+        "import sys, numpy as np\n"
+        "from app import create_app\n"
+        "from app.db import Embedding, db\n"
+        "from app.semantic import index\n"
+        "from app.state import get_service\n"
+        "app = create_app()\n"
+        "vectors = np.load(sys.argv[1])\n"
+        "with app.app_context():\n"
+        "    fp = get_service(app).encoder().fingerprint\n"
+        "    for start in range(0, len(vectors), 5000):\n"
+        "        db.session.execute(Embedding.__table__.insert(), [dict(model_fp=fp, kind='item', ref_id=1_000_000 + start + i,\n"
+        "            text_hash='bench', dim=vectors.shape[1], vector=index.to_blob(v)) for i, v in enumerate(vectors[start:start + 5000])])\n"
+        "        db.session.commit()\n")
+    import numpy as np
+
+    path = Path(env["DATABASE_URL"][len("sqlite:///"):]).with_suffix(".npy")
+    np.save(path, passages)
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, check=True)
+    path.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
