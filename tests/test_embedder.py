@@ -183,3 +183,24 @@ def test_the_release_lock_is_free_while_the_embedder_holds_its_own(make_app, tin
                 engine.dispose()
         finally:
             lock.release()
+
+
+def test_a_failing_index_publication_does_not_stop_the_embedder(make_app, tiny_onnx, monkeypatch, caplog):
+    from app.semantic import embedder as embedder_module
+
+    monkeypatch.setattr(embedder_module, "INDEX_CHECK_EVERY_S", 0.0)  # every round tries, and fails
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_EMBED_INTERVAL="0.05")
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    service = get_service(app)
+    service.encoder()  # the embedder works where the model is loaded
+
+    def broken():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(service, "maintain_index", broken)
+    embedder = service.start_embedder(app)
+    try:
+        wait_until(lambda: embedder.backlog == 0, "the seed's rows to be embedded despite the index")
+    finally:
+        embedder.stop()
+    assert "shared vector index: no new generation started (OSError: No space left on device)" in caplog.text

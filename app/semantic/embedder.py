@@ -180,7 +180,12 @@ class Embedder:
                         # Every worker with the model, not only the embedder: the index is the instance's
                         # (another instance may hold the database's embedder lock).
                         last_index = time.monotonic()
-                        service.maintain_index()
+                        try:
+                            service.maintain_index()
+                        except Exception as exc:  # noqa: BLE001 -- the index waits; embedding goes on
+                            _rollback()
+                            log.warning("shared vector index: no new generation started (%s: %s)",
+                                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
                     if not service.loaded:
                         pause = self.interval
                     elif not self.working:
@@ -215,6 +220,13 @@ class Embedder:
                 self._wake.wait(pause)
             self._wake.clear()
         self.lock.release()
+
+
+def _rollback() -> None:
+    from ..db import db
+
+    with contextlib.suppress(Exception):
+        db.session.rollback()
 
 
 def _report_backlog(backlog: int) -> None:

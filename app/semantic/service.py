@@ -179,7 +179,8 @@ class SemanticService:
                 return []  # another worker's build is running
         for kind in due:
             log.info("shared vector index: publishing a new generation of %ss (%s)", kind, reasons[kind])
-        self._publisher = shared.start_publisher(store.folder, fingerprint, due, self.settings.semantic_nice)
+        self._publisher = shared.start_publisher(store.folder, self.settings.database_url, fingerprint, due,
+                                                  self.settings.semantic_nice)
         return due
 
     def slots(self) -> Slots:

@@ -334,7 +334,7 @@ def _remove_old(folder: Path, fingerprint: str, kind: str, keep: str) -> None:
                 path.unlink()
 
 
-def start_publisher(folder: Path, fingerprint: str, kinds: list[str], nice: int):
+def start_publisher(folder: Path, database_url: str, fingerprint: str, kinds: list[str], nice: int):
     """`flask --app app vectors publish` for kinds, in a child process at a lower priority: the build's
     memory is the child's and goes with it, never a worker's (which the recycling bound would count)."""
     import subprocess
@@ -345,9 +345,9 @@ def start_publisher(folder: Path, fingerprint: str, kinds: list[str], nice: int)
                "--if-due"]
     for kind in kinds:
         command += ["--kind", kind]
-    # The folder as this worker resolved it, and no metrics folder: the child is not a gunicorn worker,
-    # and files of its pid there would outlive it in the instance's /metrics.
-    env = {**os.environ, "VECTOR_INDEX_DIR": str(folder)}
+    # The database and folder as this worker resolved them, and no metrics folder: the child is not a
+    # gunicorn worker, and files of its pid there would outlive it in the instance's /metrics.
+    env = {**os.environ, "DATABASE_URL": database_url, "VECTOR_INDEX_DIR": str(folder)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL,
                             preexec_fn=(lambda: os.nice(nice)) if nice else None)
