@@ -110,6 +110,7 @@ def test_a_damaged_generation_is_never_trusted_and_the_next_publication_replaces
 def test_publication_is_due_for_enough_new_rows_or_any_other_change(app, folder, monkeypatch):
     vectors = fill(app, 20)  # a tenth of it is below the 3 rows asked for below
     with app.app_context():
+        assert shared.publish_reason(folder, "fp", "item", 21) is None  # 20 rows: the matrix is enough
         assert shared.publish_reason(folder, "fp", "item", 3) == "no generation yet"
         shared.publish(folder, "fp", "item")
         assert shared.publish_reason(folder, "fp", "item", 3) is None
@@ -182,7 +183,8 @@ def test_the_background_path_publishes_in_a_child_process(tmp_path, monkeypatch,
     from app import create_app
 
     db_url = f"sqlite:///{tmp_path / 'bg.sqlite3'}"
-    env = {"DATABASE_URL": db_url, "SEMANTIC_MODEL": str(tiny_onnx), "VECTOR_INDEX_DIR": str(tmp_path / "ix")}
+    env = {"DATABASE_URL": db_url, "SEMANTIC_MODEL": str(tiny_onnx), "VECTOR_INDEX_DIR": str(tmp_path / "ix"),
+           "VECTOR_INDEX_REBUILD_ROWS": "100"}
     for key, value in {**env, "APP_ENV": "test"}.items():
         monkeypatch.setenv(key, value)  # the child reads its settings from the environment
     app = create_app(make_settings(tmp_path, **env))
@@ -257,3 +259,20 @@ def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folde
         for _ in range(10):
             q = unit(rng, 768)
             assert [r for r, _ in store.top("fp", "item", q, 10)] == expected_top(vectors, q, 10)
+
+
+def test_the_publisher_lock_goes_with_the_child(app, folder):
+    """Two workers that find a generation due at the same moment start one build: the first takes the
+    instance's lock and hands it to its child, which holds it until it exits."""
+    url = app.extensions["memfit"].settings.database_url
+    first = shared.start_publisher(folder, url, "fp", ["item"], 0)
+    try:
+        assert first is not None
+        assert shared.start_publisher(folder, url, "fp", ["item"], 0) is None  # the child is still starting
+        with shared.publish_lock(folder) as taken:
+            assert not taken
+    finally:
+        first.wait(timeout=120)
+    third = shared.start_publisher(folder, url, "fp", ["item"], 0)
+    assert third is not None
+    third.wait(timeout=120)

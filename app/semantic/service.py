@@ -174,13 +174,13 @@ class SemanticService:
         due = [kind for kind, reason in reasons.items() if reason]
         if not due:
             return []
-        with shared.publish_lock(store.folder) as free:
-            if not free:
-                return []  # another worker's build is running
+        publisher = shared.start_publisher(store.folder, self.settings.database_url, fingerprint, due,
+                                           self.settings.semantic_nice)
+        if publisher is None:
+            return []  # another worker's build is running
+        self._publisher = publisher
         for kind in due:
             log.info("shared vector index: publishing a new generation of %ss (%s)", kind, reasons[kind])
-        self._publisher = shared.start_publisher(store.folder, self.settings.database_url, fingerprint, due,
-                                                  self.settings.semantic_nice)
         return due
 
     def slots(self) -> Slots:

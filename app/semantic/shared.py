@@ -65,6 +65,8 @@ MIN_RECALL = 0.97
 PROBES = 64
 MIN_PUBLISH_GAP_S = 30.0  # a table that keeps changing otherwise is republished at most this often
 PUBLISH_LOCK = "publish.lock"
+# Set for the publisher child: the descriptor of the lock its worker took for it (start_publisher).
+INHERITED_LOCK_ENV = "MEMFIT_PUBLISH_LOCK_FD"
 
 
 def folder_for(settings) -> Path | None:
@@ -203,7 +205,9 @@ def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int)
         return None
     path = manifest_path(folder, fingerprint, kind)
     if not path.exists():
-        return "no generation yet"
+        # A few thousand vectors are searched as fast from each worker's small matrix: the first
+        # generation waits for as many rows as would start a new one (a publication costs a process).
+        return "no generation yet" if count >= rebuild_rows else None
     try:
         data = read_manifest(path)
         st = path.stat()
@@ -223,6 +227,11 @@ def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int)
 @contextlib.contextmanager
 def publish_lock(folder: Path):
     """The instance's publisher lock, not waited for: yields whether it was taken."""
+    if os.environ.get(INHERITED_LOCK_ENV):
+        # A publisher child: its worker took the lock and handed it over (the same open file, so the
+        # lock lasts as long as this process).
+        yield True
+        return
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -336,9 +345,19 @@ def _remove_old(folder: Path, fingerprint: str, kind: str, keep: str) -> None:
 
 def start_publisher(folder: Path, database_url: str, fingerprint: str, kinds: list[str], nice: int):
     """`flask --app app vectors publish` for kinds, in a child process at a lower priority: the build's
-    memory is the child's and goes with it, never a worker's (which the recycling bound would count)."""
+    memory is the child's and goes with it, never a worker's (which the recycling bound would count).
+    None when another build holds the instance's lock. The lock is taken here and handed to the child,
+    so two workers that find a generation due at the same moment start one build, not two."""
     import subprocess
     import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
 
     root = Path(__file__).resolve().parents[2]
     command = [sys.executable, "-m", "flask", "--app", "app", "vectors", "publish", "--fingerprint", fingerprint,
@@ -347,7 +366,10 @@ def start_publisher(folder: Path, database_url: str, fingerprint: str, kinds: li
         command += ["--kind", kind]
     # The database and folder as this worker resolved them, and no metrics folder: the child is not a
     # gunicorn worker, and files of its pid there would outlive it in the instance's /metrics.
-    env = {**os.environ, "DATABASE_URL": database_url, "VECTOR_INDEX_DIR": str(folder)}
+    env = {**os.environ, "DATABASE_URL": database_url, "VECTOR_INDEX_DIR": str(folder), INHERITED_LOCK_ENV: str(fd)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL,
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    try:
+        return subprocess.Popen(command, cwd=root, env=env, stdin=subprocess.DEVNULL, pass_fds=(fd,),
+                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    finally:
+        os.close(fd)  # the child's copy holds the lock until it exits
