@@ -276,3 +276,30 @@ def test_the_publisher_lock_goes_with_the_child(app, folder):
     third = shared.start_publisher(folder, url, "fp", ["item"], 0)
     assert third is not None
     third.wait(timeout=120)
+
+
+def test_no_build_starts_where_the_instance_has_no_memory_for_it(tmp_path, monkeypatch, tiny_onnx, caplog):
+    """A first build of 100 k vectors in the 512 MB tier's cgroup had the OOM killer take the workers
+    (bench.instance_vectors): a build that would not fit under MAX_MEMORY_MB is not started, and says so."""
+    from app import create_app
+    from monitoring import memory
+
+    env = {"SEMANTIC_MODEL": str(tiny_onnx), "VECTOR_INDEX_DIR": str(tmp_path / "ix"),
+           "VECTOR_INDEX_REBUILD_ROWS": "100", "MAX_MEMORY_MB": "450"}
+    app = create_app(make_settings(tmp_path, **env))
+    app.test_cli_runner().invoke(args=["seed"])
+    assert app.test_cli_runner().invoke(args=["embed"]).exit_code == 0
+    service = get_service(app)
+    full = memory.CgroupMemory(version=2, usage=440 * 2**20, limit=512 * 2**20, working_set=440 * 2**20,
+                               peak=None, oom_kills=0)
+    monkeypatch.setattr(memory, "read_cgroup", lambda *a, **k: full)
+    with app.app_context():
+        assert service.maintain_index() == []
+        assert service._publisher is None
+    assert "needs about 90 MB to build, and the instance has 10 MB left under MAX_MEMORY_MB" in caplog.text
+    roomy = memory.CgroupMemory(version=2, usage=200 * 2**20, limit=512 * 2**20, working_set=200 * 2**20,
+                                peak=None, oom_kills=0)
+    monkeypatch.setattr(memory, "read_cgroup", lambda *a, **k: roomy)
+    with app.app_context():
+        assert sorted(service.maintain_index()) == ["item", "tag"]
+        service._publisher.wait(timeout=120)

@@ -47,6 +47,21 @@ SHED_RETRY_AFTER_SECONDS = 1
 EMBED_ROUND_BATCHES = 8
 
 
+def _memory_room(settings: Settings) -> int | None:
+    """Bytes left for the instance under MAX_MEMORY_MB and its cgroup's limit (the working set, what the
+    OOM killer weighs); None where no cgroup limit is readable (a developer's machine)."""
+    try:
+        from monitoring import memory
+
+        cgroup = memory.read_cgroup()
+    except Exception:  # noqa: BLE001 -- no reading: no guard, as without a cgroup
+        return None
+    if cgroup is None or cgroup.limit is None:
+        return None
+    bound = min(cgroup.limit, settings.max_memory_mb * 2**20) if settings.max_memory_mb else cgroup.limit
+    return max(0, bound - cgroup.working_set)
+
+
 class SemanticUnavailable(RuntimeError):
     """Semantic search cannot answer now; the message says why (shown to the client with a 503)."""
 
@@ -83,6 +98,7 @@ class SemanticService:
         self.load_count = 0
         self._store = None  # the vector store, chosen on first use: see vector_store()
         self._publisher = None  # the child process building a shared index generation (maintain_index)
+        self._publish_refused: tuple | None = None  # (needed, room) in MB last warned about
         self._slots: Slots | None = None  # the instance's semantic slots, opened on first use: see slots()
         self._queue: ModelQueue | None = None  # this process's model queue, made on first use: see queue()
         self.embedder: Embedder | None = None  # this process's background embedder, once started
@@ -165,7 +181,7 @@ class SemanticService:
             return []
         if self._publisher is not None and self._publisher.poll() is None:
             return []  # this worker's build is still running
-        from . import shared
+        from . import index, shared
 
         fingerprint = self.encoder().fingerprint
         reasons = {kind: shared.publish_reason(store.folder, fingerprint, kind,
@@ -173,6 +189,20 @@ class SemanticService:
         db.session.commit()  # end the read transaction: the child reads on its own
         due = [kind for kind, reason in reasons.items() if reason]
         if not due:
+            return []
+        need = max(shared.build_bytes(index.table_version(fingerprint, kind)[0], self.encoder().dim) for kind in due)
+        db.session.commit()
+        room = _memory_room(self.settings)
+        if room is not None and need > room:
+            # Measured: a first build of 100 k vectors in the 512 MB tier's cgroup had the OOM killer take
+            # the workers again and again. Searching without the new generation is slower, not broken.
+            if self._publish_refused != (need // 2**20, room // 2**20):
+                self._publish_refused = (need // 2**20, room // 2**20)
+                log.warning("shared vector index: a new generation of %s needs about %d MB to build, and the "
+                            "instance has %d MB left under MAX_MEMORY_MB: not built (searches use the older "
+                            "generation or each worker's matrix). Use PostgreSQL with pgvector, a larger tier, "
+                            "or run `flask --app app vectors publish` where there is room.",
+                            " and ".join(due), need // 2**20, room // 2**20)
             return []
         publisher = shared.start_publisher(store.folder, self.settings.database_url, fingerprint, due,
                                            self.settings.semantic_nice)

@@ -343,6 +343,15 @@ def _remove_old(folder: Path, fingerprint: str, kind: str, keep: str) -> None:
                 path.unlink()
 
 
+BUILD_BASE_BYTES = 90 * 2**20  # the publisher process itself: Python, the app, numpy, SQLAlchemy
+
+
+def build_bytes(count: int, dim: int) -> int:
+    """What a build of count vectors needs in the publisher: float16 vectors, the graph's links
+    (about 2 x CONNECTIVITY neighbours of 4 bytes on the base layer) and the process."""
+    return BUILD_BASE_BYTES + count * (2 * dim + 8 * CONNECTIVITY + 32)
+
+
 def start_publisher(folder: Path, database_url: str, fingerprint: str, kinds: list[str], nice: int):
     """`flask --app app vectors publish` for kinds, in a child process at a lower priority: the build's
     memory is the child's and goes with it, never a worker's (which the recycling bound would count).
