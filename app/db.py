@@ -77,7 +77,7 @@ class Item(Base):
     body: Mapped[str] = mapped_column(Text, nullable=False, default="")
     # Normalised "title body", kept in the row so that text search runs as SQL LIKE on both back ends.
     search_text: Mapped[str] = mapped_column(Text, nullable=False, default="")
-    # Issue 12: analysed title and body (app/textindex.py); the text index is built from it.
+    # Analysed title and body (app/textindex.py); the text index is built from it.
     index_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(
@@ -103,7 +103,7 @@ class Item(Base):
 @event.listens_for(Item, "before_insert")
 def _refresh_search_text(_mapper, _conn, item: Item) -> None:
     item.search_text = hebrew.normalize(f"{item.title} {item.body}")
-    item.index_text = textindex.document(item.title, item.body)  # issue 12
+    item.index_text = textindex.document(item.title, item.body)
 
 
 @event.listens_for(Item, "before_update")
@@ -115,7 +115,7 @@ def _refresh_changed_search_text(mapper, conn, item: Item) -> None:
         _refresh_search_text(mapper, conn, item)
 
 
-textindex.attach(Item.__table__)  # issue 12: the text index is created and dropped with items
+textindex.attach(Item.__table__)  # the text index is created and dropped with items
 
 
 class Embedding(Base):

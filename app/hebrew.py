@@ -68,7 +68,7 @@ def escape_like(fragment: str) -> str:
     return fragment.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-# --- Index analysis (issue 12): the terms app/textindex.py stores and searches. ---
+# --- Index analysis: the terms app/textindex.py stores and searches. ---
 
 HEBREW_LETTERS = "אבגדהוזחטיכךלמםנןסעפףצץקרשת"
 FINAL_FORMS = "ךםןףץ"

@@ -1,4 +1,4 @@
-"""The Hebrew text index (issue 12): an inverted index on both back ends, BM25-style ranking, and a
+"""The Hebrew text index: an inverted index on both back ends, BM25-style ranking, and a
 bounded cost for any query.
 
 Each item row carries ``index_text``: the analysed forms of its title and body as a JSON array
@@ -40,7 +40,7 @@ from sqlalchemy import event, text
 from . import hebrew
 
 ANALYSIS_VERSION = 1
-# Distinct query words searched; the rest of a long query is ignored (issue 10: bounded cost).
+# Distinct query words searched; the rest of a long query is ignored (bounded cost).
 MAX_TERMS = 16
 # A query word's own stripped forms and spelling skeletons weigh this much of the word itself.
 ALT_FACTOR = 0.3
@@ -321,7 +321,7 @@ def _tiers(chosen: Plan) -> list[list[tuple[str, str, list[str]]]]:
     most CANDIDATES items each, so the candidate set is bounded whatever the words. The narrow tiers
     hold the kinds of items that rank first (every word in the title; every word with one in the
     title; two of three words with one in the title), each a tier of its own, so thousands of items
-    holding one frequent word do not push them out: the old best match of issue 12 stays first. The
+    holding one frequent word do not push them out: the best match stays first. The
     broad tiers come last; a query matching fewer than CANDIDATES items gets every match from the
     last one and is ranked exhaustively.
     """

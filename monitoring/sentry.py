@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # The most a worker's exit waits on Sentry, in seconds, in total: the flush in close_for_exit and the
 # SDK's shutdown_timeout (its atexit wait) are both this, and close_for_exit closes the client, so the
-# atexit wait never comes on top. A hanging Sentry used to hold every recycle ~4.7 s (issue 10).
+# atexit wait never comes on top. A hanging Sentry used to hold every recycle ~4.7 s.
 EXIT_FLUSH_BUDGET_S = 0.5
 
 

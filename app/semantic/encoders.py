@@ -7,7 +7,7 @@
   ``sentence_transformers`` (which drags sklearn, scipy and sympy: ~190 MB of RSS for nothing).
 
 Prepared artifacts (version 2) keep their weights in ONNX external-data files that ONNX Runtime
-memory-maps read-only, so every worker of an instance shares one copy of the pages (issue 11).
+memory-maps read-only, so every worker of an instance shares one copy of the pages.
 Sessions are created lazily in each worker, never before gunicorn forks: ONNX Runtime sessions
 inherited across fork are a known crash risk.
 
