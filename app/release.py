@@ -8,7 +8,9 @@ In order, under one lock (``pg_advisory_lock`` on PostgreSQL, an flock file besi
 3. the embedding backfill for the configured model's fingerprint, one transaction per batch, so
    that Ctrl-C or a crash keeps whole batches only and a rerun resumes; vectors of older
    fingerprints are pruned only once the new ones are complete;
-4. the HNSW index on the typed vector expression, once the corpus is large enough to need it.
+4. the HNSW index on the typed vector expression, once the corpus is large enough to need it;
+   without pgvector, a new generation of the instance's shared vector index (semantic/shared.py)
+   when one is due, so that workers start with it rather than build it while they serve.
 
 Run twice, the second run changes nothing. Web workers do no schema work: until the release has
 run they answer 503 naming this command (``schema_problem``).
@@ -357,6 +359,34 @@ def _batch_store(pgvector: bool):
     return PgVectorIndex()
 
 
+def publish_shared_index(settings, fingerprint: str, echo: Echo = click.echo, stream: TextIO | None = None) -> None:
+    """A new generation of the shared vector index for each kind that has none yet (from
+    VECTOR_INDEX_REBUILD_ROWS vectors) or has vectors stored after it. Here rather than in a serving
+    instance: measured on the 512 MB tier, two workers with the model left no room for the first
+    build of 100 k vectors (the OOM killer took them), and searches streamed every row meanwhile."""
+    from .semantic import shared
+
+    folder = shared.folder_for(settings)
+    if folder is None:
+        return
+    for kind in ("tag", "item"):
+        reason = shared.publish_reason(folder, fingerprint, kind, settings.vector_index_rebuild_rows, newer_rows=1)
+        if reason is None:
+            db.session.commit()
+            continue
+        total = db.session.scalar(select(func.count()).select_from(Embedding).where(
+            Embedding.model_fp == fingerprint, Embedding.kind == kind))
+        progress = Progress(f"indexing {kind} vectors", total, echo=echo, stream=stream)
+        result = shared.publish(folder, fingerprint, kind, progress=progress.update,
+                                if_due=settings.vector_index_rebuild_rows, newer_rows=1)
+        progress.close()
+        if result is None:
+            echo(f"vector index: {kind}s not published now: a worker is publishing them")
+        else:
+            echo(f"vector index: {kind}s published ({reason}): {result['count']} vectors, search "
+                 f"{result['search']}, built in {result['built_seconds']} s, in {folder}")
+
+
 # --- The command ------------------------------------------------------------------------------
 
 def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_MIN_ROWS,
@@ -402,6 +432,8 @@ def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_M
                 echo(f"embeddings: pruned {pruned} vectors of older models")
         if pgvector:
             echo(f"hnsw: {ensure_hnsw(fingerprint, encoder.dim, hnsw_min_rows, settings.hnsw_build_memory)}")
+        else:
+            publish_shared_index(settings, fingerprint, echo, stream)
     echo(f"release done in {time.monotonic() - started:.1f}s")
 
 

@@ -7,10 +7,12 @@ worker publishes the first generation and while semantic queries are answered.
 The tier's own settings (deploy/env/512mb.env: two workers) in a 512 MB memory cgroup, with the
 Hebrew-capable multilingual-e5-small q8 artifact (bench/e5.py, 384-d) as the model. The database is the
 bundled sample, embedded by `flask embed`, plus N item vectors (bench/vectors.py's e5 vectors of Hebrew
-passages) stored under the served model's fingerprint, as a large corpus would leave them. The server
-starts with no index; the embedder's loop publishes one where the instance has the memory for the build
-(the PSS of the whole process tree is sampled every 50 ms, the publisher's child included), waited for
-up to --wait seconds; then 200 semantic queries are sent, 4 at a time, and the latency of the answered
+passages) stored under the served model's fingerprint, as a large corpus would leave them. By default
+the release step (`flask --app app release`, in the same 512 MB cgroup, before the server starts, as
+`make run` and every platform run it) publishes the first generation; with --build serving the server
+starts with no index and its embedder's loop publishes one where the instance has the memory for the
+build (the PSS of the whole process tree is sampled every 50 ms, the publisher's child included),
+waited for up to --wait seconds. Then 200 semantic queries are sent, 4 at a time, and the latency of the answered
 ones is recorded, with or without a generation, and the workers killed or recycled on the way. Nothing
 is asserted. Results: bench/results/instance-vectors.json.
 """
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--wait", type=float, default=300, help="seconds to wait for the first generation")
+    parser.add_argument("--build", choices=("release", "serving"), default="release",
+                        help="who publishes the first generation: the release step, or the serving instance")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -65,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     passages = passages[: args.vectors]
     store_vectors(env, passages)
     cgroup = Cgroup("instance-vectors", 512)
+    release = None
+    if args.build == "release":
+        import subprocess
+
+        cgroup.reset_peak()
+        started = time.monotonic()
+        out = subprocess.run(cgroup.wrap([sys.executable, "-m", "flask", "--app", "app", "release"]), cwd=ROOT,
+                             env=env, capture_output=True, text=True)
+        figures = cgroup.figures()
+        release = {"exit": out.returncode, "seconds": round(time.monotonic() - started, 1),
+                   "cgroup_peak_mb": round(figures.peak / 2**20, 1) if figures and figures.peak else None,
+                   "oom_kills": figures.oom_kills if figures else None,
+                   "said": [line for line in out.stdout.splitlines() if line.startswith("vector index:")]}
+        if out.returncode != 0:
+            print(out.stdout[-2000:], out.stderr[-3000:], file=sys.stderr)
     server = GunicornServer(env, work / "gunicorn.log", port=port, wrap=cgroup.wrap, ready_timeout=180)
     folder = Path(f"{db_path}.vectors")
     queries = hebrew_texts(args.queries, (2, 5), seed=3)
@@ -98,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     timings.sort()
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tier": "512mb",
-        "model": "multilingual-e5-small q8 (384-d)", "vectors": args.vectors + 0,
+        "model": "multilingual-e5-small q8 (384-d)", "vectors": args.vectors + 0, "built_by": args.build,
+        "release": release,
         "generation": ({k: published.get(k) for k in ("count", "search", "probe_recall", "built_seconds")}
                        if published else None),
         "index_file_mb": round((folder / published["file"]).stat().st_size / 2**20, 1) if published else None,
         "published_after_start_s": published_after, "waited_s": args.wait,
         "build_refused_for_memory": "needs about" in log and "left under MAX_MEMORY_MB" in log,
         "workers_killed": log.count("was sent SIGKILL"), "recycles": log.count("memfit recycle:"),
-        "pss_peak_publishing_mb": strict_peak(by_phase["publish"], "pss_mb"),
+        # Nothing to sample when the release published the generation before the server started.
+        "pss_peak_publishing_mb": strict_peak(by_phase["publish"], "pss_mb") if by_phase["publish"] else None,
         "pss_peak_serving_mb": strict_peak(by_phase["queries"], "pss_mb"),
         "pss_end_mb": by_phase["queries"][-1]["pss_mb"],
         "queries": args.queries, "status": {str(k): v for k, v in sorted(statuses.items())},

@@ -303,3 +303,35 @@ def test_no_build_starts_where_the_instance_has_no_memory_for_it(tmp_path, monke
     with app.app_context():
         assert sorted(service.maintain_index()) == ["item", "tag"]
         service._publisher.wait(timeout=120)
+
+
+def test_the_release_publishes_the_first_generation_and_folds_in_newer_rows(tmp_path, tiny_onnx):
+    """`flask release` builds the generation workers start with (a serving 512 MB instance has no room
+    for a large first build), and at the next release folds in every vector stored since."""
+    from app import create_app
+
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'rel.sqlite3'}", "SEMANTIC_MODEL": str(tiny_onnx),
+           "VECTOR_INDEX_DIR": str(tmp_path / "ix"), "VECTOR_INDEX_REBUILD_ROWS": "100"}
+    app = create_app(make_settings(tmp_path, **env))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["seed"]).exit_code == 0
+    result = runner.invoke(args=["release"])
+    assert result.exit_code == 0, result.output
+    assert "vector index: items published (no generation yet)" in result.output
+    service = get_service(app)
+    with app.app_context():
+        fingerprint = service.encoder().fingerprint
+        items = db.session.query(Embedding).filter_by(kind="item", model_fp=fingerprint).count()
+        first = service.vector_store().generation(fingerprint, "item")
+        assert first.count == items
+    client = app.test_client()
+    assert client.post("/items", json={"title": "מחברת חדשה", "tags": ["כתיבה"]},
+                       headers={"Authorization": "Bearer t"}).status_code == 201
+    assert runner.invoke(args=["embed"]).exit_code == 0
+    result = runner.invoke(args=["release"])
+    assert result.exit_code == 0, result.output
+    assert "vector index: items published (1 vectors stored after it)" in result.output
+    with app.app_context():
+        assert service.vector_store().generation(fingerprint, "item").count == items + 1
+    result = runner.invoke(args=["release"])  # nothing new: nothing rebuilt
+    assert result.exit_code == 0 and "vector index:" not in result.output

@@ -198,8 +198,11 @@ class SharedIndex:
 
 # --- publishing ---------------------------------------------------------------------------------
 
-def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int) -> str | None:
-    """Why kind needs a new generation now (None: it does not)."""
+def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int,
+                   newer_rows: int | None = None) -> str | None:
+    """Why kind needs a new generation now (None: it does not). The first one waits for rebuild_rows
+    vectors; a next one for newer_rows stored after the current (by default rebuild_rows or a tenth of it,
+    whichever is more: what a serving instance rebuilds for)."""
     count, newest, total = table_version(fingerprint, kind)
     if not count:
         return None
@@ -219,7 +222,7 @@ def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int)
         if time.time() - st.st_mtime >= MIN_PUBLISH_GAP_S:
             return "vectors were replaced or removed since it was built"
         return None
-    if after[0] >= max(rebuild_rows, data["count"] // 10):
+    if after[0] >= (newer_rows if newer_rows is not None else max(rebuild_rows, data["count"] // 10)):
         return f"{after[0]} vectors stored after it"
     return None
 
@@ -246,16 +249,17 @@ def publish_lock(folder: Path):
 
 
 def publish(folder: Path, fingerprint: str, kind: str, progress: Callable[[int], None] | None = None,
-            if_due: int | None = None) -> dict | None:
+            if_due: int | None = None, newer_rows: int | None = None) -> dict | None:
     """Build a new generation of kind from the database and make it current; None when another
-    process is publishing, or with if_due (VECTOR_INDEX_REBUILD_ROWS) when, once the lock is held,
-    none is due any more (two workers started a build for the same reason). Returns the manifest."""
+    process is publishing, or with if_due (VECTOR_INDEX_REBUILD_ROWS; newer_rows as publish_reason's)
+    when, once the lock is held, none is due (any more: two workers started a build for the same
+    reason). Returns the manifest."""
     from usearch.index import Index
 
     with publish_lock(folder) as taken:
         if not taken:
             return None
-        if if_due is not None and publish_reason(folder, fingerprint, kind, if_due) is None:
+        if if_due is not None and publish_reason(folder, fingerprint, kind, if_due, newer_rows) is None:
             db.session.commit()
             return None
         started = time.monotonic()
