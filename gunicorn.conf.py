@@ -252,7 +252,7 @@ def on_starting(server):
         from app.preload import preload
 
         try:
-            preload()
+            preload(settings.semantic_model if settings.enable_semantic_search else None)
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
     hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,

@@ -8,8 +8,11 @@ importing them again.
 
 Only imports happen here: no app, engine, connection, Sentry client, thread or model session is
 created before fork (each worker still runs create_app() itself), and the model's runtime
-(onnxruntime, numpy, tokenizers) is left out on purpose: importing onnxruntime starts a thread,
-and a thread does not survive fork. tests/test_preload.py checks both, and that the pages are shared.
+(onnxruntime, numpy) is left out on purpose: importing onnxruntime starts a thread, and a thread
+does not survive fork. One part of the model is read here: the tokenizer file of a local model
+folder (preload_tokenizer), whose vocabulary structures would otherwise be each worker's own heap
+(~88 MB for multilingual-e5-small). tests/test_preload.py checks all of this, and that the pages
+are shared.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
+
+from app.semantic.encoders import TOKENIZER_FILE, preload_tokenizer
 
 # What create_app() and a worker's first requests import, model runtime excepted (found by listing
 # sys.modules after create_app() and a request of each kind): the register_* steps of app/__init__.py,
@@ -33,13 +39,14 @@ MODULES = (
     "monitoring.metrics", "monitoring.memory", "monitoring.watchdog", "psutil",
 )
 # Never imported in the master (see above).
-FORBIDDEN = ("onnxruntime", "numpy", "tokenizers", "torch")
+FORBIDDEN = ("onnxruntime", "numpy", "torch")
 
 
-def preload() -> list[str]:
-    """Import MODULES with the collector off, then freeze what exists so the workers' collector
-    leaves those pages alone (a collection writes to every object's header and unshares its page;
-    Python's gc.freeze() documentation describes this pattern for pre-fork servers).
+def preload(model_folder: str | None = None) -> list[str]:
+    """Import MODULES with the collector off, and read model_folder's tokenizer if it is a local
+    model folder with one, then freeze what exists so the workers' collector leaves those pages
+    alone (a collection writes to every object's header and unshares its page; Python's gc.freeze()
+    documentation describes this pattern for pre-fork servers).
     Returns the modules imported; raises RuntimeError if an import started a thread or pulled in
     a FORBIDDEN module, since forking would then copy a half-initialised runtime."""
     # No collection while importing: one would free objects between the imported ones, and the
@@ -52,6 +59,9 @@ def preload() -> list[str]:
     try:
         for name in MODULES:
             importlib.import_module(name)
+        tokenizer = Path(model_folder, TOKENIZER_FILE) if model_folder else None
+        if tokenizer is not None and tokenizer.is_file():
+            preload_tokenizer(tokenizer)
     finally:
         alembic_log.setLevel(level)
         gc.freeze()

@@ -32,6 +32,25 @@ def test_preloading_imports_no_runtime_and_starts_no_thread():
     assert seen == {"runtime": [], "threads": 1, "flask": True, "alembic": True}
 
 
+def test_the_master_reads_the_model_folders_tokenizer_for_the_workers(tiny_onnx):
+    """A large vocabulary's tokenizer is ~88 MB of heap: read before fork, the workers share it, and the
+    encoder a worker loads takes that one rather than reading its own."""
+    script = ("import json, os, sys\n"
+              "from pathlib import Path\n"
+              "from app.preload import FORBIDDEN, preload\n"
+              "preload(sys.argv[1])\n"
+              "threads = len(os.listdir('/proc/self/task'))\n"
+              "from app.semantic import encoders\n"
+              "read = encoders._PRELOADED_TOKENIZERS.get(str(Path(sys.argv[1], 'tokenizer.json').resolve()))\n"
+              "given = encoders.load_tokenizer(Path(sys.argv[1], 'tokenizer.json'), 16)\n"
+              "print(json.dumps({'runtime': [m for m in FORBIDDEN if m in sys.modules], 'threads': threads,\n"
+              "                  'same': read is given, 'ids': len(given.encode('שלום עולם').ids) > 0}))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_onnx)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"runtime": [], "threads": 1, "same": True, "ids": True}
+
+
 def test_preloading_refuses_a_module_that_brings_a_runtime():
     # numpy may already be imported by this test process; a fresh interpreter shows the refusal.
     script = ("import app.preload as p\n"
