@@ -12,8 +12,8 @@ the release step (`flask --app app release`, in the same 512 MB cgroup, before t
 `make run` and every platform run it) publishes the first generation; with --build serving the server
 starts with no index and its embedder's loop publishes one where the instance has the memory for the
 build (the PSS of the whole process tree is sampled every 50 ms, the publisher's child included),
-waited for up to --wait seconds. Then 200 semantic queries are sent, 4 at a time, and the latency of the answered
-ones is recorded, with or without a generation, and the workers killed or recycled on the way. Nothing
+waited for up to --wait seconds. Then 100 semantic queries are sent by one client, and 200 by 4 at a time, and the
+latency of the answered ones is recorded, with or without a generation, and the workers killed or recycled on the way. Nothing
 is asserted. Results: bench/results/instance-vectors.json.
 """
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         published_after = round(time.monotonic() - started, 1) if published else None
         sampler.phase = "queries"
 
-        def one(q: str) -> None:
+        def one(q: str, timings: list[float]) -> None:
             t = time.perf_counter()
             status, _, _ = fetch(f"{server.url}/search?" + urllib.parse.urlencode({"q": q, "mode": "semantic"}),
                                  timeout=30)
@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             if status == 200:
                 timings.append((time.perf_counter() - t) * 1000)
 
+        alone: list[float] = []  # one client: the latency a person searching alone sees
+        for q in queries[: len(queries) // 2]:
+            one(q, alone)
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, queries))
+            list(pool.map(lambda q: one(q, timings), queries))
     log = (work / "gunicorn.log").read_text(errors="replace")
     samples = sampler.samples
     by_phase = {phase: [s for s in samples if s["phase"] == phase] for phase in ("publish", "queries")}
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         "pss_peak_publishing_mb": strict_peak(by_phase["publish"], "pss_mb") if by_phase["publish"] else None,
         "pss_peak_serving_mb": strict_peak(by_phase["queries"], "pss_mb"),
         "pss_end_mb": by_phase["queries"][-1]["pss_mb"],
-        "queries": args.queries, "status": {str(k): v for k, v in sorted(statuses.items())},
+        "queries": args.queries + len(alone), "status": {str(k): v for k, v in sorted(statuses.items())},
+        "one_client": {"queries": len(alone), "p50_ms": round(statistics.median(alone), 1) if alone else None,
+                       "p95_ms": round(sorted(alone)[int(0.95 * (len(alone) - 1))], 1) if alone else None},
         "semantic_p50_ms": round(statistics.median(timings), 1) if timings else None,
         "semantic_p95_ms": round(timings[int(0.95 * (len(timings) - 1))], 1) if timings else None,
         **{k: figures.get(k) for k in ("cgroup_peak_mb", "oom_kills")},
