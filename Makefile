@@ -88,7 +88,7 @@ capacity: venv ## Semantic capacity, the previous release vs this tree, closed a
 
 docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
 	$(PY) -m devtools.docs env-example > .env.example
-	$(PY) -m devtools.docs readme
+	$(PY) -m devtools.docs config-table
 
 manifests: venv ## Regenerate render.yaml, app.json, fly.toml files and the tier env files from deploy/tiers.yaml
 	$(PY) -m deploy.generate
