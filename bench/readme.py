@@ -116,8 +116,8 @@ def serving_section(data: dict) -> str:
 def capacity_section(data: dict) -> str:
     from bench.capacity import table
 
-    # capacity.md is a page of its own: its title goes, its sections become bold lines inside the README's,
-    # and every step of every ladder stays there (the README links it).
+    # capacity.md is a page of its own: its title goes, its sections become bold lines inside docs/capacity.md's,
+    # and every step of every ladder stays there (the docs page links it, relative to docs/).
     out, skipping = [], False
     for line in table(data).strip().splitlines()[1:]:
         if line.startswith("## "):
@@ -125,7 +125,7 @@ def capacity_section(data: dict) -> str:
             line = f"**{line[3:]}**"
         if not skipping:
             out.append(line)
-    out += ["", "Every step of every ladder: [bench/results/capacity.md](bench/results/capacity.md)."]
+    out += ["", "Every step of every ladder: [bench/results/capacity.md](../bench/results/capacity.md)."]
     return "\n".join(out).strip()
 
 

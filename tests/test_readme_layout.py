@@ -1,5 +1,5 @@
-"""The README stays true to the tree: every room its Layout names exists and every room is named there;
-every test its Reliability table names exists."""
+"""The docs stay true to the tree: every room the Layout (docs/development.md) names exists and every
+room is named there; every test the Reliability table (docs/reliability.md) names exists."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 
 
 def layout_section() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Layout", 1)[1]
+    text = (DOCS / "development.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout\n", 1)[1]
     return section.split("\n## ", 1)[0]
 
 
@@ -22,7 +23,7 @@ def named_rooms() -> set[str]:
 
 def test_every_room_named_in_the_layout_exists():
     missing = sorted(p for p in named_rooms() if not (ROOT / p).exists())
-    assert not missing, f"README Layout names rooms that do not exist: {missing}"
+    assert not missing, f"docs/development.md's Layout names rooms that do not exist: {missing}"
 
 
 def test_every_module_and_package_is_in_the_layout():
@@ -39,12 +40,12 @@ def test_every_module_and_package_is_in_the_layout():
 
     unlisted = sorted([m for m in modules if not covered(m)] +
                       [t for t in top if not covered(t) and not split_into_rooms(t)])
-    assert not unlisted, f"README Layout does not say where these live: {unlisted}"
+    assert not unlisted, f"docs/development.md's Layout does not say where these live: {unlisted}"
 
 
 def reliability_tests() -> list[tuple[str, str]]:
     """(file, test) for each test the Reliability table names; `::name` continues the row's last file."""
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    section = (DOCS / "reliability.md").read_text(encoding="utf-8")
     named = []
     for row in (line for line in section.splitlines() if line.startswith("| ")):
         current = None
@@ -59,4 +60,4 @@ def test_every_test_the_reliability_table_names_exists():
     assert len(named) >= 20, named  # the table is parsed, not silently empty
     missing = [f"{path}::{name}" for path, name in named
                if path is None or not re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M)]
-    assert not missing, f"README Reliability names tests that do not exist: {missing}"
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
