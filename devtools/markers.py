@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:

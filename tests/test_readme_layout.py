@@ -11,6 +11,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from devtools.markers import doc_files
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -69,7 +71,7 @@ def test_every_test_the_reliability_table_names_exists():
 
 
 README_MAX_LINES = 200
-PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in DOCS.glob("*.md"))]
+PAGES = [page.relative_to(ROOT).as_posix() for page in doc_files()]  # README.md and docs/*.md
 
 
 def test_the_readme_is_a_front_door_of_at_most_200_lines():
