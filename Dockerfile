@@ -40,7 +40,7 @@ RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
 COPY app ./app
 COPY monitoring ./monitoring
 COPY deploy/prepare-model.sh ./deploy/prepare-model.sh
-# The project's own CLI prepares the artifact (README "Performance"); its download cache stays in this stage.
+# The project's own CLI prepares the artifact (docs/performance.md); its download cache stays in this stage.
 RUN PATH=/opt/prep/bin:$PATH HF_HOME=/tmp/hf sh deploy/prepare-model.sh && rm -rf /tmp/hf
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ ENV PATH=/opt/memfit/bin:$PATH \
     SEMANTIC_THREADS=0 \
     OMP_NUM_THREADS=1 \
     # glibc: 2 malloc arenas instead of 8 per core, and big buffers through mmap so they go back to
-    # the OS when freed: keeps batch-embedding peaks flat (README "Performance").
+    # the OS when freed: keeps batch-embedding peaks flat (docs/performance.md).
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072
 COPY --from=deps /opt/memfit /opt/memfit

@@ -86,9 +86,9 @@ capacity: venv ## Semantic capacity, the previous release vs this tree, closed a
 	$(PY) -m bench.batching
 	$(PY) -m bench.readme
 
-docs: venv ## Regenerate .env.example and the README's configuration table from app/settings.py
+docs: venv ## Regenerate .env.example and docs/configuration.md's table from app/settings.py
 	$(PY) -m devtools.docs env-example > .env.example
-	$(PY) -m devtools.docs readme
+	$(PY) -m devtools.docs config-table
 
 manifests: venv ## Regenerate render.yaml, app.json, fly.toml files and the tier env files from deploy/tiers.yaml
 	$(PY) -m deploy.generate

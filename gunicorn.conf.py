@@ -72,10 +72,10 @@ workers = settings.web_concurrency
 #       and are shed with 503 + Retry-After only when the queue would not answer them within
 #       SEMANTIC_DEADLINE_MS. With one thread per worker, a waiting query holds the whole worker and text
 #       requests queue behind it; with threads a text request finds a free handler, and SEMANTIC_HANDLERS
-#       keeps some of a worker's threads (a quarter, at most 8) out of semantic search's reach. Measured side by side (README
-#       "Serving"): under the 64-client overload, text p50 fell to a third with 4 threads at the same
-#       memory (threads add stacks, and activations only while holding a slot). The platform's proxy
-#       buffers slow clients.
+#       keeps some of a worker's threads (a quarter, at most 8) out of semantic search's reach. Measured side
+#       by side (docs/capacity.md, bench.serving): under the 64-client overload, text p50 fell to a third
+#       with 4 threads at the same memory (threads add stacks, and activations only while holding a slot).
+#       The platform's proxy buffers slow clients.
 #
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
 

@@ -49,8 +49,8 @@ def pause_point(name: str) -> None:
     exists takes that file (one request per arming, even with several workers), writes
     ``<dir>/<name>.reached`` holding its pid, and waits until ``<dir>/<name>.release`` appears, at most
     FAULT_RELEASE_WAIT seconds. Read from ``os.environ`` rather than declared in app/settings.py: it
-    configures the test harness, not the app, so it stays out of .env.example and the README; unset,
-    it costs a dict lookup per write.
+    configures the test harness, not the app, so it stays out of .env.example and
+    docs/configuration.md; unset, it costs a dict lookup per write.
     """
     folder = os.environ.get(FAULT_DIR_ENV)
     if not folder or get_settings().app_env == "production":

@@ -1,9 +1,9 @@
 """memfit's settings: one frozen object, built from the environment in one place.
 
 Every variable the app reads is declared once in ``FIELDS`` below, with its default, its parser and
-a one-line meaning. ``.env.example`` and the README table are generated from, and checked against,
-this list (``make docs``, devtools/docs.py; tests/test_settings.py fails when they are stale), so the
-documentation cannot drift from the code.
+a one-line meaning. ``.env.example`` and docs/configuration.md's table are generated from, and checked
+against, this list (``make docs``, devtools/docs.py; tests/test_settings.py fails when they are stale),
+so the documentation cannot drift from the code.
 
 gunicorn's variables that need parsing (``PORT``, ``WEB_CONCURRENCY``, ``GUNICORN_*`` numbers and
 switches) are fields here too: ``gunicorn.conf.py`` builds this same Settings. No other module reads

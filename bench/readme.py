@@ -1,5 +1,6 @@
-"""Write the container, load and release benchmarks' last results into the README's marker sections
-(devtools/markers.py), so the README shows the last run's figures and nothing typed by hand.
+"""Write the benchmarks' and test suites' last results (bench/results/) into their marker sections
+(devtools/markers.py), each in whichever of README.md and docs/*.md holds its markers, so the pages show
+the last run's figures and nothing typed by hand.
 
     python -m bench.readme            # every section whose results file exists
 """
@@ -10,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from devtools.markers import README, replace_section
+from devtools.markers import replace_section, section_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,8 +116,8 @@ def serving_section(data: dict) -> str:
 def capacity_section(data: dict) -> str:
     from bench.capacity import table
 
-    # capacity.md is a page of its own: its title goes, its sections become bold lines inside the README's,
-    # and every step of every ladder stays there (the README links it).
+    # capacity.md is a page of its own: its title goes, its sections become bold lines inside docs/capacity.md's,
+    # and every step of every ladder stays there (the docs page links it, relative to docs/).
     out, skipping = [], False
     for line in table(data).strip().splitlines()[1:]:
         if line.startswith("## "):
@@ -124,7 +125,7 @@ def capacity_section(data: dict) -> str:
             line = f"**{line[3:]}**"
         if not skipping:
             out.append(line)
-    out += ["", "Every step of every ladder: [bench/results/capacity.md](bench/results/capacity.md)."]
+    out += ["", "Every step of every ladder: [bench/results/capacity.md](../bench/results/capacity.md)."]
     return "\n".join(out).strip()
 
 
@@ -135,7 +136,7 @@ def batching_section(data: dict) -> str:
 
 
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
-            # bench/release.py; the README needs <!-- release-results:start/end --> markers for it.
+            # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
             "sharing-results": ("sharing.json", sharing_section),
             "textscale-results": ("textscale.json", textscale_section),
@@ -148,19 +149,23 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
 
 
 def main() -> int:
-    text = README.read_text(encoding="utf-8")
+    texts: dict[Path, str] = {}  # each page read once, written once, however many of its sections change
     for name, (filename, render) in SECTIONS.items():
         path = RESULTS / filename
         if not path.exists():
             continue
         body = render(json.loads(path.read_text()))
-        if f"<!-- {name}:start -->" not in text:
-            # A section the README does not show yet: print it for whoever adds the markers, rather than
-            # failing every suite that ends with this command.
-            print(f"README has no <!-- {name}:start/end --> markers; the section would be:\n{body}\n", file=sys.stderr)
+        page = section_file(name)
+        if page is None:
+            # A section no page shows yet: print it for whoever adds the markers, rather than failing
+            # every suite that ends with this command.
+            print(f"no page (README.md, docs/*.md) has <!-- {name}:start/end --> markers; the section would be:\n"
+                  f"{body}\n", file=sys.stderr)
             continue
-        text = replace_section(text, name, body)
-    README.write_text(text, encoding="utf-8")
+        text = texts[page] if page in texts else page.read_text(encoding="utf-8")
+        texts[page] = replace_section(text, name, body)
+    for page, text in texts.items():
+        page.write_text(text, encoding="utf-8")
     return 0
 
 

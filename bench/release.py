@@ -9,7 +9,7 @@ the synthetic AlephBERT-architecture model and prepares it as the 512 MB tier do
 ITEMS generated Hebrew items into a fresh database at the current schema, then times two release runs
 as a platform starts them (a separate `flask --app app release` process with the 512mb tier's
 settings): the first embeds every item and tag, the second must find nothing to do. Writes
-bench/results/release.json; `python -m bench.readme` copies it into the README.
+bench/results/release.json; `python -m bench.readme` copies it into docs/deploy.md.
 
 Timings depend on the machine and on what else runs on it: the JSON records the CPU count.
 """

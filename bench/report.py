@@ -1,5 +1,5 @@
 """Turn a benchmark run into bench/results/bench.json, bench.md (the table) and memory.png (the plot),
-and copy the table into the README's Memory section."""
+and copy the table into docs/performance.md (its bench-results markers)."""
 
 from __future__ import annotations
 

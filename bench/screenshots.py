@@ -1,4 +1,5 @@
-"""``python -m bench.screenshots``: PNGs of the search page and of the status page, for the README.
+"""``python -m bench.screenshots``: PNGs of the search page (for the README) and of the status page (for
+docs/operations.md).
 
 The search page: the app on loopback with the sample data in a throw-away SQLite database, a shared
 search URL. The status page: real gunicorn with two workers sampled every second for a while, under

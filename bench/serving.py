@@ -1,8 +1,8 @@
 """Serving, side by side in one run (issue 11 item 7): today's design against the new one, in memory
-cgroups of each tier's size, under the README's 16-client mix, then an overload run.
+cgroups of each tier's size, under the 16-client mix of docs/reliability.md's load run, then an overload run.
 
     python -m bench.serving                 # make load: both designs, both tiers, then the overload run
-    python -m bench.serving --seconds 20    # shorter runs (the figures are then not the README's)
+    python -m bench.serving --seconds 20    # shorter runs (the figures are then not those of docs/capacity.md)
 
 Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's models()):
   today   the layout before weight sharing, on this release's code: the weights inside one model.onnx
@@ -234,7 +234,7 @@ def checks(data: dict) -> list[tuple[str, bool]]:
 
 
 def table(data: dict) -> str:
-    """The runs side by side, then the goals: bench/results/serving.md and the README's Serving section."""
+    """The runs side by side, then the goals: bench/results/serving.md and docs/capacity.md's serving table."""
     rows = ["| run | workers | requests/s (answered) | text p50 | tags p50 | semantic p50 (not shed) | all p99 | 5xx | 503 sheds "
             "| cgroup peak | PSS peak | OOM kills | first semantic query after a recycle, under the mix (median / max) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

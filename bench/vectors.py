@@ -24,7 +24,7 @@ semantic search asks for items):
 Figures per (back end, size, dim): top-50 p50 and p95 over 50 queries after 5 warm-ups, recall@10 against
 the exact float32 ranking, build seconds, bytes on disk, and for matrix and shared the PSS sum of 2 and
 of 6 processes that opened the store and searched (each a worker's view: the shared file counted once).
-Results: bench/results/vectors.json and vectors.md, copied into the README by bench/readme.py's marker.
+Results: bench/results/vectors.json and vectors.md, copied into docs/vectors.md (its vector-results markers).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The settings documentation, generated from app.settings.FIELDS (make docs): .env.example and the
-README's configuration table. tests/test_settings.py fails when the committed copies drift.
+configuration table (between the config-table markers, in whichever of README.md and docs/*.md holds them).
+tests/test_settings.py fails when the committed copies drift.
 
     python -m devtools.docs env-example > .env.example
-    python -m devtools.docs readme
+    python -m devtools.docs config-table
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from app.settings import FIELDS
-from devtools.markers import README, write_section
+from devtools.markers import write_section
 
 SECTION = "config-table"
 
@@ -29,7 +30,7 @@ def env_example() -> str:
 
 
 def markdown_table() -> str:
-    """The README's configuration table."""
+    """The configuration table: every variable, its default and its meaning."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for field in FIELDS:
         default = "(computed)" if field.default is None else (f"`{field.default}`" if field.default else "(empty)")
@@ -40,10 +41,10 @@ def markdown_table() -> str:
 def main(argv: list[str]) -> int:
     if argv == ["env-example"]:
         print(env_example())
-    elif argv == ["readme"]:
-        write_section(SECTION, markdown_table(), README)
+    elif argv == ["config-table"]:
+        write_section(SECTION, markdown_table())
     else:
-        raise SystemExit("usage: python -m devtools.docs env-example|readme")
+        raise SystemExit("usage: python -m devtools.docs env-example|config-table")
     return 0
 
 

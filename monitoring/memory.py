@@ -18,7 +18,7 @@ worker. A process is described by three figures from ``/proc/PID/smaps_rollup``:
   worker has touched so far (the embedding table's rows for the words it has seen) is page cache,
   shared as soon as another worker reads it and dropped under pressure. Counted as private, it
   recycled workers at 148-208 MB of USS under a load where workers' own written pages measured
-  60-70 MB (README "Serving").
+  60-70 MB (docs/performance.md).
   Where smaps_rollup is missing (kernels before 4.14) ``RssAnon`` from ``/proc/PID/status`` stands in.
 """
 

@@ -1,4 +1,4 @@
-"""devtools/: the marker-section writer, the readiness wait, and the rule that the app never imports it."""
+"""devtools/: the marker-section writer and how it finds the page holding a section, the readiness wait, and the rule that the app never imports it."""
 
 import ast
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from devtools.http import free_port, wait_http
-from devtools.markers import replace_section
+from devtools.markers import doc_files, replace_section, section_file, write_section
 from support import ROOT
 
 
@@ -19,6 +19,62 @@ def test_section_between_markers_is_replaced_and_the_rest_kept():
 def test_missing_markers_are_named():
     with pytest.raises(SystemExit, match="<!-- t:start -->"):
         replace_section("no markers here", "t", "body")
+
+
+def pages(tmp_path, **texts):
+    """Files named by the keywords (readme -> readme.md), holding the given texts."""
+    paths = []
+    for stem, text in texts.items():
+        paths.append(tmp_path / f"{stem}.md")
+        paths[-1].write_text(text, encoding="utf-8")
+    return paths
+
+
+def test_the_section_is_written_in_the_one_page_that_holds_its_markers(tmp_path):
+    readme, deploy = pages(tmp_path, readme="front\n", deploy="a\n<!-- t:start -->\nold\n<!-- t:end -->\nb\n")
+    assert write_section("t", "new", [readme, deploy]) == deploy
+    assert deploy.read_text(encoding="utf-8") == "a\n<!-- t:start -->\nnew\n<!-- t:end -->\nb\n"
+    assert readme.read_text(encoding="utf-8") == "front\n"
+
+
+def test_a_section_no_page_holds_is_named(tmp_path):
+    files = pages(tmp_path, readme="front\n", deploy="deploy\n")
+    assert section_file("t", files) is None
+    with pytest.raises(SystemExit, match=r"no <!-- t:start --> .* in any of .*readme\.md, .*deploy\.md"):
+        write_section("t", "body", files)
+
+
+def test_a_section_two_pages_hold_is_refused_and_neither_is_written(tmp_path):
+    section = "<!-- t:start -->\nold\n<!-- t:end -->\n"
+    files = pages(tmp_path, readme=section, deploy=section)
+    with pytest.raises(SystemExit, match=r"<!-- t:start --> .* stand in 2 files, expected one: .*readme\.md, .*deploy\.md"):
+        write_section("t", "new", files)
+    assert [f.read_text(encoding="utf-8") for f in files] == [section, section]
+
+
+def test_a_page_with_half_a_marker_pair_is_found_and_its_missing_marker_named(tmp_path):
+    readme, deploy = pages(tmp_path, readme="front\n", deploy="<!-- t:start -->\nold\n")
+    assert section_file("t", [readme, deploy]) == deploy
+    with pytest.raises(SystemExit, match="<!-- t:end -->"):
+        write_section("t", "new", [readme, deploy])
+
+
+def generated_sections() -> list[str]:
+    """Every marker section a writer fills: bench/readme.py's, the configuration table, bench/report.py's
+    memory table and bench/vectors.py's table."""
+    from bench.readme import SECTIONS
+
+    return sorted([*SECTIONS, "config-table", "bench-results", "vector-results"])
+
+
+@pytest.mark.parametrize("name", generated_sections())
+def test_every_generated_section_stands_once_in_one_page(name):
+    page = section_file(name)
+    assert page is not None, f"no page of {[p.name for p in doc_files()]} holds the {name} markers"
+    text = page.read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    assert (text.count(start), text.count(end)) == (1, 1) and text.index(start) < text.index(end), \
+        f"{page.name}: the {name} markers are not one start followed by one end"
 
 
 def test_wait_fails_as_soon_as_the_process_exits():

@@ -31,7 +31,7 @@ BY_FAULT = Counter()  # faults survived, per kind, so that a partial run (-k) sa
 @pytest.fixture(scope="module", autouse=True)
 def record_figures(request):
     """Write the figures after the module's tests pass; a run with a failure, or one that selected part of
-    the module (-k, node ids), writes nothing: the README quotes the whole set's figures."""
+    the module (-k, node ids), writes nothing: docs/reliability.md quotes the whole set's figures."""
     failed_before = request.session.testsfailed
     partial = bool(request.config.getoption("keyword")) or any("::" in arg for arg in request.config.args)
     yield

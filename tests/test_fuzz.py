@@ -3,7 +3,7 @@ classes from hypothesis, and hand-made hostile ones; in process on SQLite, and t
 on PostgreSQL with semantic search on (the tiny model). No 500, no stack trace, every error JSON.
 
 Every request sent is counted; the total of the last run is written to bench/results/fuzz.json
-("inputs tried", quoted by the README)."""
+("inputs tried", quoted in docs/reliability.md)."""
 
 import json
 import urllib.parse

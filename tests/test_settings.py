@@ -55,15 +55,15 @@ def test_postgres_scheme_is_rewritten_for_sqlalchemy(tmp_path):
     assert not s.is_sqlite
 
 
-def test_env_example_and_readme_table_are_generated_from_the_fields():
+def test_env_example_and_the_configuration_table_are_generated_from_the_fields():
     from pathlib import Path
 
     from devtools.docs import env_example, markdown_table
 
     root = Path(__file__).resolve().parent.parent
     assert (root / ".env.example").read_text(encoding="utf-8") == env_example() + "\n", "run `make docs`"
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme, "the README's configuration table is stale: run `make docs`"
+    page = (root / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert markdown_table() in page, "docs/configuration.md's table is stale: run `make docs`"
     for field in FIELDS:
         assert f"{field.env}=" in env_example()
 

@@ -324,8 +324,8 @@ class PgVectorIndex:
         return 0
 
     def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        # The typed expression vec::vector(<dim>) is what an HNSW index is built on (README
-        # "Performance"): with the index the search is approximate and fast, without it exact.
+        # The typed expression vec::vector(<dim>) is what an HNSW index is built on (docs/vectors.md):
+        # with the index the search is approximate and fast, without it exact.
         dim = int(query.shape[0])
         params = {"q": _literal(query), "fp": fingerprint, "kind": kind, "k": k, "dim": dim}
 

@@ -23,7 +23,7 @@ with the weights inside 224/419/616 MB; external data with prepacking off 155/18
 encoding ~2x slower; external data plus the saved prepacked weights 175/205/234 MB, identical
 embeddings, same speed. bench/sharing.py repeats the measurement.
 
-Precisions, judged by top-5 retrieval agreement with fp32 on real weights (README "Performance"):
+Precisions, judged by top-5 retrieval agreement with fp32 on real weights (docs/performance.md):
 ``q8`` (8-bit block-quantised weights, int8 compute via MatMulNBits accuracy_level 4, and an
 8-bit embedding table via GatherBlockQuantized) is the 512 MB tier's choice; ``int8`` (dynamic,
 per-channel) is faster to build but less faithful; ``fp32`` is exact.
