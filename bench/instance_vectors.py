@@ -145,6 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def section(data: dict) -> str:
+    """The run in a few sentences, for docs/vectors.md (bench/readme.py copies it there)."""
+    release = data.get("release") or {}
+    generation = data.get("generation") or {}
+    built = (f"the release step published the first generation before the server started "
+             f"({release.get('seconds')} s, the cgroup's peak {release.get('cgroup_peak_mb')} MB, "
+             f"{release.get('oom_kills')} OOM kills)" if data.get("built_by") == "release" else
+             f"the serving instance was left to publish the first generation "
+             f"({'after ' + str(data['published_after_start_s']) + ' s' if generation else 'it never did'})")
+    alone = data.get("one_client") or {}
+    return (f"Measured {data['measured_at']}: the 512 MB tier's settings in a 512 MB memory cgroup, "
+            f"{data['model']}, {data['vectors']:,} stored item vectors on SQLite. {built[0].upper()}{built[1:]}; "
+            f"the generation holds {generation.get('count', 0):,} vectors in {data.get('index_file_mb')} MB, "
+            f"searched by {generation.get('search', '–')} (probe recall {generation.get('probe_recall', '–')}). "
+            f"Serving: semantic p50 **{alone.get('p50_ms')} ms** (p95 {alone.get('p95_ms')} ms) for one client, "
+            f"{data['semantic_p50_ms']} ms (p95 {data['semantic_p95_ms']} ms) for four at a time on 2 cores; "
+            f"answers {', '.join(f'{n} × {code}' for code, n in data['status'].items())}; instance PSS peak **{data['pss_peak_serving_mb']} MB**; "
+            f"{data['recycles']} recycles, {data['workers_killed']} workers killed, {data['oom_kills']} OOM kills.")
+
+
 def store_vectors(env: dict, passages) -> None:
     """passages as item vectors of the served model, with ref ids past the sample's items."""
     import subprocess

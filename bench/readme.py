@@ -135,6 +135,12 @@ def batching_section(data: dict) -> str:
     return table(data)
 
 
+def instance_vectors_section(data: dict) -> str:
+    from bench.instance_vectors import section
+
+    return section(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -145,7 +151,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "faults-results": ("faults.json", faults_section),
             "serving-results": ("serving.json", serving_section),
             "capacity-results": ("capacity.json", capacity_section),
-            "batching-results": ("batching.json", batching_section)}
+            "batching-results": ("batching.json", batching_section),
+            "instance-vectors-results": ("instance-vectors.json", instance_vectors_section)}
 
 
 def main() -> int:
