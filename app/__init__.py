@@ -111,6 +111,9 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(openapi)
     app.register_blueprint(web)
     app.register_blueprint(status)
+    from . import limits
+
+    limits.init_app(app, writes=api, guarded=[status])
 
 
 def register_headers(app: Flask) -> None:

@@ -68,21 +68,14 @@ def pause_point(name: str) -> None:
         time.sleep(0.02)
 
 
-# --- writes: token and rate limit -------------------------------------------------------------
+# --- writes: token and client address -------------------------------------------------------------
 
 
 @bp.record_once
-def _guard_writes(setup: BlueprintSetupState) -> None:
-    """Rate-limit this blueprint's writes per client, and say at start-up how writes are authorised."""
-    from flask_limiter import Limiter
-
+def _announce_writes(setup: BlueprintSetupState) -> None:
+    """Say at start-up how writes are authorised (their rate limits are app/limits.py's)."""
     app = setup.app
     settings = get_settings(app)
-    # memory:// counts per worker process: with WEB_CONCURRENCY workers a client gets up to that many
-    # times the limit. Acceptable on one small instance; several instances would need a shared store.
-    limiter = Limiter(key_func=_client_address, app=app, storage_uri="memory://", headers_enabled=True,
-                      default_limits=[], key_prefix="memfit-writes")
-    limiter.limit(settings.write_rate_limit, methods=["POST", "PUT", "PATCH", "DELETE"])(bp)
     if settings.write_token:
         return
     if settings.app_env == "production":
@@ -100,16 +93,6 @@ def _guard_writes(setup: BlueprintSetupState) -> None:
             with lock:
                 if pending:
                     log.warning(pending.pop())
-
-
-def _client_address() -> str:
-    """The address a write is counted against: the peer, or what the outermost trusted proxy saw."""
-    hops = get_settings().trusted_proxies
-    forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
-    # Each trusted proxy appends the address it received from; entries further left are the client's word.
-    if hops and len(forwarded) >= hops:
-        return forwarded[-hops][:64]
-    return request.remote_addr or "unknown"
 
 
 @bp.before_request

@@ -59,9 +59,12 @@ def register_errors(app: Flask) -> None:
 
     @app.errorhandler(RateLimitExceeded)
     def _rate_limited(exc: RateLimitExceeded):
-        # Flask-Limiter adds Retry-After (seconds) to this response after the request (headers_enabled).
-        return error_response(429, "rate_limited", f"too many writes from this address (limit: {exc.description}); "
-                                                   "retry after the number of seconds in Retry-After")
+        from .limits import AUTH_SCOPE, retry_after
+
+        what = "failed token checks" if getattr(exc.limit, "scope", None) == AUTH_SCOPE else "writes"
+        return error_response(429, "rate_limited", f"too many {what} from this address (limit: {exc.description}); "
+                                                   "retry after the number of seconds in Retry-After",
+                              {"Retry-After": str(retry_after(app))})
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

@@ -109,6 +109,13 @@ def _rate_limit(raw: str) -> str:
     return value
 
 
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("accepts a redis://, rediss:// or unix:// URL (empty: no Redis)")
+    return value
+
+
 def _pg_memory(raw: str) -> str:
     import re
 
@@ -205,7 +212,15 @@ FIELDS: tuple[Field, ...] = (
           "open in development (a warning at start-up) and closed (403) when APP_ENV=production.", secret=True),
     Field("WRITE_RATE_LIMIT", "30 per minute", _rate_limit,
           "Writes allowed per client address (Flask-Limiter notation, e.g. 30 per minute; several with ;); "
-          "past it, 429 with Retry-After. Counted per worker."),
+          "past it, 429 with Retry-After. Counted for the whole instance (every worker), and with REDIS_URL "
+          "for every instance."),
+    Field("AUTH_FAILURE_LIMIT", "10 per minute", _rate_limit,
+          "Failed token checks allowed per client address on every token-guarded path (writes, /status); "
+          "past it, 429 with Retry-After, even with the right token, until the window ends."),
+    Field("REDIS_URL", "", _redis_url,
+          "Redis for the rate limits (Render Key Value, Upstash on Fly; TLS certificates must verify): the limits "
+          "hold across instances. Empty: each instance counts in a file of its own, shared by its workers.",
+          secret=True),
     Field("TRUSTED_PROXIES", "0", _int(0, 5),
           "Proxies in front of the app that append to X-Forwarded-For (Render, Heroku, Fly: 1); the rate "
           "limit keys on the address the outermost trusted proxy saw. 0: the socket's peer address."),
@@ -291,6 +306,8 @@ class Settings:
     max_query_length: int
     write_token: str
     write_rate_limit: str
+    auth_failure_limit: str
+    redis_url: str
     trusted_proxies: int
     memory_tier: str
     max_memory_mb: int

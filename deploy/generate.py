@@ -27,7 +27,7 @@ HEADER = "Generated from deploy/tiers.yaml by `make manifests`: edit that file, 
 SERVICE = "memfit"
 FLY_REGION = "fra"
 # Render, Heroku and Fly each put one proxy in front of the app, which appends the client's address
-# to X-Forwarded-For: the write rate limit keys on that address (app.api._client_address).
+# to X-Forwarded-For: the write rate limit keys on that address (app.limits.client_address).
 PLATFORM_PROXIES = "1"
 # The port gunicorn binds in the image ($PORT) and where Fly routes traffic and scrapes /metrics.
 APP_PORT = 8000
@@ -81,6 +81,10 @@ def render_blueprint(data: dict, tier: str) -> str:
         {"key": "SENTRY_DSN", "sync": False},  # entered by the user in the dashboard, never committed
         {"key": "SENTRY_CRON_MONITOR", "sync": False},
     ] + [{"key": k, "value": v} for k, v in spec["env"].items()]
+    key_value = spec["platforms"]["render"].get("key_value")
+    if key_value:
+        env_vars.append({"key": "REDIS_URL", "fromService": {"type": "keyvalue", "name": f"{service_name(tier)}-limits",
+                                                              "property": "connectionString"}})
     blueprint = {
         "services": [{
             "type": "web",
@@ -106,6 +110,16 @@ def render_blueprint(data: dict, tier: str) -> str:
             "ipAllowList": [],
         }],
     }
+    if key_value:
+        blueprint["services"].append({
+            "type": "keyvalue",
+            "name": f"{service_name(tier)}-limits",
+            "plan": key_value,
+            "region": render["region"],
+            # Rate-limit counters only, each with its window as its expiry: the first to go when full.
+            "maxmemoryPolicy": "volatile-ttl",
+            "ipAllowList": [],  # only this account's services, over Render's private network
+        })
     note = (f"# Tier {tier}: {spec['summary']}\n"
             f"# Render plan {spec['platforms']['render']['plan']}")
     if spec["memory_mb"] != 512:

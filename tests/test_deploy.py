@@ -72,7 +72,7 @@ def test_unquoted_values_are_refused(tmp_path):
 def test_render_blueprint_rules(tier):
     raw = (ROOT / generate.paths(tier)["render"]).read_text()
     blueprint = yaml.safe_load(raw)
-    (service,) = blueprint["services"]
+    service, *others = blueprint["services"]
     (database,) = blueprint["databases"]
     assert service["runtime"] == "docker" and "env" not in service
     assert service["plan"] in RENDER_WEB_PLANS and "_" not in service["plan"]
@@ -88,6 +88,25 @@ def test_render_blueprint_rules(tier):
     # YAML 1.1 reads unquoted off/on/yes/no as booleans: every such value must be quoted in the file.
     assert not re.search(r"^\s*value: (off|on|yes|no|true|false)\s*$", raw, re.M | re.I)
     assert env["MAX_MEMORY_MB"]["value"] == DATA["tiers"][tier]["env"]["MAX_MEMORY_MB"]
+
+
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_the_tier_that_scales_out_gets_a_key_value_for_its_rate_limits(tier):
+    blueprint = yaml.safe_load((ROOT / generate.paths(tier)["render"]).read_text())
+    web, *others = blueprint["services"]
+    env = {e["key"]: e for e in web["envVars"]}
+    plan = DATA["tiers"][tier]["platforms"]["render"].get("key_value")
+    if not plan:
+        assert others == [] and "REDIS_URL" not in env
+        return
+    (key_value,) = others
+    assert key_value["type"] == "keyvalue" and key_value["plan"] == plan and key_value["ipAllowList"] == []
+    assert env["REDIS_URL"]["fromService"] == {"type": "keyvalue", "name": key_value["name"],
+                                               "property": "connectionString"}
+
+
+def test_at_least_one_tier_scales_out_with_a_key_value():
+    assert any(t["platforms"]["render"].get("key_value") for t in DATA["tiers"].values())
 
 
 def test_render_1gb_tier_uses_the_smallest_plan_above_and_says_so():
@@ -179,7 +198,7 @@ def test_makefile_takes_the_model_from_settings():
 
 @pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
 def test_render_runs_the_release_before_traffic(tier):
-    (service,) = yaml.safe_load((ROOT / generate.paths(tier)["render"]).read_text())["services"]
+    service, *_ = yaml.safe_load((ROOT / generate.paths(tier)["render"]).read_text())["services"]
     assert service.get("preDeployCommand") == RELEASE_COMMAND
     # Render runs a pre-deploy command on paid plans only.
     assert service["plan"] != "free"

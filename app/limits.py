@@ -1,0 +1,143 @@
+"""Rate limits that hold for the whole deployment, not per worker: writes per client (WRITE_RATE_LIMIT)
+and failed token checks per client (AUTH_FAILURE_LIMIT) on every token-guarded path (writes, /status).
+
+Flask-Limiter counts; where the counts live decides what "per client" means:
+
+* ``REDIS_URL`` set (Render Key Value, Heroku Redis, Upstash on Fly): in Redis, through Flask-Limiter's
+  own storage, shared by every worker of every instance.
+* otherwise: in a small SQLite file in the instance's shared folder (``LocalStorage``), shared by the
+  instance's workers. Several instances without Redis each count on their own: a client gets the limit
+  once per instance (docs/deploy.md says what a multi-instance deployment needs).
+
+A storage that fails never fails a request: Flask-Limiter counts in the worker's memory meanwhile
+(``in_memory_fallback_enabled``) and goes back to the storage when it answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from flask import Blueprint, Flask, request
+from limits.storage import Storage
+
+from .state import get_settings
+
+log = logging.getLogger(__name__)
+
+WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
+LOCAL_FILE = "limits.sqlite3"
+AUTH_SCOPE = "auth-failures"
+
+
+class LocalStorage(Storage):
+    """Fixed-window counters in one SQLite file, for the workers of one instance (the ``limits`` library
+    has Redis, Memcached, MongoDB and process memory; none is shared by processes without a server)."""
+
+    STORAGE_SCHEME = ["memfit-local"]
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options):
+        super().__init__(uri, wrap_exceptions, **options)
+        self.path = uri.split("://", 1)[1] if uri else ":memory:"
+        self._local = threading.local()  # one connection per thread: sqlite3 connections are not shared
+
+    @property
+    def base_exceptions(self):
+        return sqlite3.Error
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None, check_same_thread=False)
+            # Counters of the last minutes: losing them in a power cut costs nothing, so no fsync.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                       "expires REAL NOT NULL)")
+            self._local.db = db
+        return db
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        db = self._db()
+        # One statement: a window that has ended starts again at amount, atomically for every worker.
+        row = db.execute(
+            "INSERT INTO counters (key, count, expires) VALUES (?1, ?2, ?3) ON CONFLICT(key) DO UPDATE SET "
+            "count = CASE WHEN expires <= ?4 THEN ?2 ELSE count + ?2 END, "
+            "expires = CASE WHEN expires <= ?4 THEN ?3 ELSE expires END RETURNING count",
+            (key, amount, now + expiry, now)).fetchone()
+        return int(row[0])
+
+    def get(self, key: str) -> int:
+        row = self._db().execute("SELECT count FROM counters WHERE key = ? AND expires > ?",
+                                 (key, time.time())).fetchone()
+        return int(row[0]) if row else 0
+
+    def get_expiry(self, key: str) -> float:
+        row = self._db().execute("SELECT expires FROM counters WHERE key = ?", (key,)).fetchone()
+        return float(row[0]) if row else time.time()
+
+    def check(self) -> bool:
+        try:
+            self._db().execute("SELECT 1").fetchone()
+            return True
+        except sqlite3.Error:
+            return False
+
+    def reset(self) -> int | None:
+        db = self._db()
+        count = db.execute("SELECT count(*) FROM counters").fetchone()[0]
+        db.execute("DELETE FROM counters")
+        return int(count)
+
+    def clear(self, key: str) -> None:
+        self._db().execute("DELETE FROM counters WHERE key = ?", (key,))
+
+
+def client_address() -> str:
+    """The address a rate limit counts against: the peer, or what the outermost trusted proxy saw."""
+    hops = get_settings().trusted_proxies
+    forwarded = [part.strip() for part in request.headers.get("X-Forwarded-For", "").split(",") if part.strip()]
+    # Each trusted proxy appends the address it received from; entries further left are the client's word.
+    if hops and len(forwarded) >= hops:
+        return forwarded[-hops][:64]
+    return request.remote_addr or "unknown"
+
+
+def storage_uri(settings) -> str:
+    """Where the counts live: REDIS_URL, else the instance's own file."""
+    return settings.redis_url or f"memfit-local://{Path(settings.shared_folder, LOCAL_FILE)}"
+
+
+def init_app(app: Flask, writes: Blueprint, guarded: list[Blueprint]) -> None:
+    """Limit writes on the writes blueprint, and failed token checks on it and on every guarded one."""
+    from flask_limiter import Limiter
+
+    settings = get_settings(app)
+    # A Redis that stops answering must not hold a request for long: half a second, then the fallback.
+    options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5} if settings.redis_url else {}
+    limiter = Limiter(key_func=client_address, app=app, storage_uri=storage_uri(settings), storage_options=options,
+                      default_limits=[], key_prefix="memfit", in_memory_fallback_enabled=True,
+                      swallow_errors=True)
+    app.extensions["memfit_limiter"] = limiter
+    limiter.limit(settings.write_rate_limit, methods=WRITE_METHODS, scope="writes")(writes)
+    failed = lambda response: response.status_code == 401  # noqa: E731 -- counted after the answer
+    limiter.shared_limit(settings.auth_failure_limit, scope=AUTH_SCOPE, methods=WRITE_METHODS,
+                         deduct_when=failed)(writes)
+    for blueprint in guarded:
+        limiter.shared_limit(settings.auth_failure_limit, scope=AUTH_SCOPE, deduct_when=failed)(blueprint)
+
+
+def retry_after(app: Flask) -> int:
+    """Seconds until the limit this request broke lets it through again (at least 1)."""
+    limiter = app.extensions.get("memfit_limiter")
+    current = getattr(limiter, "current_limit", None) if limiter else None
+    if current is None:
+        return 60
+    # reset_at is rounded up to the next whole second: never say more than the window itself.
+    return max(1, min(current.limit.get_expiry(), math.ceil(current.reset_at - time.time())))

@@ -1,0 +1,135 @@
+"""app/limits.py: the write limit and the failed-token limit hold for the whole instance (every worker)
+and, with REDIS_URL, for every instance; a failing store never fails a request."""
+
+import shutil
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app import create_app
+from app.limits import LocalStorage
+from support import Gunicorn, make_settings, require, wait_until
+
+TOKEN = "s3cret-token-for-tests"
+ITEM = {"title": "פריט לבדיקה", "tags": ["בדיקה"]}
+
+
+def error_code(response) -> str:
+    return response.get_json()["error"]["code"]
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """An instance on SQLite: its own database and shared folder under tmp_path/folder."""
+    def make(folder: str = "one", **env):
+        app = create_app(make_settings(tmp_path / folder, **env))
+        with app.app_context():
+            from app.db import create_schema
+
+            create_schema()
+        return app
+    return make
+
+
+def test_guessing_the_token_is_limited_on_the_status_page_and_on_writes(make_app):
+    # The status page asks for the token in production only.
+    client = make_app(WRITE_TOKEN=TOKEN, AUTH_FAILURE_LIMIT="3 per minute", APP_ENV="production",
+                      SECRET_KEY="a-production-secret-key-for-tests").test_client()
+    guesser, other = {"REMOTE_ADDR": "10.0.0.1"}, {"REMOTE_ADDR": "10.0.0.2"}
+    wrong = {"Authorization": "Bearer guess"}
+    assert [client.get("/status", headers=wrong, environ_base=guesser).status_code for _ in range(2)] == [401, 401]
+    assert client.post("/items", json=ITEM, headers=wrong, environ_base=guesser).status_code == 401
+    # Three failures on any guarded path: the fourth try is refused, the right token included.
+    refused = client.get("/status", headers={"Authorization": f"Bearer {TOKEN}"}, environ_base=guesser)
+    assert refused.status_code == 429 and error_code(refused) == "rate_limited"
+    assert "failed token checks" in refused.get_json()["error"]["message"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert client.post("/items", json=ITEM, headers={"Authorization": f"Bearer {TOKEN}"},
+                       environ_base=guesser).status_code == 429
+    # Successes cost nothing, and another address is not concerned.
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    assert all(client.get("/status", headers=right, environ_base=other).status_code == 200 for _ in range(5))
+    assert client.post("/items", json=ITEM, headers=right, environ_base=other).status_code == 201
+
+
+def test_a_write_that_is_answered_carries_no_retry_after(make_app):
+    client = make_app(WRITE_RATE_LIMIT="1 per minute").test_client()
+    created = client.post("/items", json=ITEM)
+    assert created.status_code == 201 and "Retry-After" not in created.headers
+    assert "Retry-After" in client.post("/items", json=ITEM).headers
+
+
+def test_the_instance_file_counts_for_every_process(tmp_path):
+    """Two storages on one file, as two workers have: one count, and a window that ends starts again."""
+    path = tmp_path / "limits.sqlite3"
+    one, two = LocalStorage(f"memfit-local://{path}"), LocalStorage(f"memfit-local://{path}")
+    assert [one.incr("k", 60), two.incr("k", 60), one.incr("k", 60)] == [1, 2, 3]
+    assert two.get("k") == 3 and 59 < two.get_expiry("k") - time.time() <= 60
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: (one if _ % 2 else two).incr("k", 60), range(40)))
+    assert one.get("k") == 43
+    # An ended window (expiry in the past) restarts at the amount, not at the old count plus it.
+    one._db().execute("UPDATE counters SET expires = ?", (time.time() - 1,))
+    assert one.get("k") == 0 and two.incr("k", 60) == 1
+    two.clear("k")
+    assert one.get("k") == 0 and one.check()
+
+
+def test_under_gunicorn_two_workers_give_the_limit_once(tmp_path):
+    with Gunicorn(tmp_path, {"WEB_CONCURRENCY": "2", "WRITE_RATE_LIMIT": "5 per minute"}) as g:
+        wait_until(lambda: len(g.workers()) == 2, "two workers")
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: g.post_json("/items", ITEM)[0], range(24)))
+    assert sorted(statuses) == [201] * 5 + [429] * 19, statuses
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    require(server is not None, "redis-server is not installed (Debian's redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                return c.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(answers, "redis-server answering", timeout=20)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.kill()
+    proc.wait()
+
+
+def test_with_redis_two_instances_share_one_limit(make_app, redis_url):
+    url, _ = redis_url
+    # Two instances: their own databases and shared folders, one Redis.
+    first = make_app("first", REDIS_URL=url, WRITE_RATE_LIMIT="3 per minute").test_client()
+    second = make_app("second", REDIS_URL=url, WRITE_RATE_LIMIT="3 per minute").test_client()
+    statuses = [first.post("/items", json=ITEM).status_code, second.post("/items", json=ITEM).status_code,
+                first.post("/items", json=ITEM).status_code, second.post("/items", json=ITEM).status_code]
+    assert statuses == [201, 201, 201, 429]
+
+
+def test_a_redis_that_goes_away_never_fails_a_request(make_app, redis_url):
+    url, proc = redis_url
+    client = make_app(REDIS_URL=url, WRITE_RATE_LIMIT="2 per minute").test_client()
+    assert client.post("/items", json=ITEM).status_code == 201
+    proc.kill()
+    proc.wait()
+    # Counted in the worker's memory meanwhile: still answered, still limited, never a 500.
+    statuses = [client.post("/items", json=ITEM).status_code for _ in range(4)]
+    assert 500 not in statuses and statuses[0] == 201 and statuses[-1] == 429, statuses
+    assert client.get("/search", query_string={"q": "x"}).status_code == 200
