@@ -112,3 +112,34 @@ def pgvector_url(tmp_path_factory):
     server = pgserver.get_server(str(tmp_path_factory.mktemp("pgvector")), cleanup_mode="stop")
     yield server.get_uri()
     server.cleanup()
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A Redis server of its own on loopback (Debian's redis-server): (its URL, its process)."""
+    import shutil
+    import socket
+    import subprocess
+
+    from support import wait_until
+
+    server = shutil.which("redis-server")
+    require(server is not None, "redis-server is not installed (Debian's redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                return c.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(answers, "redis-server answering", timeout=20)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.kill()
+    proc.wait()

@@ -1,9 +1,6 @@
 """app/limits.py: the write limit and the failed-token limit hold for the whole instance (every worker)
 and, with REDIS_URL, for every instance; a failing store never fails a request."""
 
-import shutil
-import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +8,7 @@ import pytest
 
 from app import create_app
 from app.limits import LocalStorage
-from support import Gunicorn, make_settings, require, wait_until
+from support import Gunicorn, make_settings, wait_until
 
 TOKEN = "s3cret-token-for-tests"
 ITEM = {"title": "פריט לבדיקה", "tags": ["בדיקה"]}
@@ -87,30 +84,6 @@ def test_under_gunicorn_two_workers_give_the_limit_once(tmp_path):
 
 
 # --- Redis ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    require(server is not None, "redis-server is not installed (Debian's redis-server)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-    def answers() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                c.sendall(b"PING\r\n")
-                return c.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_until(answers, "redis-server answering", timeout=20)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    proc.kill()
-    proc.wait()
 
 
 def test_with_redis_two_instances_share_one_limit(make_app, redis_url):
