@@ -137,11 +137,15 @@ errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
 #   logconfig_dict - Route the app's own loggers (memfit.*, app.*) through gunicorn's console handler,
-#       so watchdog alerts and recycle notices land in the same stream, with the same format.
+#       so watchdog alerts and recycle notices land in the same stream, with the same format. gunicorn's
+#       error logger reports a malformed chunk met after the answer as a server error with a traceback;
+#       client_faults makes it one warning line, which Sentry does not report (monitoring/faults.py).
 logconfig_dict = {
+    "filters": {"client_faults": {"()": "monitoring.faults.ClientFaultFilter"}},
     "root": {"level": loglevel.upper(), "handlers": ["console"]},
     "loggers": {  # gunicorn's own loggers keep their handlers and stop there (no double lines via root)
-        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
+                           "filters": ["client_faults"]},
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
