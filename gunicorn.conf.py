@@ -56,6 +56,13 @@ bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{settings.port}"
 #
 backlog = settings.gunicorn_backlog
 
+#   limit_request_line - Largest request line (method, path and query string, version), in bytes, from 0
+#       (no limit) to 8190. 8190, gunicorn's most: the app answers a query string over 4,096 bytes itself,
+#       414 uri_too_long (app/api.py); at gunicorn's default, 4094, the whole line was refused first with
+#       a 400. A line past 8190 bytes gunicorn still refuses, and app/errors.py makes that a 414 as well.
+#
+limit_request_line = 8190
+
 #
 # Worker processes
 #
@@ -259,8 +266,10 @@ def on_starting(server):
             preload()
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
-    hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
-                                            "max_requests": max_requests, "schema": schema_revision()})
+    # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
+    hooks.startup_report(server, settings, {"workers": workers, "worker_class": server.cfg.worker_class_str,
+                                            "threads": threads, "max_requests": max_requests,
+                                            "schema": schema_revision()})
 
 
 def post_worker_init(worker):
