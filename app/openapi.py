@@ -95,7 +95,8 @@ def spec() -> dict:
             "Item": {"type": "object", "required": ["id", "title", "body", "tags"], "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "body": {"type": "string"},
                 "tags": {"type": "array", "items": {"type": "string"}},
-                "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"}}},
             "SearchResults": {"type": "object", "required": ["query", "mode", "count", "results"], "properties": {
                 "query": {"type": "string"}, "mode": {"type": "string"}, "count": {"type": "integer"},
                 "took_ms": {"type": "number"}, "fallback": FALLBACK,

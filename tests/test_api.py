@@ -22,6 +22,17 @@ def test_create_and_read_an_item(client):
     assert fetched == item
 
 
+def test_times_carry_their_utc_offset_on_every_back_end(client):
+    from datetime import datetime, timedelta
+
+    created = client.post("/items", json={"title": "שעה"}).get_json()
+    fetched = client.get(f"/items/{created['id']}").get_json()
+    for item in (created, fetched):
+        for field in ("created_at", "updated_at"):
+            moment = datetime.fromisoformat(item[field])
+            assert moment.utcoffset() == timedelta(0), (field, item[field])
+
+
 def test_existing_tags_are_reused(client):
     a = client.post("/items", json={"title": "א", "tags": ["משותף"]}).get_json()
     b = client.post("/items", json={"title": "ב", "tags": ["משותף"]}).get_json()
