@@ -18,17 +18,25 @@ import logging
 from flask import Flask, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from monitoring.faults import is_client_fault
+
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
 # What each of gunicorn's body-framing errors means, for the client; keyed by class name so that the app
-# does not import gunicorn (it also runs under `flask run`, whose server raises a plain OSError).
+# does not import gunicorn (it also runs under `flask run`, whose server raises a plain OSError). gunicorn
+# raises OSErrors for the chunks and its header errors for the trailer fields.
 FRAMING_PROBLEMS = {
     "InvalidChunkSize": "a chunk size is not a hexadecimal number",
     "ChunkMissingTerminator": "a chunk is not followed by CRLF where its size says it ends",
     "InvalidChunkExtension": "a chunk extension is malformed",
     "NoMoreData": "the body ended before its last chunk (a chunk of size 0 and an empty line)",
+    # The trailer fields after the last chunk are parsed as headers are.
+    "InvalidHeader": "a trailer field after the last chunk is malformed",
+    "InvalidHeaderName": "a trailer field's name after the last chunk is malformed",
+    "ObsoleteFolding": "a trailer field after the last chunk is folded over lines",
+    "LimitRequestHeaders": "the trailer fields after the last chunk are too many or too large",
 }
 
 
@@ -50,7 +58,9 @@ def whole_body() -> None:
         return
     try:
         body = _read(environ["wsgi.input"], None if limit is None else limit + 1)
-    except OSError as exc:
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or is_client_fault(exc)):
+            raise
         _close_after_answer(environ)
         problem = FRAMING_PROBLEMS.get(type(exc).__name__, "the body could not be read to its end")
         # The client's fault, not the server's: one line, no traceback, nothing for Sentry.

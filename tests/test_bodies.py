@@ -121,6 +121,7 @@ BROKEN = {
     "chunk size not hexadecimal": (b"zz\r\n{}\r\n0\r\n\r\n", False, "chunk size is not a hexadecimal number"),
     "chunk without its CRLF": (b"2\r\n{}XX0\r\n\r\n", False, "not followed by CRLF"),
     "body stops before its last chunk": (b"10\r\n{\"title\": ", True, "ended before its last chunk"),
+    "malformed trailer field": (b"2\r\n{}\r\n0\r\n\x00\r\n\r\n", False, "trailer field after the last chunk"),
 }
 
 
