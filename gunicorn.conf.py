@@ -56,6 +56,13 @@ bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{settings.port}"
 #
 backlog = settings.gunicorn_backlog
 
+#   limit_request_line - Largest request line (method, path and query string, version), in bytes, from 0
+#       (no limit) to 8190. 8190, gunicorn's most: the app answers a query string over 4,096 bytes itself,
+#       414 uri_too_long (app/api.py); at gunicorn's default, 4094, the whole line was refused first with
+#       a 400. A line past 8190 bytes gunicorn still refuses, and app/errors.py makes that a 414 as well.
+#
+limit_request_line = 8190
+
 #
 # Worker processes
 #
@@ -137,11 +144,15 @@ errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
 #   logconfig_dict - Route the app's own loggers (memfit.*, app.*) through gunicorn's console handler,
-#       so watchdog alerts and recycle notices land in the same stream, with the same format.
+#       so watchdog alerts and recycle notices land in the same stream, with the same format. gunicorn's
+#       error logger reports a malformed chunk met after the answer as a server error with a traceback;
+#       client_faults makes it one warning line, which Sentry does not report (monitoring/faults.py).
 logconfig_dict = {
+    "filters": {"client_faults": {"()": "monitoring.faults.ClientFaultFilter"}},
     "root": {"level": loglevel.upper(), "handlers": ["console"]},
     "loggers": {  # gunicorn's own loggers keep their handlers and stop there (no double lines via root)
-        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False},
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
+                           "filters": ["client_faults"]},
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
@@ -255,8 +266,10 @@ def on_starting(server):
             preload(settings.semantic_model if settings.enable_semantic_search else None)
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
-    hooks.startup_report(server, settings, {"workers": workers, "worker_class": worker_class,
-                                            "max_requests": max_requests, "schema": schema_revision()})
+    # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
+    hooks.startup_report(server, settings, {"workers": workers, "worker_class": server.cfg.worker_class_str,
+                                            "threads": threads, "max_requests": max_requests,
+                                            "schema": schema_revision()})
 
 
 def post_worker_init(worker):

@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.ensure_ascii = False  # Hebrew as Hebrew, not \u05e1 escapes
     register_state(app, settings)
+    register_bodies(app)
     register_database(app, settings)
     register_errors(app)
     register_blueprints(app)
@@ -64,6 +65,12 @@ def register_state(app: Flask, settings: Settings) -> None:
     # Settings and the semantic service, reached through app.state.get_state(). The service creates
     # its vector store (numpy) on the first semantic search, not here.
     init_app(app, settings)
+
+
+def register_bodies(app: Flask) -> None:
+    from .bodies import register
+
+    register(app)
 
 
 def register_database(app: Flask, settings: Settings) -> None:

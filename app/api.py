@@ -161,7 +161,7 @@ def _json_object() -> dict:
     if not request.is_json:
         raise ApiError(400, "bad_json", shape)
     pause_point("request-body")  # test-only: tests/test_faults.py cuts the body off here
-    raw = request.get_data(cache=False)  # past MAX_CONTENT_LENGTH this raises the 413
+    raw = request.get_data(cache=False)  # within MAX_CONTENT_LENGTH: app/bodies.py refused larger ones
     # gunicorn marks its input as terminated, so Werkzeug does not check the length: a client that went
     # away mid-body leaves a shorter body, which may still parse (a whole object and promised bytes more).
     if request.content_length is not None and len(raw) != request.content_length:

@@ -95,9 +95,20 @@ class Item(Base):
             "title": self.title,
             "body": self.body,
             "tags": [t.name for t in self.tags],
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
+            "created_at": utc_iso(self.created_at),
+            "updated_at": utc_iso(self.updated_at),
         }
+
+
+def utc_iso(moment: datetime) -> str:
+    """moment in ISO 8601 with its UTC offset (+00:00) on every back end.
+
+    SQLite keeps no zone and hands back naive datetimes, which are UTC here (``_now`` writes them);
+    PostgreSQL hands back its session's zone, which need not be UTC.
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat()
 
 
 @event.listens_for(Item, "before_insert")

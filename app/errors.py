@@ -115,13 +115,28 @@ def install_json_protocol_errors() -> None:
     Those requests never reach Flask; gunicorn answers them from ``util.write_error`` with an HTML
     page. memfit promises JSON errors everywhere, so that one function is replaced, same signature.
     Called from gunicorn.conf.py, in the master, before any worker forks.
+
+    The code and the reason phrase follow the status: gunicorn passes "Bad Request" with its 501 for an
+    unknown transfer coding. A request line over gunicorn's limit_request_line is a URI too long, 414 as
+    the app's own answer to a long query string, where gunicorn says 400.
     """
+    import contextlib
     import json
+    from http import HTTPStatus
 
     from gunicorn import util
+    from gunicorn.http.errors import LimitRequestLine
+
+    line_too_long = str(LimitRequestLine(0, 0)).partition("(")[0]  # gunicorn's words, before the figures
 
     def write_error(sock, status_int, reason, mesg):
-        body = json.dumps(error_body(reason.lower().replace(" ", "_"), str(mesg)[:300])).encode()
+        mesg = str(mesg)
+        if status_int == 400 and mesg.startswith(line_too_long):
+            status_int, reason = 414, "URI Too Long"  # RFC 9110's phrase: code uri_too_long, as the app's 414
+        else:
+            with contextlib.suppress(ValueError):  # a status Python does not name keeps gunicorn's phrase
+                reason = HTTPStatus(status_int).phrase
+        body = json.dumps(error_body(reason.lower().replace(" ", "_").replace("-", "_"), mesg[:300])).encode()
         head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         util.write_nonblock(sock, head + body)

@@ -68,9 +68,11 @@ def item_fields(payload: dict) -> dict:
         tag = checked_text(field, tag, limit=TAG_MAX, required=True)
         if tag.lstrip("#").strip():  # "#חדש" is the tag "חדש"; a tag of only "#" stays as it is
             tag = checked_text(field, tag.lstrip("#"), limit=TAG_MAX, required=True)
-        # The search form (tags.norm) has the same width as the name, and lower-casing can lengthen
-        # text: 'İ' becomes 'i' + U+0307. Count what the column will hold, not what was sent.
-        if len(hebrew.normalize(tag)) > TAG_MAX:
+        # One tag whatever the case it is written in ("Python", "python"), as tag search compares them.
+        tag = tag.lower()
+        # The name and its search form (tags.norm) have the same width, and lower-casing can lengthen
+        # text: 'İ' becomes 'i' + U+0307. Count what the columns will hold, not what was sent.
+        if max(len(tag), len(hebrew.normalize(tag))) > TAG_MAX:
             refuse(field, f"is too long once normalised for search (lower case can lengthen letters such as "
                            f"'İ'): at most {TAG_MAX} characters")
         clean.append(tag)

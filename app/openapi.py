@@ -37,6 +37,15 @@ def _responses(ok: dict, *errors: int) -> dict:
     return out
 
 
+def _write_security() -> list[dict]:
+    """The bearer token is required where writes check it (WRITE_TOKEN set) or are closed without it
+    (production); only a development instance without a token takes writes from anyone."""
+    settings = get_settings()
+    if settings.write_token or settings.app_env == "production":
+        return [{"writeToken": []}]
+    return [{"writeToken": []}, {}]
+
+
 def spec() -> dict:
     """The description of the running app: its limits come from its settings and the search package."""
     json_of = lambda ref: {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}  # noqa: E731
@@ -60,8 +69,7 @@ def spec() -> dict:
             "/items": {"post": {
                 "operationId": "createItem",
                 "requestBody": {"required": True, "content": json_of("NewItem")},
-                # The token is required when WRITE_TOKEN is set (always in production; 403 without one).
-                "security": [{"writeToken": []}, {}],
+                "security": _write_security(),
                 "responses": {"201": {"description": "created", "content": json_of("Item")},
                               **_responses({}, 400, 401, 403, 409, 413, 429, 503)},
             }},
@@ -87,7 +95,8 @@ def spec() -> dict:
             "Item": {"type": "object", "required": ["id", "title", "body", "tags"], "properties": {
                 "id": {"type": "integer"}, "title": {"type": "string"}, "body": {"type": "string"},
                 "tags": {"type": "array", "items": {"type": "string"}},
-                "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"}}},
             "SearchResults": {"type": "object", "required": ["query", "mode", "count", "results"], "properties": {
                 "query": {"type": "string"}, "mode": {"type": "string"}, "count": {"type": "integer"},
                 "took_ms": {"type": "number"}, "fallback": FALLBACK,

@@ -72,12 +72,12 @@ def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
     limit = memory.effective_limit(cgroup)
     server.log.info(
         "memfit start-up: tier=%s effective_memory_limit=%dMB (cgroup v%s limit=%s, host=%dMB) "
-        "MAX_MEMORY_MB=%d MAX_WORKER_MEMORY_MB=%s workers=%s worker_class=%s max_requests=%s "
+        "MAX_MEMORY_MB=%d MAX_WORKER_MEMORY_MB=%s workers=%s worker_class=%s threads=%s max_requests=%s "
         "semantic=%s model=%s sentry=%s crons=%s database=%s schema=%s",
         s.memory_tier, limit // MB, cgroup.version if cgroup else "-",
         f"{cgroup.limit // MB}MB" if cgroup and cgroup.limit else "none", memory.host_total() // MB,
         s.max_memory_mb, s.max_worker_memory_mb or "off", cfg_summary.get("workers"),
-        cfg_summary.get("worker_class"), cfg_summary.get("max_requests"),
+        cfg_summary.get("worker_class"), cfg_summary.get("threads", 1), cfg_summary.get("max_requests"),
         "on" if s.enable_semantic_search else "off", s.semantic_model,
         "on" if s.sentry_dsn else "off", s.sentry_cron_monitor or "off",
         "sqlite" if s.is_sqlite else "postgresql", cfg_summary.get("schema", "unknown"),

@@ -9,8 +9,9 @@ client, so the SDK's own exit hook has nothing left to wait on.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 # SDK's shutdown_timeout (its atexit wait) are both this, and close_for_exit closes the client, so the
 # atexit wait never comes on top. A hanging Sentry used to hold every recycle ~4.7 s.
 EXIT_FLUSH_BUDGET_S = 0.5
+# Error events sent per kind (fingerprint, else exception type, else log message) per window, per process:
+# a flood of one error, whoever causes it, costs this many events of the quota, and an error of another
+# kind still gets through. Memory alerts have their own cooldown and fingerprint, so a budget of their own.
+EVENT_BUDGET = 10
+EVENT_WINDOW_S = 60.0
 
 
 def init(settings: "Settings") -> bool:
@@ -42,6 +48,7 @@ def init(settings: "Settings") -> bool:
             max_request_body_size="never",  # an item's text is its author's, never an error report's
             traces_sample_rate=0.0,
             shutdown_timeout=EXIT_FLUSH_BUDGET_S,
+            before_send=EventGate(),
         )
         sentry_sdk.set_tag("service", settings.effective_service_name)
         sentry_sdk.set_tag("tier", settings.memory_tier)
@@ -49,6 +56,66 @@ def init(settings: "Settings") -> bool:
         log.error("Sentry is off: %s", exc)
         return False
     return True
+
+
+class EventGate:
+    """Sentry's before_send: drop client-caused protocol faults, and events of a kind past its budget.
+
+    Fixed windows per kind; the first event dropped in a window is said once in the log (at WARNING,
+    which Sentry keeps as a breadcrumb, not an event). Check-ins pass untouched.
+    """
+
+    MAX_KINDS = 512  # past it, kinds whose window has ended are forgotten: the table cannot grow without end
+
+    def __init__(self, budget: int = EVENT_BUDGET, window: float = EVENT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.budget, self.window, self.clock = budget, window, clock
+        self.windows: dict[str, list] = {}  # kind -> [window start, events sent, events dropped]
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict, hint: dict) -> dict | None:
+        if event.get("type") == "check_in":
+            return event
+        from .faults import is_client_fault
+
+        exc_info = (hint or {}).get("exc_info")
+        if exc_info and is_client_fault(exc_info[1]):
+            return None
+        return event if self.admit(event_kind(event, hint)) else None
+
+    def admit(self, kind: str) -> bool:
+        """Whether one more event of kind fits this window's budget."""
+        now = self.clock()
+        with self.lock:
+            if len(self.windows) >= self.MAX_KINDS:
+                self.windows = {k: w for k, w in self.windows.items() if now - w[0] < self.window}
+            current = self.windows.get(kind)
+            if current is None or now - current[0] >= self.window:
+                current = self.windows[kind] = [now, 0, 0]
+            if current[1] < self.budget:
+                current[1] += 1
+                return True
+            current[2] += 1
+            first_dropped = current[2] == 1
+        if first_dropped:
+            log.warning("Sentry: more than %d events of %s within %.0fs from this process; the rest of this "
+                        "window are dropped", self.budget, kind[:200], self.window)
+        return False
+
+
+def event_kind(event: dict, hint: dict | None) -> str:
+    """What makes two events the same for the budget: their fingerprint, exception type or log message."""
+    if event.get("fingerprint"):
+        return "fingerprint:" + "/".join(map(str, event["fingerprint"]))
+    exc_info = (hint or {}).get("exc_info")
+    if exc_info and exc_info[0] is not None:
+        return f"exception:{exc_info[0].__module__}.{exc_info[0].__qualname__}"
+    values = (event.get("exception") or {}).get("values") or []
+    if values:
+        return f"exception:{values[-1].get('module')}.{values[-1].get('type')}"
+    # The message before formatting: "database refused a statement: %s" is one kind whatever fills it.
+    message = (event.get("logentry") or {}).get("message") or event.get("message") or ""
+    return f"message:{event.get('logger')}:{message}"
 
 
 def active() -> bool:

@@ -145,3 +145,39 @@ def embed_all(app) -> int:
             if not stored:
                 return done
             done += stored
+
+
+def raw_exchange(port: int, data: bytes, shut_write: bool = False, timeout: float = 30.0) -> tuple[int, dict, bytes]:
+    """Send data as it is on a new connection to 127.0.0.1:port and read one answer: status, headers (lower
+    case names) and body. shut_write ends the client's side after data, as a client that stops mid-body.
+
+    For requests no HTTP client library will send: malformed chunked bodies, oversized request lines.
+    """
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            part = sock.recv(65536)
+            if not part:
+                raise AssertionError(f"the connection closed before an answer: {received[:300]!r}")
+            received += part
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            part = sock.recv(65536)
+            if not part:
+                break
+            body += part
+    return int(lines[0].split()[1]), headers, body[:length]
+
+
+def chunked(body: bytes, size: int = 4096) -> bytes:
+    """body in Transfer-Encoding: chunked framing, size bytes a chunk, with its last chunk."""
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
+    return b"".join(parts) + b"0\r\n\r\n"

@@ -22,6 +22,26 @@ def test_create_and_read_an_item(client):
     assert fetched == item
 
 
+def test_tags_differing_only_in_case_are_one_tag_counted_once(client):
+    first = client.post("/items", json={"title": "א", "tags": ["Python", "PYTHON", "python"]}).get_json()
+    second = client.post("/items", json={"title": "ב", "tags": ["pyThon", "web"]}).get_json()
+    assert first["tags"] == ["python"] and second["tags"] == ["python", "web"]
+    found = client.get("/search", query_string={"q": "Python", "mode": "tags"}).get_json()
+    assert [r["id"] for r in found["results"]] == [second["id"], first["id"]]
+    assert all(r["matched_tags"] == [{"name": "python", "score": 1.0}] for r in found["results"]), found
+
+
+def test_times_carry_their_utc_offset_on_every_back_end(client):
+    from datetime import datetime, timedelta
+
+    created = client.post("/items", json={"title": "שעה"}).get_json()
+    fetched = client.get(f"/items/{created['id']}").get_json()
+    for item in (created, fetched):
+        for field in ("created_at", "updated_at"):
+            moment = datetime.fromisoformat(item[field])
+            assert moment.utcoffset() == timedelta(0), (field, item[field])
+
+
 def test_existing_tags_are_reused(client):
     a = client.post("/items", json={"title": "א", "tags": ["משותף"]}).get_json()
     b = client.post("/items", json={"title": "ב", "tags": ["משותף"]}).get_json()

@@ -132,6 +132,17 @@ def test_openapi_describes_the_write_token_and_its_errors(client):
     assert {"401", "403", "429"} <= set(post["responses"])
 
 
+@pytest.mark.parametrize("env, required", [
+    ({"APP_ENV": "production", "SECRET_KEY": "a-real-secret", "WRITE_TOKEN": TOKEN}, True),
+    ({"APP_ENV": "production", "SECRET_KEY": "a-real-secret"}, True),  # writes closed: 403 without a token
+    ({"WRITE_TOKEN": TOKEN}, True),
+    ({}, False),  # development without a token: writes are open
+])
+def test_openapi_requires_the_write_token_wherever_writes_check_it(make_app, env, required):
+    security = make_app(**env).test_client().get("/openapi.json").get_json()["paths"]["/items"]["post"]["security"]
+    assert security == ([{"writeToken": []}] if required else [{"writeToken": []}, {}])
+
+
 def test_generated_manifests_ask_for_the_token_like_the_secret_key():
     import yaml
 

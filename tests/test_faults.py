@@ -1,7 +1,8 @@
 """Faults survived, each against real processes: a database that goes away and comes back, model files
-missing, a Sentry that refuses or hangs, a request body cut off while the server reads it, a worker
-SIGKILLed between the item row and its tags. The mid-request faults land where they are meant to
-through the test-only pause point of app/api.py (MEMFIT_TEST_FAULT_DIR), never by timing.
+missing, a Sentry that refuses or hangs, a request body cut off while the server reads it, chunked bodies
+over the limit or with a broken framing, a worker SIGKILLed between the item row and its tags. The
+mid-request faults land where they are meant to through the test-only pause point of app/api.py
+(MEMFIT_TEST_FAULT_DIR), never by timing.
 
 Every test waits on conditions, never on the clock. The figures of a passing run (faults injected and
 survived, requests sent, acknowledged items lost) go to bench/results/faults.json.
@@ -404,6 +405,49 @@ def test_body_cut_off_mid_read_writes_nothing(tmp_path):
         acknowledged.assert_none_lost(g)
         FIGURES["faults_survived"] += 1
         BY_FAULT["body_cut_off"] += 1
+
+
+# --- chunked bodies over the limit or with a broken framing --------------------------------------
+
+# Each: the chunked body sent after the head, whether the client then stops sending, and the status.
+CHUNKED_FAULTS = {
+    "chunked_over_limit": (None, False, 413),  # 67 KB whose first 64 KB are, on their own, a valid item
+    "chunked_bad_size": (b"zz\r\n{}\r\n0\r\n\r\n", False, 400),
+    "chunked_missing_crlf": (b"2\r\n{}XX0\r\n\r\n", False, 400),
+    "chunked_cut_short": (b"40\r\n{\"title\": ", True, 400),
+}
+
+
+def test_chunked_bodies_over_the_limit_or_broken_write_nothing_and_report_nothing(tmp_path):
+    from fake_sentry import FakeSentry
+    from support import chunked, raw_exchange
+
+    title = "קטוע"
+    prefix = json.dumps({"title": title, "tags": ["א"]}, ensure_ascii=False).encode()
+    over = chunked(prefix + b" " * (65536 - len(prefix)) + b"x" * 3000)
+    acknowledged = Acknowledged()
+    with FakeSentry() as sentry, Gunicorn(tmp_path, {"GUNICORN_THREADS": "4", "SENTRY_DSN": sentry.dsn,
+                                                     "SENTRY_CRON_MONITOR": "memfit-alive",
+                                                     "SENTRY_CRON_INTERVAL": "5"}) as g:
+        acknowledged.add(post_item(g, "לפני"))
+        for fault, (body, stop, status) in CHUNKED_FAULTS.items():
+            FIGURES["requests_sent"] += 1
+            FIGURES["faults_injected"] += 1
+            answered, _, answer = raw_exchange(g.port, b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                                               b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                               + (over if body is None else body), shut_write=stop)
+            assert answered == status, (fault, answered, answer)
+            assert json.loads(answer)["error"]["code"] in ("request_entity_too_large", "bad_chunked_body")
+            BY_FAULT[fault] += 1
+        acknowledged.add(post_item(g, "אחרי"))
+        # A check-in sent after the faults: an event they caused would have reached the receiver first.
+        seen = len(sentry.checkins())
+        wait_for(lambda: len(sentry.checkins()) > seen, "a check-in sent after the faults")
+        assert query(tmp_path, g.env["DATABASE_URL"], "SELECT id FROM items WHERE title = :t", t=title) == []
+        assert sentry.events() == [], sentry.events()
+        no_server_errors(g.log())
+        acknowledged.assert_none_lost(g)
+        FIGURES["faults_survived"] += len(CHUNKED_FAULTS)
 
 
 # --- a worker SIGKILLed between the item row and its tags ---------------------------------------

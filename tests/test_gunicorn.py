@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from support import ROOT, Gunicorn, metric, venv_bin, wait_until
+from support import ROOT, Gunicorn, metric, raw_exchange, venv_bin, wait_until
 from fake_sentry import FakeSentry
 
 SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"
@@ -60,6 +60,35 @@ def test_gunicorn_protocol_errors_have_the_apps_json_body(monkeypatch):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request") and b"Content-Type: application/json" in head, head
     assert json.loads(body) == error_body("bad_request", "Invalid request line")
+
+
+@pytest.fixture(scope="module")
+def threaded(tmp_path_factory):
+    with Gunicorn(tmp_path_factory.mktemp("threaded"), {"GUNICORN_THREADS": "4"}) as g:
+        yield g
+
+
+def test_the_start_up_line_names_the_worker_class_gunicorn_runs(threaded):
+    (line,) = [line for line in threaded.log().splitlines() if "memfit start-up:" in line]
+    assert " worker_class=gthread threads=4 " in line, line
+
+
+@pytest.mark.parametrize("data, status, code, words", [
+    # The app's own 414, now that gunicorn's request line limit lets such a line through.
+    (b"GET /search?q=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long",
+     "query string too long (limit 4096 bytes)"),
+    # Past gunicorn's limit: gunicorn answers, with the same status and code.
+    (b"GET /search?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long",
+     "Request Line is too large"),
+    (b"POST /items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n", 501, "not_implemented",
+     "Unsupported transfer coding: 'xchunked'"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "bad_request", "Bad Header"),
+], ids=["query string", "request line", "transfer coding", "header"])
+def test_protocol_errors_carry_the_code_of_their_status(threaded, data, status, code, words):
+    answered, headers, body = raw_exchange(threaded.port, data)
+    error = json.loads(body)["error"]
+    assert (answered, error["code"]) == (status, code) and words in error["message"], (answered, error)
+    assert headers["content-type"] == "application/json"
 
 
 def test_bad_gunicorn_env_value_names_the_variable():

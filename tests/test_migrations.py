@@ -178,3 +178,31 @@ def test_embedding_ids_are_never_reused_after_upgrade(bare_app, backend):
         db.session.execute(insert, {"ref": 2, "v": b"\x00\x3c", "t": datetime.now(timezone.utc)})
         db.session.commit()
         assert db.session.execute(sa.text("SELECT max(id) FROM embeddings")).scalar() > newest
+
+
+def test_tags_differing_only_in_case_are_merged_into_the_oldest_in_lower_case(bare_app):
+    from alembic import command
+
+    with bare_app.app_context():
+        command.upgrade(bare_app.extensions["migrate"].migrate.get_config(), "0005")
+        run = lambda sql, **values: db.session.execute(sa.text(sql), values)  # noqa: E731
+        now = datetime.now(timezone.utc)
+        for item_id in (1, 2, 3):
+            run("INSERT INTO items (id, title, body, search_text, created_at, updated_at) "
+                "VALUES (:id, 't', '', 't', :now, :now)", id=item_id, now=now)
+        for tag_id, name in [(1, "Python"), (2, "python"), (3, "PYTHON"), (4, "ספר"), (5, "Web")]:
+            run("INSERT INTO tags (id, name, norm) VALUES (:id, :name, :norm)", id=tag_id, name=name,
+                norm=name.lower())
+        for item_id, tag_id in [(1, 1), (1, 2), (2, 3), (3, 4), (3, 5)]:
+            run("INSERT INTO item_tags (item_id, tag_id) VALUES (:item, :tag)", item=item_id, tag=tag_id)
+        for ref in (1, 2):
+            run("INSERT INTO embeddings (model_fp, kind, ref_id, text_hash, dim, vector, created_at) "
+                "VALUES ('fp', 'tag', :ref, 'h', 1, :v, :now)", ref=ref, v=b"\x00\x3c", now=now)
+        db.session.commit()
+        create_schema()
+        tags = run("SELECT id, name FROM tags ORDER BY id").all()
+        links = run("SELECT item_id, tag_id FROM item_tags ORDER BY item_id, tag_id").all()
+        vectors = run("SELECT ref_id FROM embeddings WHERE kind = 'tag'").scalars().all()
+    assert [tuple(t) for t in tags] == [(1, "python"), (4, "ספר"), (5, "web")]
+    assert [tuple(link) for link in links] == [(1, 1), (2, 1), (3, 4), (3, 5)]
+    assert vectors == [1]  # the merged tags' vectors went with them

@@ -50,3 +50,15 @@ def test_a_model_that_cannot_load_does_not_stop_the_worker(tmp_path):
     assert status == 200 and json.loads(body)["count"] > 0
     assert state == "failed"
     assert "semantic warm-up did not complete" in log
+
+
+def test_the_first_scrape_counts_every_worker_that_has_the_model(tmp_path, tiny_onnx):
+    from support import metric
+
+    with Gunicorn(tmp_path, {"SEMANTIC_MODEL": str(tiny_onnx), "SEMANTIC_WARM": "true", "WEB_CONCURRENCY": "2"}) as g:
+        workers = g.workers()
+        status, body = g.get("/metrics")  # the first scrape: it lands on one of the two workers
+    assert status == 200
+    text = body.decode()
+    loaded = {pid: metric(text, "memfit_semantic_model_loaded", pid=str(pid)) for pid in workers}
+    assert loaded == {pid: 1.0 for pid in workers}, loaded

@@ -144,12 +144,14 @@ class SemanticService:
                 self._encoder = load_encoder(self.settings)
             except Exception as exc:  # any load failure degrades semantic search, never the app
                 self._state, self._failed_at = FAILED, time.monotonic()
+                _mark_model_loaded(False)
                 self._error = _describe(exc)
                 log.error("semantic model %r failed to load: %s", self.settings.semantic_model, self._error)
                 raise SemanticUnavailable(f"the semantic model failed to load: {self._error}") from None
             self.load_seconds = time.perf_counter() - started
             self.load_count += 1
             self._state, self._error = LOADED, None
+            _mark_model_loaded(True)
             log.info("semantic model loaded in %.2fs: %s", self.load_seconds, self._encoder.describe())
             return self._encoder
 
@@ -411,6 +413,17 @@ def _count_shed(reason: str) -> None:
         metrics.semantic_shed.labels(reason=reason).inc()
     except Exception:  # counting must never turn a clean 503 into a 500
         log.debug("the shed counter could not be incremented", exc_info=True)
+
+
+def _mark_model_loaded(loaded: bool) -> None:
+    """Set this worker's memfit_semantic_model_loaded as the model's state changes: a scrape answered by
+    another worker reads this worker's value from its file, and it was 0 until a scrape reached it."""
+    try:
+        from monitoring import metrics
+
+        metrics.model_loaded.set(1 if loaded else 0)
+    except Exception:  # noqa: BLE001 -- a metric must never fail a model load
+        log.debug("the model-loaded gauge could not be set", exc_info=True)
 
 
 def _count_run(kind: str, texts: int) -> None:
