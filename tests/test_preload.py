@@ -88,8 +88,10 @@ def test_workers_share_the_preloaded_modules(tmp_path):
     (tmp_path / "false").mkdir()
     shared, text = idle_workers(tmp_path, "true")
     alone, _ = idle_workers(tmp_path, "false")
-    # Each worker imports ~50 MB of code on its own; preloaded, most of it stays the master's pages.
-    assert max(shared) < min(alone) - 20, (shared, alone)
+    # Each worker imports ~40-50 MB of code on its own (the less, the fewer kinds of request it has
+    # served yet: both share one socket, so one may have served none); preloaded, ~24 MB of it stays
+    # the master's pages.
+    assert max(shared) < min(alone) - 10, (shared, alone)
     assert metric(text, "memfit_requests_total", mode="text", status="200") == 4
 
 
