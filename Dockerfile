@@ -45,6 +45,10 @@ RUN PATH=/opt/prep/bin:$PATH HF_HOME=/tmp/hf sh deploy/prepare-model.sh && rm -r
 
 # ---------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
+# nginx in front of gunicorn (deploy/nginx.conf says why). The CI's local base image has it already
+# (.ci/docker.sh), as that build has no network; from Docker Hub's python:3.11-slim, apt fetches it.
+RUN command -v nginx >/dev/null || { apt-get update && \
+      apt-get install -y --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*; }
 # Fixed uid/gid: volume permissions and policies can name it; never root.
 RUN groupadd --gid 10001 memfit && \
     useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin memfit && \
@@ -87,6 +91,7 @@ COPY app ./app
 COPY migrations ./migrations
 COPY monitoring ./monitoring
 COPY gunicorn.conf.py ./
+COPY deploy/serve.sh deploy/nginx.conf ./deploy/
 VOLUME ["/data"]
 USER 10001:10001
 EXPOSE 8000
@@ -98,4 +103,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 # takes traffic (render.yaml preDeployCommand, heroku.yml release, fly.toml release_command). With no
 # platform step (plain docker), run it first, on the same database:
 #   docker run --rm -v memfit-data:/data memfit flask --app app release
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]
+# nginx on $PORT reads each request whole, gunicorn serves it from a local socket; the script starts,
+# stops and fails the two together (deploy/serve.sh).
+CMD ["deploy/serve.sh"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Docker for CI on a machine with no Docker Hub: install Debian's docker.io and debootstrap, start
 # dockerd, and build a local python:3.11-slim stand-in (Debian bookworm minbase + Python 3.11, venv
-# at /opt/venv on PATH) so the Dockerfile's default BASE_IMAGE resolves without a registry.
+# at /opt/venv on PATH, and nginx, which the image runs in front of gunicorn and could not fetch in an
+# offline build) so the Dockerfile's default BASE_IMAGE resolves without a registry.
 # Prints the docker CLI to use (Debian's, which has buildx; another docker first on PATH may not).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -21,7 +22,7 @@ fi
 if ! "$DOCKER" image inspect "$BASE_TAG" >/dev/null 2>&1; then
   rootfs=$(mktemp -d /tmp/memfit-rootfs.XXXX)
   mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" \
+  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,nginx-light bookworm "$rootfs" \
     "${mirror:-http://deb.debian.org/debian}" >/tmp/debootstrap.log 2>&1 ||
     { tail -20 /tmp/debootstrap.log >&2; exit 1; }
   chroot "$rootfs" python3 -m venv /opt/venv

@@ -223,7 +223,8 @@ FIELDS: tuple[Field, ...] = (
           secret=True),
     Field("TRUSTED_PROXIES", "0", _int(0, 5),
           "Proxies in front of the app that append to X-Forwarded-For (Render, Heroku, Fly: 1); the rate "
-          "limit keys on the address the outermost trusted proxy saw. 0: the socket's peer address."),
+          "limit keys on the address the outermost trusted proxy saw. 0: the socket's peer address. The "
+          "Docker image's own nginx is not counted here: deploy/serve.sh adds it."),
     Field("MEMORY_TIER", "custom", _choice(*TIERS), "The deployment tier, reported in logs and alerts."),
     Field("MAX_MEMORY_MB", "450", _int(16, 1048576),
           "Memory alert threshold (MB) for the instance: its cgroup working set where the cgroup has a "

@@ -141,6 +141,12 @@ def instance_vectors_section(data: dict) -> str:
     return section(data)
 
 
+def slowclients_section(data: dict) -> str:
+    from bench.slowclients import section
+
+    return section(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -152,7 +158,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "serving-results": ("serving.json", serving_section),
             "capacity-results": ("capacity.json", capacity_section),
             "batching-results": ("batching.json", batching_section),
-            "instance-vectors-results": ("instance-vectors.json", instance_vectors_section)}
+            "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
+            "slowclients-results": ("slowclients.json", slowclients_section)}
 
 
 def main() -> int:

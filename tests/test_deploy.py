@@ -157,7 +157,7 @@ def test_dockerfile_essentials():
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert "download.pytorch.org/whl/cpu" in text and "torch==2.13.0" in text
     assert re.search(r"^USER 10001:10001$", text, re.M)
-    assert re.search(r'^CMD \["gunicorn", "-c", "gunicorn.conf.py"', text, re.M)
+    assert re.search(r'^CMD \["deploy/serve.sh"\]', text, re.M)
     assert "HEALTHCHECK" in text and "urllib.request" in text
     assert dockerfile_env()["HF_HUB_OFFLINE"] == "1"
 
