@@ -166,3 +166,29 @@ def test_when_nginx_dies_gunicorn_is_stopped_and_the_script_fails(served):
     assert server.proc.wait(timeout=60) != 0  # the platform restarts the container
     log = Path(server.log.name).read_text()
     assert "nginx exited" in log and "Shutting down: Master" in log
+
+
+def raw_exchange(port: int, data: bytes, answers: int) -> bytes:
+    """Send data as is and read until answers HTTP status lines came back (or the server closed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        received = b""
+        while received.count(b"HTTP/1.1 ") < answers:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+def test_pipelined_requests_get_one_answer_each(served):
+    server = served()
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    received = raw_exchange(server.port, request * 2 + b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 3)
+    assert received.count(b"HTTP/1.1 200") == 3, received[:300]
+
+
+def test_a_request_with_bare_line_feeds_is_answered(served):
+    server = served()
+    received = raw_exchange(server.port, b"GET /healthz HTTP/1.1\nHost: t\nConnection: close\n\n", 1)
+    assert received.startswith(b"HTTP/1.1 200"), received[:300]
