@@ -103,3 +103,33 @@ def test_the_halves_split_every_class_evenly_and_always_the_same_way():
         per_half = Counter(halves[q["id"]] for q in QUERIES if q["class"] == cls)
         assert abs(per_half["tuning"] - per_half["test"]) <= 1, (cls, per_half)
     assert all(meaning.half(qid) == h for qid, h in halves.items())
+
+
+# --- the evaluation's arithmetic (bench/relevance/meaning/evaluate.py) ---------------------------
+
+
+def test_the_bootstrap_interval_holds_the_gain_and_is_the_same_every_run():
+    from bench.relevance.meaning import evaluate
+
+    # Hybrid gains 0.3 on every third query and nothing on the others: 0.3 × 7 / 20 on average.
+    scores = {f"q{n}": {"text": (0.2, 0), "semantic": (0.5, 0), "hybrid": (0.8 if n % 3 == 0 else 0.5, 0)}
+              for n in range(20)}
+    gain = evaluate.bootstrap_gain(scores, list(scores))
+    assert gain["gain"] == pytest.approx(0.105) and 0 < gain["low"] < 0.105 < gain["high"] < 0.3, gain
+    assert gain == evaluate.bootstrap_gain(scores, list(scores))
+
+
+def test_the_before_figure_is_reciprocal_rank_fusion_of_the_same_rankings():
+    from bench.relevance.meaning import evaluate
+
+    # Ranks only: 3, third in both, beats either first; scores are not read.
+    assert evaluate.rrf({"text": [(1, 9.0), (2, 8.0), (3, 1.0)], "semantic": [(4, 0.9), (5, 0.8), (3, 0.7)]}) == [
+        3, 4, 1, 5, 2]
+
+
+def test_the_weight_is_the_tuning_halfs_best():
+    from bench.relevance.meaning import evaluate
+
+    grid = {"tuning": {"0.0": {"ndcg@10": 0.6}, "0.1": {"ndcg@10": 0.7}, "0.2": {"ndcg@10": 0.7}},
+            "test": {"0.0": {"ndcg@10": 0.9}, "0.1": {"ndcg@10": 0.1}, "0.2": {"ndcg@10": 0.1}}}
+    assert evaluate.best_weight(grid) == 0.1  # the tuning half decides, the smaller weight on a tie
