@@ -21,7 +21,7 @@ SEARCH_UNAVAILABLE = {
 }
 MODE_DESCRIPTION = ("text (default): the Hebrew text index, BM25; tags: items carrying the query's tags; "
                     "semantic: nearest by meaning (503 while the model is off or unavailable); hybrid: text and "
-                    "semantic fused by reciprocal rank fusion, text alone (with fallback) without the model")
+                    "semantic fused by their normalised scores, text alone (with fallback) without the model")
 # Present only when the mode asked for could not run in full (hybrid without semantic search).
 FALLBACK = {"type": "object", "required": ["mode", "reason"],
             "description": "the mode that answered instead of the one asked for, and why",

@@ -94,6 +94,32 @@ def relevance_section(data: dict) -> str:
     return "\n".join(rows)
 
 
+def relevance_meaning_section(data: dict) -> str:
+    """The set written by meaning (bench/relevance/meaning): nDCG@10 of each mode per query class, test half."""
+    from bench.relevance.meaning import CLASS_NAMES, CLASSES
+
+    rows = [f"| back end | mode | all | {' | '.join(CLASS_NAMES[c] for c in CLASSES)} | recall@10 |",
+            "| --- | --- | --- | " + "--- | " * len(CLASSES) + "--- |"]
+    for backend, report in sorted(data.items()):
+        for mode, score in report["halves"]["test"].items():
+            classes = " | ".join(f"{score['by_class'][c]['ndcg@10']:.3f}" for c in CLASSES)
+            rows.append(f"| {backend} | {mode} | **{score['ndcg@10']:.3f}** | {classes} | {score['recall@10']:.3f} |")
+    rows.append("")
+    for backend, report in sorted(data.items()):
+        gain = report["hybrid_gain"]["test"]
+        intervals = "; ".join(f"{CLASS_NAMES.get(c, c)} {g['gain']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
+                              for c, g in gain.items())
+        fusion = report["fusion"]
+        rows.append(f"{backend}: hybrid − max(text, semantic), nDCG@10 with a 95 % bootstrap interval: {intervals}. "
+                    f"Text weight {fusion['text_weight']}; this back end's tuning half picks "
+                    f"{fusion['tuning_best_text_weight']}.")
+        rows.append("")
+    first = next(iter(data.values()))
+    rows.append(f"Test half: {first['queries_per_half']['test']} of {first['queries']} queries over {first['items']} "
+                f"items; {first['pooled_grades']} grades added by pooling.")
+    return "\n".join(rows)
+
+
 def fuzz_section(data: dict) -> str:
     suites = ", ".join(f"{name} {count:,}" for name, count in sorted(data["by_suite"].items()))
     return (f"Last run: **{data['inputs_tried']:,} generated requests** ({suites}), "
@@ -153,6 +179,7 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "sharing-results": ("sharing.json", sharing_section),
             "textscale-results": ("textscale.json", textscale_section),
             "relevance-results": ("relevance.json", relevance_section),
+            "relevance-meaning-results": ("relevance-meaning.json", relevance_meaning_section),
             "fuzz-results": ("fuzz.json", fuzz_section),
             "faults-results": ("faults.json", faults_section),
             "serving-results": ("serving.json", serving_section),

@@ -1,5 +1,5 @@
-"""app/search/hybrid.py: text and semantic rankings fused by reciprocal rank fusion, on both back ends;
-text alone, with a fallback field that says why, whenever semantic search cannot answer."""
+"""app/search/hybrid.py: text and semantic rankings fused by a weighted sum of their normalised scores, on
+both back ends; text alone, with a fallback field that says why, whenever semantic search cannot answer."""
 
 import jsonschema
 import pytest
@@ -26,14 +26,15 @@ def add(client, title, body=""):
     return response.get_json()["id"]
 
 
-def fixed_semantic_ranking(app, monkeypatch, ranking):
-    """Make the app's semantic service answer with ranking (item ids, best first); returns the limits asked."""
+def fixed_semantic_ranking(app, monkeypatch, ranking, scores=None):
+    """Make the app's semantic service answer with ranking (item ids, best first; cosines ``scores``, by
+    default 1.0, 0.99, …); returns the limits asked."""
     asked = []
+    scores = scores or [1.0 - n / 100 for n in range(len(ranking))]
 
     def fake(query, limit):
         asked.append(limit)
-        return SemanticHits(scored=[(1.0 - n / 100, item_id) for n, item_id in enumerate(ranking)][:limit],
-                            tag_scores={}, item_tags={})
+        return SemanticHits(scored=list(zip(scores, ranking))[:limit], tag_scores={}, item_tags={})
 
     monkeypatch.setattr(get_service(app), "search", fake)
     return asked
@@ -42,21 +43,55 @@ def fixed_semantic_ranking(app, monkeypatch, ranking):
 # --- the fusion itself ------------------------------------------------------------------------
 
 
-def test_an_item_found_by_both_rankings_beats_the_first_of_either():
-    fused = hybrid.fuse({"text": [1, 2, 3], "semantic": [4, 5, 3]}, 10)
-    assert [item_id for _, item_id, _ in fused][0] == 3, fused
-    assert fused[0][2] == {"text": 3, "semantic": 3}
+def ids_of(fused):
+    return [item_id for _, item_id, _ in fused]
+
+
+def test_an_item_strong_in_both_rankings_beats_one_strong_in_one_only():
+    # Item 2: second in text (9.5 of 10) and a hair behind semantic's first; 4 tops semantic, 1 tops text.
+    fused = hybrid.fuse({"text": [(1, 10.0), (2, 9.5), (3, 1.0)],
+                         "semantic": [(4, 0.90), (2, 0.895), (5, 0.80)]}, 10)
+    assert ids_of(fused)[:2] == [2, 4], fused
+    assert fused[0][2] == {"text": 2, "semantic": 2}
+
+
+def test_a_weak_text_match_does_not_outvote_what_the_query_means():
+    # Text's only matches are weak (a common word), semantic is sure of 7: text reorders nothing at the top.
+    fused = hybrid.fuse({"text": [(8, 2.0), (9, 1.9)], "semantic": [(7, 0.88), (8, 0.81), (10, 0.80)]}, 10)
+    assert ids_of(fused)[0] == 7, fused
+
+
+def test_the_scale_of_text_scores_does_not_matter():
+    # FTS5's bm25() runs to tens, PostgreSQL's ts_rank to tenths: the same ranking fuses the same.
+    semantic = [(4, 0.90), (2, 0.895), (5, 0.80), (3, 0.79)]
+    bm25 = hybrid.fuse({"text": [(1, 12.0), (2, 11.0), (3, 3.0)], "semantic": semantic}, 10)
+    ts_rank = hybrid.fuse({"text": [(1, 0.12), (2, 0.11), (3, 0.03)], "semantic": semantic}, 10)
+    assert ids_of(bm25) == ids_of(ts_rank)
+    assert [round(s, 9) for s, _, _ in bm25] == [round(s, 9) for s, _, _ in ts_rank]
+
+
+def test_scores_are_shares_of_the_best_possible():
+    fused = hybrid.fuse({"text": [(1, 4.0), (2, 2.0)], "semantic": [(1, 0.9), (3, 0.8), (2, 0.7)]}, 10)
+    assert fused[0][:2] == (pytest.approx(1.0), 1)  # first in both
+    assert dict((i, s) for s, i, _ in fused)[2] == pytest.approx(hybrid.TEXT_WEIGHT * 0.5)
+    assert all(0.0 <= s <= 1.0 for s, _, _ in fused)
 
 
 def test_equal_fused_scores_put_the_newer_id_first():
-    # 1 and 4 are each first in one ranking, 2 and 5 each second: equal sums, decided by id.
-    fused = hybrid.fuse({"text": [1, 2], "semantic": [4, 5]}, 10)
-    assert [item_id for _, item_id, _ in fused] == [4, 1, 5, 2]
+    fused = hybrid.fuse({"text": [(1, 3.0), (2, 3.0)], "semantic": []}, 10)
+    assert ids_of(fused) == [2, 1]
 
 
-def test_an_id_listed_twice_in_one_ranking_counts_once():
-    fused = dict((item_id, score) for score, item_id, _ in hybrid.fuse({"text": [7, 8, 7, 7], "semantic": [8]}, 10))
-    assert fused[8] > fused[7]
+def test_an_id_listed_twice_in_one_ranking_counts_once_at_its_better_score():
+    fused = hybrid.fuse({"text": [(7, 1.0), (8, 4.0), (7, 2.0)], "semantic": [(8, 0.5), (7, 0.4)]}, 10)
+    scores = dict((item_id, score) for score, item_id, _ in fused)
+    assert scores[7] == pytest.approx(hybrid.TEXT_WEIGHT * 0.5)
+    assert fused[-1][2] == {"text": 1, "semantic": 2}
+
+
+def test_text_alone_keeps_the_text_ranking():
+    text = [(5, 9.0), (3, 7.0), (9, 7.0), (1, 0.5)]
+    assert ids_of(hybrid.fuse({"text": text}, 10, text_weight=1.0)) == [5, 9, 3, 1]
 
 
 # --- through the API, on both back ends ---------------------------------------------------------
@@ -67,17 +102,19 @@ def test_the_item_both_rankings_found_comes_first(app, monkeypatch):
     add(client, "מתכונים לקיץ", "סלט אבטיח וגבינה")
     add(client, "ספר מתכונים חדש", "מתכונים מהירים")
     unrelated = add(client, "טיול בגליל העליון")
+    filler = [add(client, f"כתיבה {n}") for n in range(3)]
     by_text = ids(search(client, "מתכונים", mode="text"))
     assert len(by_text) == 2 and unrelated not in by_text
-    # Semantic puts the unrelated item first and text's second item second: only that one is found by both.
-    fixed_semantic_ranking(app, monkeypatch, [unrelated, by_text[1]])
+    # Semantic puts the unrelated item first and text's second item a hair behind: only that one is found by
+    # both, and it comes first; then semantic's first; then text's first, which semantic did not find, above
+    # semantic's weak tail.
+    fixed_semantic_ranking(app, monkeypatch, [unrelated, by_text[1], *filler], [0.9, 0.8999, 0.52, 0.51, 0.5])
     body = search(client, "מתכונים")
     assert body["mode"] == "hybrid" and "fallback" not in body
-    # Then text's first and semantic's first tie (1/61 each): the newer id, the unrelated item, first.
-    assert ids(body) == [by_text[1], unrelated, by_text[0]]
-    assert [r["ranks"] for r in body["results"]] == [{"text": 2, "semantic": 2}, {"semantic": 1}, {"text": 1}]
-    # Scores are shares of the best possible (first in both = 1.0): second in both is 61/62 of it.
-    assert [r["score"] for r in body["results"]] == [round(61 / 62, 4), 0.5, 0.5]
+    assert ids(body)[:3] == [by_text[1], unrelated, by_text[0]], body
+    assert [r["ranks"] for r in body["results"][:3]] == [{"text": 2, "semantic": 2}, {"semantic": 1}, {"text": 1}]
+    assert body["results"][1]["score"] == round(1 - hybrid.TEXT_WEIGHT, 4)
+    assert all(0 <= r["score"] <= 1 for r in body["results"])
 
 
 def test_limit_is_respected_and_each_ranking_read_to_a_bounded_depth(app, monkeypatch):

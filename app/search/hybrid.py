@@ -1,8 +1,11 @@
-"""Hybrid search: the text and the semantic rankings fused by reciprocal rank fusion (RRF).
+"""Hybrid search: the text and the semantic rankings fused by a weighted sum of their normalised scores.
 
-RRF (Cormack, Clarke and Büttcher, SIGIR 2009) scores an item by the sum of 1 / (k + rank) over the
-rankings that found it. It reads only ranks, so BM25 scores and cosines, which have nothing in
-common, never need to be put on one scale; an item both rankings found beats one found by either alone.
+Each ranking's scores are put on 0..1 within the query (``normalise``: text as a share of its best
+match, semantic min-max over the candidates read), then an item scores
+``TEXT_WEIGHT`` × its text score + (1 − ``TEXT_WEIGHT``) × its semantic score, 0 for a ranking that did
+not find it. Unlike reciprocal rank fusion, which gave text an equal vote from ranks alone, this sees
+how strong each match is: a query phrased unlike the items still gets text matches on a common word,
+but they are weak, and the weight keeps them from outvoting what the query means (issue 20).
 When semantic search cannot answer (off, its model failed to load, or shed under load) the answer is
 the text ranking alone, and says so: hybrid never answers 503 for the model's sake.
 """
@@ -17,8 +20,13 @@ from ..semantic.service import SemanticUnavailable
 from ..state import get_service
 from .results import Answer, result
 
-# The k of RRF: 60, the paper's value and the usual default; a larger k flattens the gap between ranks.
-RRF_K = 60
+# Text's share of the fused score: the best mean nDCG@10 on the tuning half of bench/relevance/meaning over
+# text weights 0, 0.05, …, 1 (0.675 at 0.1; semantic alone, 0, 0.669; 0.2 and above lose on inflected and
+# paraphrased queries). `python -m bench.relevance.evaluate --set meaning` records the grid and the tuning
+# half's choice in bench/results/relevance-meaning.json; the test half is the reported figure.
+TEXT_WEIGHT = 0.1
+# Where each ranking's normalised scores start (see normalise): text from no match, semantic from its last candidate.
+FLOORS = {"text": 0.0, "semantic": None}
 # Each ranking is read this far down, so an item ranked modestly by both can still rise into the limit,
 # while a query's cost stays bounded by the limit, not by the table.
 DEPTH_PER_RESULT, DEPTH_MIN = 3, 30
@@ -30,44 +38,66 @@ def depth(limit: int) -> int:
     return max(limit * DEPTH_PER_RESULT, DEPTH_MIN)
 
 
-def fuse(rankings: dict[str, list[int]], limit: int) -> list[tuple[float, int, dict[str, int]]]:
-    """(RRF score, item id, {ranking: 1-based rank}) of the best limit ids, best first; ties: newer id first.
+def normalise(scored: list[tuple[int, float]], floor: float | None = None) -> dict[int, float]:
+    """A ranking's scores on 0..1 within the query: the best is 1, ``floor`` (by default the lowest score
+    read) is 0. An id listed twice counts once, at its better score.
 
-    An id listed twice in one ranking counts once, at its better rank.
+    Text scores (FTS5's negated bm25(), PostgreSQL's ts_rank) are 0 for no match, whatever their scale
+    on either back end: text is read against that floor. Cosines have no such zero and crowd into a
+    narrow band: semantic is read against the last candidate read (min-max).
     """
+    best: dict[int, float] = {}
+    for item_id, score in scored:
+        best[item_id] = max(score, best.get(item_id, score))
+    if not best:
+        return {}
+    high = max(best.values())
+    low = min(best.values()) if floor is None else floor
+    return {item_id: (score - low) / (high - low) if high > low else 1.0 for item_id, score in best.items()}
+
+
+def fuse(rankings: dict[str, list[tuple[int, float]]], limit: int, text_weight: float = TEXT_WEIGHT
+         ) -> list[tuple[float, int, dict[str, int]]]:
+    """(fused score, item id, {ranking: 1-based rank}) of the best limit ids, best first; ties: newer id first.
+
+    ``rankings`` maps "text" and (when it answered) "semantic" to (item id, score) pairs, best first.
+    """
+    weights = {"text": text_weight, "semantic": 1.0 - text_weight}
     scores: dict[int, float] = {}
     ranks: dict[int, dict[str, int]] = {}
-    for name, ids in rankings.items():
-        for rank, item_id in enumerate(ids, start=1):
-            if name in ranks.setdefault(item_id, {}):
-                continue
-            ranks[item_id][name] = rank
-            scores[item_id] = scores.get(item_id, 0.0) + 1.0 / (RRF_K + rank)
+    for name, scored in rankings.items():
+        for rank, item_id in enumerate(dict.fromkeys(item_id for item_id, _ in scored), start=1):
+            ranks.setdefault(item_id, {})[name] = rank
+        for item_id, score in normalise(scored, FLOORS[name]).items():
+            scores[item_id] = scores.get(item_id, 0.0) + weights[name] * score
     best = sorted(scores, key=lambda item_id: (-scores[item_id], -item_id))[:limit]
     return [(scores[item_id], item_id, ranks[item_id]) for item_id in best]
 
 
-def search(query: str, limit: int) -> Answer:
-    """Items ranked by RRF over text and semantic search; text alone, with a fallback field, without the model."""
-    per_ranking = depth(limit)
-    rankings = {"text": [item_id for item_id, _ in textindex.search(db.session, query, per_ranking).hits]}
+def rankings(query: str, per_ranking: int) -> tuple[dict[str, list[tuple[int, float]]], dict | None]:
+    """The text and semantic rankings of a query, (item id, score) best first, and the fallback taken
+    when semantic search could not answer (its ranking is then missing)."""
+    found = {"text": list(textindex.search(db.session, query, per_ranking).hits)}
     # The semantic query may wait in the model queue: its connection goes back to the pool meanwhile, so
     # hybrid searches waiting for the model never hold the connections text and tag searches need.
     db.session.commit()
-    fallback = None
     try:
-        rankings["semantic"] = [item_id for _, item_id in get_service().search(query, per_ranking).scored]
+        found["semantic"] = [(item_id, score) for score, item_id in get_service().search(query, per_ranking).scored]
     except SemanticUnavailable as exc:  # disabled, failed to load, or shed as overloaded (a subclass)
-        fallback = {"mode": "text", "reason": str(exc)}
-    fused = fuse(rankings, limit)
+        return found, {"mode": "text", "reason": str(exc)}
+    return found, None
+
+
+def search(query: str, limit: int) -> Answer:
+    """Items ranked by the weighted fusion of text and semantic search; text alone, with a fallback field,
+    without the model."""
+    found, fallback = rankings(query, depth(limit))
+    fused = fuse(found, limit, text_weight=1.0 if fallback else TEXT_WEIGHT)
     items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for _, i, _ in fused])))}
-    # Shown as a share of the best score possible (first in every ranking that answered = 1.0): raw RRF
-    # sums are near 0.016, where the 4 decimals of a result's score would no longer tell ranks apart.
-    best_possible = len(rankings) / (RRF_K + 1)
     results = []
     for score, item_id, ranks in fused:
         if item_id in items:  # an item deleted between the rankings and this read is skipped, not an error
-            shaped = result(items[item_id], score / best_possible)
+            shaped = result(items[item_id], score)
             shaped["ranks"] = {name: ranks[name] for name in RANKINGS if name in ranks}
             results.append(shaped)
     return Answer(results, fallback)

@@ -1,5 +1,8 @@
 """Score the search modes on the labelled set: ``python -m bench.relevance.evaluate [--database-url URL]``.
 
+``--set meaning`` scores the set written by meaning instead (bench/relevance/meaning/evaluate.py): the
+quality figure. The generated set below stays as a regression test of the text analyzer.
+
 Loads bench/relevance/corpus.json into a fresh database (item ids 1..N in corpus order), embeds every
 item with the semantic model, runs each query of bench/relevance/queries.json through
 ``app.search.run`` (the API's own entry point) in every mode of ``app.search.MODES`` that ranks free
@@ -77,7 +80,7 @@ def load_app(database_url: str | None, workdir: Path, model: Path | None = None,
     from support import make_settings
 
     from app import create_app
-    from app.db import Item, create_schema, db
+    from app.db import Item, create_schema, db, tags_by_name
 
     env = {"DATABASE_URL": database_url} if database_url else {}
     if model is None:
@@ -91,7 +94,8 @@ def load_app(database_url: str | None, workdir: Path, model: Path | None = None,
         db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
         db.session.commit()
         create_schema()
-        db.session.add_all(Item(title=i["title"], body=i["body"]) for i in corpus)
+        for i in corpus:
+            db.session.add(Item(title=i["title"], body=i["body"], tags=tags_by_name(i.get("tags", []))))
         db.session.commit()
     return app
 
@@ -194,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     model_choice.add_argument("--no-semantic", action="store_true", help="score the text modes only")
     parser.add_argument("--compare-prompts", action="store_true",
                         help="also score the semantic modes without the model's prompts (OUTPUT's name + -prompts.json)")
+    parser.add_argument("--set", choices=("generated", "meaning"), default="generated",
+                        help="which labelled set: the generated one (analyzer regression) or the one written by meaning")
+    parser.add_argument("--pool", type=Path, help="--set meaning: list the ungraded items the modes rank in their top 10")
     args = parser.parse_args(argv)
+    if args.set == "meaning":
+        from .meaning import evaluate as meaning
+
+        return meaning.main(args)
     if args.compare_prompts and args.no_semantic:
         parser.error("--compare-prompts needs the semantic model")
     queries = json.loads(QUERIES.read_text(encoding="utf-8"))

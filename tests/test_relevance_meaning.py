@@ -1,0 +1,135 @@
+"""bench/relevance/meaning/: the relevance set written by meaning (issue 20, part 1) — its paraphrase
+share checked mechanically, its grades well formed and fixed before any system ran, pooling that only
+adds, and a split into tuning and test halves within each class."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import pytest
+
+from bench.relevance import meaning
+
+ITEMS = {item["id"]: item for item in meaning.load(meaning.ITEMS)}
+QUERIES = meaning.load(meaning.QUERIES)
+GRADES = meaning.grades()
+PARAPHRASES = [q for q in QUERIES if q["class"] == "paraphrase"]
+
+
+# --- the mechanical paraphrase check -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("query, item_words", [
+    ("ברזים", "ברז"),  # plural
+    ("והספרים", "ספר"),  # prefixes and plural
+    ("שבמטבח", "מטבח"),  # stacked prefixes
+    ("כואב", "כאב"),  # spelling with and without vav
+    ("סיסמא", "הסיסמה"),  # final alef read as he
+    ("חו\"ל", "לחו״ל"),  # abbreviation quotes, either kind
+    ("שָׁלוֹם", "שלום"),  # niqqud
+    ("עכברים אלחוטיים", "עכבר"),
+    ("לעובדת", "עובדים"),  # feminine and plural endings
+])
+def test_the_check_sees_a_word_through_prefixes_endings_and_spelling(query, item_words):
+    assert meaning.shared_words(query, item_words), (query, item_words)
+
+
+@pytest.mark.parametrize("query, item_words", [
+    ("איך מחליפים את זה?", "איך עושים את זה"),  # function words are not content
+    ("ביטוח נסיעות", "דרכון ביומטרי"),
+    ("ראוטר", "נתב אלחוטי"),
+])
+def test_the_check_finds_nothing_shared_between_other_words(query, item_words):
+    assert meaning.shared_words(query, item_words) == []
+
+
+def test_at_least_40_percent_of_queries_share_no_content_word_with_the_items_they_want():
+    share = meaning.paraphrase_share(QUERIES, ITEMS, GRADES)
+    assert share >= meaning.PARAPHRASE_SHARE_MIN, f"{share:.1%} of queries pass the paraphrase check"
+    assert len(PARAPHRASES) / len(QUERIES) >= meaning.PARAPHRASE_SHARE_MIN
+
+
+@pytest.mark.parametrize("query", PARAPHRASES, ids=[q["id"] for q in PARAPHRASES])
+def test_a_paraphrase_shares_no_content_word_with_the_items_it_wants(query):
+    assert meaning.shares_with_wanted(query, ITEMS, GRADES[query["id"]]) == {}
+
+
+# --- the grades ---------------------------------------------------------------------------------
+
+
+def test_the_pre_run_grades_are_the_ones_committed_before_any_system_ran():
+    digest = hashlib.sha256(meaning.GRADES.read_bytes()).hexdigest()
+    assert digest == meaning.PRE_RUN_SHA256, "grades.json changed: pooled grades go in pooled.json"
+
+
+def test_grades_are_0_to_3_on_known_items_and_every_query_wants_an_item():
+    assert set(GRADES) == {q["id"] for q in QUERIES}
+    for qid, given in GRADES.items():
+        assert set(given) <= set(ITEMS), (qid, set(given) - set(ITEMS))
+        assert all(isinstance(g, int) and 0 <= g <= 3 for g in given.values()), (qid, given)
+        assert max(given.values()) >= meaning.WANTED, f"{qid} wants no item"
+
+
+def test_pooling_only_adds_grades():
+    pre_run, pooled = meaning.load(meaning.GRADES), meaning.load(meaning.POOLED)
+    assert set(pooled) <= set(pre_run), set(pooled) - set(pre_run)
+    for qid, added in pooled.items():
+        changed = set(added) & set(pre_run[qid])
+        assert not changed, f"pooling regraded {qid}: {sorted(changed)}"
+        assert all(isinstance(g, int) and 0 <= g <= 3 for g in added.values()), (qid, added)
+
+
+# --- the set and its halves ---------------------------------------------------------------------
+
+
+def test_items_are_written_whole_in_twenty_domains():
+    assert 300 <= len(ITEMS) <= 400 and len({i["domain"] for i in ITEMS.values()}) == 20
+    for item in ITEMS.values():
+        assert item["title"] and item["body"] and 1 <= len(item["tags"]) <= 5, item["id"]
+    assert len({(i["title"], i["body"]) for i in ITEMS.values()}) == len(ITEMS)
+
+
+def test_queries_cover_every_class():
+    counts = Counter(q["class"] for q in QUERIES)
+    assert set(counts) == set(meaning.CLASSES) and min(counts.values()) >= 15, counts
+    assert len({q["id"] for q in QUERIES}) == len(QUERIES) and len({q["q"] for q in QUERIES}) == len(QUERIES)
+
+
+def test_the_halves_split_every_class_evenly_and_always_the_same_way():
+    halves = meaning.halves(QUERIES)
+    assert halves == meaning.halves(list(reversed(QUERIES)))
+    for cls in meaning.CLASSES:
+        per_half = Counter(halves[q["id"]] for q in QUERIES if q["class"] == cls)
+        assert abs(per_half["tuning"] - per_half["test"]) <= 1, (cls, per_half)
+    assert all(meaning.half(qid) == h for qid, h in halves.items())
+
+
+# --- the evaluation's arithmetic (bench/relevance/meaning/evaluate.py) ---------------------------
+
+
+def test_the_bootstrap_interval_holds_the_gain_and_is_the_same_every_run():
+    from bench.relevance.meaning import evaluate
+
+    # Hybrid gains 0.3 on every third query and nothing on the others: 0.3 × 7 / 20 on average.
+    scores = {f"q{n}": {"text": (0.2, 0), "semantic": (0.5, 0), "hybrid": (0.8 if n % 3 == 0 else 0.5, 0)}
+              for n in range(20)}
+    gain = evaluate.bootstrap_gain(scores, list(scores))
+    assert gain["gain"] == pytest.approx(0.105) and 0 < gain["low"] < 0.105 < gain["high"] < 0.3, gain
+    assert gain == evaluate.bootstrap_gain(scores, list(scores))
+
+
+def test_the_before_figure_is_reciprocal_rank_fusion_of_the_same_rankings():
+    from bench.relevance.meaning import evaluate
+
+    # Ranks only: 3, third in both, beats either first; scores are not read.
+    assert evaluate.rrf({"text": [(1, 9.0), (2, 8.0), (3, 1.0)], "semantic": [(4, 0.9), (5, 0.8), (3, 0.7)]}) == [
+        3, 4, 1, 5, 2]
+
+
+def test_the_weight_is_the_tuning_halfs_best():
+    from bench.relevance.meaning import evaluate
+
+    grid = {"tuning": {"0.0": {"ndcg@10": 0.6}, "0.1": {"ndcg@10": 0.7}, "0.2": {"ndcg@10": 0.7}},
+            "test": {"0.0": {"ndcg@10": 0.9}, "0.1": {"ndcg@10": 0.1}, "0.2": {"ndcg@10": 0.1}}}
+    assert evaluate.best_weight(grid) == 0.1  # the tuning half decides, the smaller weight on a tie
