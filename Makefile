@@ -68,6 +68,7 @@ bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text sea
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
 	$(PY) -m bench.instance_vectors
+	$(PY) -m bench.vectors_scale
 	$(PY) -m bench.sharing
 	$(PY) -m bench.textscale
 	$(PY) -m bench.relevance.evaluate

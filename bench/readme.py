@@ -173,6 +173,12 @@ def slowclients_section(data: dict) -> str:
     return section(data)
 
 
+def vectors_scale_section(data: dict) -> str:
+    from bench.vectors_scale import section
+
+    return section(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -186,7 +192,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "capacity-results": ("capacity.json", capacity_section),
             "batching-results": ("batching.json", batching_section),
             "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
-            "slowclients-results": ("slowclients.json", slowclients_section)}
+            "slowclients-results": ("slowclients.json", slowclients_section),
+            "vectors-scale-results": ("vectors-scale.json", vectors_scale_section)}
 
 
 def main() -> int:
