@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--wait", type=float, default=300, help="seconds to wait for the first generation")
+    parser.add_argument("--writes", type=int, default=20, help="items created (one a second) and timed until found")
     parser.add_argument("--build", choices=("release", "serving"), default="release",
                         help="who publishes the first generation: the release step, or the serving instance")
     args = parser.parse_args(argv)
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             one(q, alone)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda q: one(q, timings), queries))
+        sampler.phase = "writes"
+        found_after = freshness(server.url, args.writes)
     log = (work / "gunicorn.log").read_text(errors="replace")
     samples = sampler.samples
     by_phase = {phase: [s for s in samples if s["phase"] == phase] for phase in ("publish", "queries")}
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries": args.queries + len(alone), "status": {str(k): v for k, v in sorted(statuses.items())},
         "one_client": {"queries": len(alone), "p50_ms": round(statistics.median(alone), 1) if alone else None,
                        "p95_ms": round(sorted(alone)[int(0.95 * (len(alone) - 1))], 1) if alone else None},
+        "found_after_201_s": found_after,
         "semantic_p50_ms": round(statistics.median(timings), 1) if timings else None,
         "semantic_p95_ms": round(timings[int(0.95 * (len(timings) - 1))], 1) if timings else None,
         **{k: figures.get(k) for k in ("cgroup_peak_mb", "oom_kills")},
@@ -143,6 +147,38 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "instance-vectors.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0
+
+
+def freshness(url: str, writes: int) -> dict:
+    """Items created one a second, each searched by meaning (its own title as the query) until it is in
+    the top 10: seconds from its 201 to being found, or None if not within 30 s."""
+    from devtools.http import fetch_json
+
+    waits: list[float | None] = []
+    for n in range(writes):
+        title = hebrew_title(n)
+        status, item, _ = fetch_json(f"{url}/items", {"title": title, "tags": ["חדש"]}, token="bench")
+        created = time.monotonic()
+        if status != 201:
+            waits.append(None)
+            continue
+        found = None
+        while time.monotonic() - created < 30:
+            _, body, _ = fetch_json(f"{url}/search?" + urllib.parse.urlencode({"q": title, "mode": "semantic"}))
+            if item["id"] in [r["id"] for r in body.get("results", [])]:
+                found = round(time.monotonic() - created, 2)
+                break
+            time.sleep(0.05)
+        waits.append(found)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - created)))
+    seen = sorted(w for w in waits if w is not None)
+    return {"items": writes, "found": len(seen), "p50_s": seen[len(seen) // 2] if seen else None,
+            "max_s": seen[-1] if seen else None}
+
+
+def hebrew_title(n: int) -> str:
+    words = ["מדריך", "קצר", "לגינון", "עירוני", "במרפסת", "עם", "עגבניות", "ותבלינים", "לכל", "עונה"]
+    return f"{' '.join(words[(n + i) % len(words)] for i in range(6))} {n}"
 
 
 def section(data: dict) -> str:
@@ -162,7 +198,10 @@ def section(data: dict) -> str:
             f"Serving: semantic p50 **{alone.get('p50_ms')} ms** (p95 {alone.get('p95_ms')} ms) for one client, "
             f"{data['semantic_p50_ms']} ms (p95 {data['semantic_p95_ms']} ms) for four at a time on 2 cores; "
             f"answers {', '.join(f'{n} × {code}' for code, n in data['status'].items())}; instance PSS peak **{data['pss_peak_serving_mb']} MB**; "
-            f"{data['recycles']} recycles, {data['workers_killed']} workers killed, {data['oom_kills']} OOM kills.")
+            f"{data['recycles']} recycles, {data['workers_killed']} workers killed, {data['oom_kills']} OOM kills."
+            + (f" New items, one a second: {fresh['found']} of {fresh['items']} found by meaning, "
+               f"{fresh['p50_s']} s after their 201 at the median, {fresh['max_s']} s at most."
+               if (fresh := data.get("found_after_201_s")) else ""))
 
 
 def store_vectors(env: dict, passages) -> None:
