@@ -10,12 +10,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -34,38 +32,18 @@ QUERY_STRING_MAX = 4096  # bytes; the q parameter has its own, smaller limit (MA
 READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
-# --- a test-only fault-injection point ----------------------------------------------------------
+# --- where a test may stop a request ------------------------------------------------------------
 
-FAULT_DIR_ENV = "MEMFIT_TEST_FAULT_DIR"
-FAULT_RELEASE_WAIT = 60.0  # seconds; past it the request goes on, so a test that never kills cannot wedge a worker
+FAULT_POINT = "memfit_fault_point"  # app.extensions key; devtools/faultpoints.py sets it when testing
 
 
-def pause_point(name: str) -> None:
-    """Pause this request here if a test armed the point ``name``; nothing at all otherwise (test-only).
-
-    tests/test_faults.py stops a worker mid-write with it and SIGKILLs it there, instead of hoping a kill
-    lands mid-write. Off unless MEMFIT_TEST_FAULT_DIR names a folder; never set it in a deployment (it is
-    ignored when APP_ENV=production). When set, a request reaching the point while ``<dir>/<name>``
-    exists takes that file (one request per arming, even with several workers), writes
-    ``<dir>/<name>.reached`` holding its pid, and waits until ``<dir>/<name>.release`` appears, at most
-    FAULT_RELEASE_WAIT seconds. Read from ``os.environ`` rather than declared in app/settings.py: it
-    configures the test harness, not the app, so it stays out of .env.example and
-    docs/configuration.md; unset, it costs a dict lookup per write.
-    """
-    folder = os.environ.get(FAULT_DIR_ENV)
-    if not folder or get_settings().app_env == "production":
-        return
-    try:
-        Path(folder, name).unlink()  # atomic: of two requests reaching an armed point, one pauses
-    except FileNotFoundError:
-        return
-    partial = Path(folder, f"{name}.reached.part")
-    partial.write_text(str(os.getpid()))
-    partial.replace(Path(folder, f"{name}.reached"))  # the test never reads a half-written pid
-    release = Path(folder, f"{name}.release")
-    deadline = time.monotonic() + FAULT_RELEASE_WAIT
-    while not release.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+def fault_point(name: str) -> None:
+    """A place where a test harness may stop this request (tests/test_faults.py SIGKILLs a worker there,
+    instead of hoping a kill lands mid-write). Nothing happens unless the harness registered itself,
+    which only devtools/faultpoints.py's app factory does."""
+    hook = current_app.extensions.get(FAULT_POINT)
+    if hook is not None:
+        hook(name)
 
 
 # --- writes: token and client address -------------------------------------------------------------
@@ -160,7 +138,7 @@ def _json_object() -> dict:
     shape = "the body must be a JSON object (Content-Type: application/json, UTF-8)"
     if not request.is_json:
         raise ApiError(400, "bad_json", shape)
-    pause_point("request-body")  # test-only: tests/test_faults.py cuts the body off here
+    fault_point("request-body")  # tests/test_faults.py cuts the body off here
     raw = request.get_data(cache=False)  # within MAX_CONTENT_LENGTH: app/bodies.py refused larger ones
     # gunicorn marks its input as terminated, so Werkzeug does not check the length: a client that went
     # away mid-body leaves a shorter body, which may still parse (a whole object and promised bytes more).
@@ -197,7 +175,7 @@ def create_item():
             item = Item(title=payload["title"], body=payload["body"], tags=[])
             db.session.add(item)
             db.session.flush()
-            pause_point("item-inserted")
+            fault_point("item-inserted")
             item.tags.extend(tags_by_name(payload["tags"]))
             db.session.commit()
             break

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.settings import Settings  # noqa: E402
-from devtools.gunicorn import GunicornServer  # noqa: E402
+from devtools.gunicorn import APP, GunicornServer  # noqa: E402
 from devtools.http import free_port, wait_http  # noqa: E402,F401  (re-exported for the suites)
 
 def in_ci(environ=os.environ) -> bool:
@@ -56,12 +56,12 @@ def venv_bin(name: str) -> str:
 class Gunicorn(GunicornServer):
     """devtools' gunicorn on a seeded SQLite database of tmp_path, one worker, no model, unless env says otherwise."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], seed: bool = True):
+    def __init__(self, tmp_path: Path, env: dict[str, str], seed: bool = True, app: str = APP):
         port = free_port()
         full = {**os.environ, "WEB_CONCURRENCY": "1", "DATABASE_URL": f"sqlite:///{tmp_path / 'gunicorn.sqlite3'}",
                 "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
                 "SEMANTIC_MODEL": str(tmp_path / "no-model"), **env}
-        super().__init__(full, tmp_path / f"gunicorn-{port}.log", port=port)
+        super().__init__(full, tmp_path / f"gunicorn-{port}.log", app=app, port=port)
         if seed:
             subprocess.run([venv_bin("flask"), "--app", "app", "seed"], cwd=ROOT, env=self.env, check=True,
                            capture_output=True)

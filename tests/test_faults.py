@@ -2,7 +2,7 @@
 missing, a Sentry that refuses or hangs, a request body cut off while the server reads it, chunked bodies
 over the limit or with a broken framing, a worker SIGKILLed between the item row and its tags. The
 mid-request faults land where they are meant to through the test-only pause point of app/api.py
-(MEMFIT_TEST_FAULT_DIR), never by timing.
+(devtools/faultpoints.py), never by timing.
 
 Every test waits on conditions, never on the clock. The figures of a passing run (faults injected and
 survived, requests sent, acknowledged items lost) go to bench/results/faults.json.
@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
+from devtools import faultpoints
 
 from support import ROOT, Gunicorn, PgServerProcess, free_port, make_settings, metric, postgres_url, require
 
@@ -112,14 +114,14 @@ def no_server_errors(log: str) -> None:
 
 
 class FaultPoint:
-    """Arms app/api.py's pause points in a folder the server was started with."""
+    """Arms the app's fault points in a folder the server was started with (devtools/faultpoints.py)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(exist_ok=True)
 
     def env(self) -> dict[str, str]:
-        return {"MEMFIT_TEST_FAULT_DIR": str(self.folder)}
+        return {faultpoints.FAULT_DIR_ENV: str(self.folder)}
 
     def arm(self, name: str) -> None:
         (self.folder / name).touch()
@@ -167,24 +169,23 @@ def clean_postgresql(tmp_path: Path, url: str) -> None:
 # --- the pause point itself --------------------------------------------------------------------
 
 
-def test_the_pause_point_is_inert_unless_set_and_never_pauses_in_production(tmp_path, monkeypatch):
+def test_fault_points_act_only_where_the_harness_armed_them(tmp_path):
     from app import api, create_app
+    from devtools import faultpoints
 
     folder = tmp_path / "faults"
     folder.mkdir()
     (folder / "p").touch()  # armed
     (folder / "p.release").touch()  # so that a pause, when it happens, ends at once
-    monkeypatch.delenv(api.FAULT_DIR_ENV, raising=False)
     with create_app(make_settings(tmp_path)).app_context():
-        api.pause_point("p")
-    assert (folder / "p").exists(), "the point acted without MEMFIT_TEST_FAULT_DIR"
-    monkeypatch.setenv(api.FAULT_DIR_ENV, str(folder))
-    production = make_settings(tmp_path, APP_ENV="production", SECRET_KEY="a-real-secret", WRITE_TOKEN="t")
-    with create_app(production).app_context():
-        api.pause_point("p")
-    assert (folder / "p").exists() and not (folder / "p.reached").exists(), "the point paused in production"
-    with create_app(make_settings(tmp_path)).app_context():
-        api.pause_point("p")
+        api.fault_point("p")
+    assert (folder / "p").exists(), "a point acted in an app the harness did not arm"
+    production = create_app(make_settings(tmp_path, APP_ENV="production", SECRET_KEY="a-real-secret", WRITE_TOKEN="t"))
+    with pytest.raises(RuntimeError, match="production"):
+        faultpoints.install(production, folder)
+    armed = faultpoints.install(create_app(make_settings(tmp_path)), folder)
+    with armed.app_context():
+        api.fault_point("p")
     assert not (folder / "p").exists() and (folder / "p.reached").read_text() == str(os.getpid())
 
 
@@ -381,7 +382,7 @@ def test_no_pii_reaches_sentry_from_a_request_or_a_thread_without_one(tmp_path):
 def test_body_cut_off_mid_read_writes_nothing(tmp_path):
     point = FaultPoint(tmp_path / "faults")
     acknowledged = Acknowledged()
-    with Gunicorn(tmp_path, point.env()) as g:
+    with Gunicorn(tmp_path, point.env(), app=faultpoints.APP) as g:
         acknowledged.add(post_item(g, "ראשון"))
         (worker,) = g.workers()
         # A body the server could parse: a whole JSON object; but the request promises 64 bytes more.
@@ -461,7 +462,7 @@ def test_worker_killed_mid_write_leaves_no_half_item(tmp_path, backend):
         env["DATABASE_URL"] = postgres_url()
     acknowledged = Acknowledged()
     half, half_tag = "חצי-כתוב", "תג-חדש-של-חצי"
-    with Gunicorn(tmp_path, env) as g:
+    with Gunicorn(tmp_path, env, app=faultpoints.APP) as g:
         url = g.env["DATABASE_URL"]
         acknowledged.add(post_item(g, "לפני"))
         (worker,) = g.workers()
@@ -511,7 +512,7 @@ def test_repeated_kills_mid_write_lose_no_acknowledged_item(tmp_path, backend):
         clean_postgresql(tmp_path, postgres_url())
         env["DATABASE_URL"] = postgres_url()
     acknowledged = Acknowledged()
-    with Gunicorn(tmp_path, env) as g:
+    with Gunicorn(tmp_path, env, app=faultpoints.APP) as g:
         url = g.env["DATABASE_URL"]
         (seeded,) = query(tmp_path, url, "SELECT count(*) FROM items")[0]
         for round_ in range(KILL_ROUNDS):
