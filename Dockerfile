@@ -39,6 +39,8 @@ RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
     /opt/prep/bin/pip install "$@" -r requirements-model.txt -c constraints.txt
 COPY app ./app
 COPY monitoring ./monitoring
+# The random-weight model builder (MODEL_SOURCE=synthetic:...): a build tool, never in the runtime stage.
+COPY devtools/__init__.py devtools/synthetic.py ./devtools/
 COPY deploy/prepare-model.sh ./deploy/prepare-model.sh
 # The project's own CLI prepares the artifact (docs/performance.md); its download cache stays in this stage.
 RUN PATH=/opt/prep/bin:$PATH HF_HOME=/tmp/hf sh deploy/prepare-model.sh && rm -rf /tmp/hf

@@ -105,17 +105,6 @@ def prepare_command(source: str, output: Path, precision: str, max_seq_length: i
     click.echo(json.dumps(manifest, indent=2))
 
 
-@model_group.command("build-synthetic")
-@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--arch", type=click.Choice(["tiny", "alephbert"]), default="tiny", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def build_synthetic_command(output: Path, arch: str, seed: int):
-    """Build a random-weight model in sentence-transformers format (tests and benchmarks)."""
-    from .semantic.synthetic import build
-
-    click.echo(f"built {arch} model at {build(output, arch=arch, seed=seed)}")
-
-
 @click.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--on-error", type=click.Choice(["refuse", "skip"]), default="refuse", show_default=True,

@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.semantic.synthetic import write_sentence_transformer_files
+from devtools.synthetic import write_sentence_transformer_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "bench" / "work" / "e5" / "multilingual-e5-small"

@@ -5,7 +5,7 @@
 
 Starts a PostgreSQL 16 + pgvector server (the pgserver package) under bench/work/release, builds (once)
 the synthetic AlephBERT-architecture model and prepares it as the 512 MB tier does
-(`flask --app app model build-synthetic --arch alephbert`, then `model prepare --precision q8`), loads
+(`python -m devtools.synthetic --arch alephbert`, then `flask --app app model prepare --precision q8`), loads
 ITEMS generated Hebrew items into a fresh database at the current schema, then times two release runs
 as a platform starts them (a separate `flask --app app release` process with the 512mb tier's
 settings): the first embeds every item and tag, the second must find nothing to do. Writes
@@ -51,11 +51,13 @@ def model_dir(env: dict[str, str]) -> Path:
     source, prepared = WORK / "alephbert-src", WORK / "alephbert-q8"
     if (prepared / "memfit_model.json").exists():
         return prepared
-    for args in (("model", "build-synthetic", str(source), "--arch", "alephbert"),
-                 ("model", "prepare", str(source), str(prepared), "--precision", "q8", "--force")):
-        out = flask(*args, env=env)
-        if out.returncode != 0:
-            raise SystemExit(f"flask {' '.join(args[:2])} failed:\n{out.stderr[-2000:]}")
+    built = subprocess.run([sys.executable, "-m", "devtools.synthetic", str(source), "--arch", "alephbert"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise SystemExit(f"devtools.synthetic failed:\n{built.stderr[-2000:]}")
+    out = flask("model", "prepare", str(source), str(prepared), "--precision", "q8", "--force", env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"flask model prepare failed:\n{out.stderr[-2000:]}")
     return prepared
 
 

@@ -78,7 +78,7 @@ def models() -> dict[str, Path]:
     paths = {"fp32": base / "alephbert-st", "q8": base / "alephbert-q8", "onnx-fp32": base / "alephbert-onnx-fp32"}
     if not (paths["fp32"] / "modules.json").exists():
         log("building the AlephBERT-architecture model (random weights)")
-        flask("model", "build-synthetic", str(paths["fp32"]), "--arch", "alephbert")
+        subprocess.run([sys.executable, "-m", "devtools.synthetic", str(paths["fp32"]), "--arch", "alephbert"], cwd=ROOT, check=True)
     if not (paths["q8"] / "memfit_model.json").exists():
         log("preparing the q8 ONNX artifact with `flask model prepare`")
         flask("model", "prepare", str(paths["fp32"]), str(paths["q8"]), "--precision", "q8", "--max-seq-length", "512")

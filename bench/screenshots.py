@@ -99,7 +99,7 @@ def status_server(folder: Path, seconds: float, wrap):
     import time
 
     from app.semantic.prepare import prepare
-    from app.semantic.synthetic import build
+    from devtools.synthetic import build
     from devtools.gunicorn import GunicornServer
 
     model = folder / "tiny-q8"

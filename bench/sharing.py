@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     source, artifact = WORK / "alephbert", WORK / "alephbert-q8"
     if not (source / "modules.json").exists():
-        flask("model", "build-synthetic", str(source), "--arch", "alephbert")
+        subprocess.run([sys.executable, "-m", "devtools.synthetic", str(source), "--arch", "alephbert"], cwd=ROOT,
+                       check=True)
     manifest = artifact / "memfit_model.json"
     if not manifest.exists() or json.loads(manifest.read_text()).get("version") != 2:
         flask("model", "prepare", str(source), str(artifact), "--precision", "q8", "--force")

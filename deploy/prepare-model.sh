@@ -7,7 +7,7 @@ set -eu
 src="$MODEL_SOURCE"
 case "$src" in
   synthetic:*)
-    flask --app app model build-synthetic /tmp/model-src --arch "${src#synthetic:}"
+    python3 -m devtools.synthetic /tmp/model-src --arch "${src#synthetic:}"
     src=/tmp/model-src ;;
 esac
 flask --app app model prepare "$src" "$MODEL_DIR" --precision "$MODEL_PRECISION" --max-seq-length 512 --force

@@ -1,5 +1,5 @@
 """Shared fixtures: an isolated app per test on SQLite and (when available) PostgreSQL, and models the
-project builds itself (tiny BERT for tests; see app/semantic/synthetic.py). Helpers: support.py."""
+project builds itself (tiny BERT for tests; see devtools/synthetic.py). Helpers: support.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from app import create_app  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer BERT in sentence-transformers format, built once per session."""
-    from app.semantic.synthetic import build
+    from devtools.synthetic import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny", arch="tiny")
 

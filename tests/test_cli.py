@@ -1,4 +1,4 @@
-"""app/cli.py: seed, embed, model prepare and build-synthetic."""
+"""app/cli.py: seed, embed and model prepare."""
 
 import json
 

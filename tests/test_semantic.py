@@ -201,7 +201,7 @@ def test_a_search_request_never_writes(make_app, tiny_onnx):
 def test_a_new_model_never_mixes_with_stale_vectors(make_app, tiny_onnx, tmp_path):
     from app.db import Embedding, db
     from app.semantic.prepare import prepare
-    from app.semantic.synthetic import build
+    from devtools.synthetic import build
 
     other = prepare(str(build(tmp_path / "other", arch="tiny", seed=1)), tmp_path / "other-q8", force=True)
     first = make_app(SEMANTIC_MODEL=str(tiny_onnx))

@@ -7,7 +7,10 @@
   do not depend on weight values, so benchmarks and container tests measure the real footprint.
 
 Both are saved in sentence-transformers format with a WordPiece tokenizer trained on the bundled
-Hebrew sample. Written beside OUTPUT and renamed into place when complete.
+Hebrew sample. Written beside OUTPUT and renamed into place when complete. A build tool, not part of
+the served app: the image's model stage runs it (deploy/prepare-model.sh), the runtime never has it.
+
+    python -m devtools.synthetic OUTPUT [--arch tiny|alephbert] [--seed N]
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..data import load_sample
+from app.data import load_sample
 
 ARCHES = {
     "tiny": dict(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -95,3 +98,19 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a random-weight model in sentence-transformers format.")
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"built {args.arch} model at {build(args.output, arch=args.arch, seed=args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
