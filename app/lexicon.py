@@ -11,6 +11,8 @@ one line a word of three-character base-94 indices of its lemmas in the word lis
 Which prefix strings exist and which specifiers each accepts is not in those files (Hspell compiles it
 into its binary), so ``build`` asks the ``hspell`` command itself: every combination of up to
 MAX_PREFIX prefix letters before one word of each specifier, and reads back the splits it accepts.
+It also asks ``hspell -l`` to describe every word (0.3 s for all of them), to leave out lemmas a word
+reaches only as a verb with an object pronoun, and Hspell's "miscellaneous" lemma of names.
 
 The built file (FILE, ~17 MB) holds the words in ISO-8859-8 (one byte a letter), their specifiers and
 lemma lists, and an open-addressing hash table over them: a look-up is a CRC-32 and one or two probes
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path("/usr/share/hspell")
 FILE = Path(__file__).resolve().parent / "data" / "hebrew-lexicon.bin"
 MAGIC = b"MEMFITLX"
-FORMAT = 1
+# The file's layout and the rules that made it: a file of another format is built again.
+FORMAT = 2
 ENCODING = "iso-8859-8"  # Hspell's own: one byte a Hebrew letter
 PREFIX_LETTERS = "והבכלמש"
 # Longest prefix string tried (ושכשה... exist but are vanishingly rare; today's rules stop at three).
@@ -121,6 +124,28 @@ def _prefix_rules(words: list[str], specifiers: bytes, hspell: str) -> dict[str,
     return rules
 
 
+def _object_suffix_lemmas(words: list[str], hspell: str) -> dict[str, set[str]]:
+    """For each word, the lemmas it reaches only as a verb with an object pronoun (ספרים as "count
+    them!", שולחן as "sends them"): literary forms that would tie everyday nouns to unrelated verbs.
+    ``hspell -l`` describes each reading of a word as written ("ספר(פ,...,ציווי,כינוי/ז,3,רבים)")."""
+    tries = ("\n".join(words) + "\n").encode(ENCODING)
+    out = subprocess.run([hspell, "-l"], input=tries, capture_output=True, check=False).stdout.decode(ENCODING)
+    dropped: dict[str, set[str]] = {}
+    word, suffixed, other = None, set(), set()
+    for line in out.splitlines() + [""]:
+        if line.startswith("\t"):
+            if word is not None:
+                lemma, _, description = line[1:].partition("(")
+                (suffixed if description.startswith("פ") and "כינוי" in description else other).add(lemma)
+            continue
+        if word is not None and suffixed - other:
+            dropped[word] = suffixed - other
+        word, suffixed, other = None, set(), set()
+        if line.startswith("מילה חוקית: "):  # the word alone; "צירוף חוקי" blocks are prefixed readings
+            word = line.split(": ", 1)[1]
+    return dropped
+
+
 def _source_id(source: Path) -> str:
     digest = hashlib.sha256()
     for name in ("hebrew.wgz", "hebrew.wgz.prefixes", "hebrew.wgz.stems"):
@@ -138,6 +163,7 @@ def build(source: Path = SOURCE, output: Path = FILE, hspell: str | None = None)
         raise FileNotFoundError("the hspell command is not installed (Debian package hspell)")
     words, specifiers, stems = _read_source(Path(source))
     rules = _prefix_rules(words, specifiers, hspell)
+    literary = _object_suffix_lemmas(words, hspell)
     # Keys as app/hebrew.py's normalize() leaves words: without quotes. The few forms that then
     # coincide (an acronym and a word) are merged: any of their readings may be meant.
     merged: dict[str, tuple[int, set[str]]] = {}
@@ -146,8 +172,9 @@ def build(source: Path = SOURCE, output: Path = FILE, hspell: str | None = None)
         if not key:
             continue
         spec, known = merged.get(key, (0, set()))
+        skip = literary.get(word, ())
         known.update(key if words[i] == MISC_LEMMA and key != MISC_LEMMA else words[i].translate(_QUOTES)
-                     for i in lemmas if i < len(words))
+                     for i in lemmas if i < len(words) and words[i] not in skip)
         merged[key] = (spec | specifier, known)
     keys = sorted(merged)
     index = {key: i for i, key in enumerate(keys)}
@@ -236,7 +263,7 @@ class Lexicon:
         self._mask = self.header["slots"] - 1
         self.prefixes: dict[str, int] = self.header["prefixes"]
         self.max_prefix: int = self.header["max_prefix"]
-        self.id = f"hspell-{self.header['source_id']}"
+        self.id = f"hspell-{self.header['source_id']}-{FORMAT}"
 
     def __len__(self) -> int:
         return self.header["words"]
@@ -279,6 +306,16 @@ _lock = threading.Lock()
 _loaded: dict[Path, Lexicon | None] = {}
 
 
+def _current(path: Path) -> bool:
+    """Whether path holds a lexicon of this code's FORMAT (the header's start says)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(MAGIC) + 64)
+    except OSError:
+        return False
+    return head.startswith(MAGIC) and f'{{"format": {FORMAT},'.encode() in head
+
+
 def get(path: Path = FILE, source: Path = SOURCE) -> Lexicon | None:
     """The lexicon at path, mapped once per process; built there first from an installed Hspell when
     missing. None, with one warning, when there is neither: the analyzer then keeps its rules."""
@@ -291,7 +328,7 @@ def get(path: Path = FILE, source: Path = SOURCE) -> Lexicon | None:
             return _loaded[path]
         lexicon = None
         try:
-            if not path.exists() and (Path(source) / "hebrew.wgz").exists() and shutil.which("hspell"):
+            if not _current(path) and (Path(source) / "hebrew.wgz").exists() and shutil.which("hspell"):
                 log.info("building the Hebrew lexicon %s from %s", path, source)
                 build(source, path)
             if path.exists():

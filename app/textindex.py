@@ -504,21 +504,38 @@ def _through_index(conn, statement: str, params: dict) -> list:
 
 # --- existing databases -------------------------------------------------------------------------
 
-def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None) -> dict:
+def _stale(dialect: str) -> str:
+    """SQL condition of a row whose analysis is missing or another analyzer's (the JSON's last element)."""
+    if dialect == "sqlite":
+        return "(index_text IS NULL OR json_extract(index_text, '$[4]') IS NOT :version)"
+    return "(index_text IS NULL OR (index_text::json->>4) IS DISTINCT FROM :version)"
+
+
+def count_stale(conn) -> int:
+    """How many items the current analyzer has not analysed (the release's work, before it starts)."""
+    return conn.execute(text(f"SELECT count(*) FROM items WHERE {_stale(_dialect(conn))}"),
+                        {"version": hebrew.analyzer_version()}).scalar_one()
+
+
+def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None, progress=None,
+            check_all: bool = False) -> dict:
     """Build or refresh the index of an existing database; idempotent and resumable.
 
-    Rows whose ``index_text`` is missing or from another analysis version are re-analysed in
-    batches of ``batch_size`` ids, each batch its own transaction, so an interrupted run keeps what
-    it did and the next run (or ``start_id``) goes on from there; a run over a current index
-    changes nothing.
+    Rows whose ``index_text`` is missing or from another analyzer version (``check_all``: every row,
+    compared with a fresh analysis) are re-analysed in batches of ``batch_size`` ids, each batch its own
+    transaction, so an interrupted run keeps what it did and the next run (or ``start_id``) goes on from
+    there; a run over a current index changes nothing. ``progress(n)`` hears of each batch's rows.
     """
     with engine.begin() as conn:
         ensure_schema(conn)
+    version = hebrew.analyzer_version()
+    condition = "" if check_all else f"AND {_stale(engine.dialect.name)} "
     done = {"checked": 0, "updated": 0, "last_id": start_id}
     while True:
         with engine.begin() as conn:
-            rows = conn.execute(text("SELECT id, title, body, index_text FROM items WHERE id > :after "
-                                     "ORDER BY id LIMIT :n"), {"after": done["last_id"], "n": batch_size}).all()
+            rows = conn.execute(text(f"SELECT id, title, body, index_text FROM items WHERE id > :after {condition}"
+                                     "ORDER BY id LIMIT :n"),
+                                {"after": done["last_id"], "n": batch_size, "version": version}).all()
             if not rows:
                 return done
             changed = []
@@ -531,5 +548,7 @@ def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None) -> dic
         done["checked"] += len(rows)
         done["updated"] += len(changed)
         done["last_id"] = rows[-1][0]
+        if progress:
+            progress(len(rows))
         if echo:
             echo(f"checked {done['checked']} items up to id {done['last_id']}, updated {done['updated']}")
