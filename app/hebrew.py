@@ -150,7 +150,7 @@ class Analysis:
     string the lexicon knows (all letters of PREFIX_LETTERS, up to MAX_PREFIXES, without it).
     ``lemmas`` are the lexicon's lemmas of the word (or of its prefixed readings when it is no word
     alone): what plural, construct and possessive forms share with their singular. ``whole`` says
-    the word is a word by itself, so a query never reads it as prefixes + a commoner stem.
+    the word is a word by itself; ``known`` that the lexicon knows it, alone or after prefixes.
     """
 
     stems: tuple[str, ...] = ()
@@ -173,15 +173,10 @@ def analyzer_version() -> str:
 
 
 def _bases(lex, prefix: str, rest: str) -> list[int]:
-    """Lexicon entries that can follow prefix as rest is written. After a prefix Hspell wants an
-    initial consonant waw doubled (ו+ורד is written וורד): the word is then read without the double
-    waw, or as written when it starts with two waws itself; a single waw there is no such split."""
-    if not rest.startswith("ו"):
-        candidates = [rest]
-    elif rest.startswith("וו") and not rest.startswith("ווו"):
-        candidates = [rest[1:], rest]
-    else:
-        return []
+    """Lexicon entries that can follow prefix as rest is written. After a prefix the Academy's rules
+    (and Hspell) double an initial consonant waw (ה+ורד is הוורד), which is then read as one; most
+    people write it single (הורד), so a single waw is read as written too."""
+    candidates = [rest[1:], rest] if rest.startswith("וו") and not rest.startswith("ווו") else [rest]
     return [i for form in candidates if (i := lex.find(form)) >= 0 and lex.accepts(prefix, i)]
 
 
@@ -210,22 +205,28 @@ def analyse(word: str) -> Analysis:
     # The lemmas of a word that is a word alone are its own; its prefixed readings add their stems
     # (as today's rules did) but not their lemmas: מלך is a king, not also a form of הלך through מ+לך.
     lemmas = [lemma for i in (whole or [i for _, i in split]) for lemma in lex.lemmas(i)]
-    return Analysis(stems, tuple(l for l in dict.fromkeys(lemmas) if l != word and l not in stems), bool(whole), True)
+    if word in lemmas:
+        # A headword (מחברת, a notebook) is what its own forms meet; its other lemmas are homographs
+        # (מחברת, "connects", of חיבר) that would tie it to unrelated words.
+        lemmas = []
+    return Analysis(stems, tuple(l for l in dict.fromkeys(lemmas) if l not in stems), bool(whole), True)
 
 
 @functools.lru_cache(maxsize=16384)
 def alternate_terms(word: str) -> tuple[str, ...]:
-    """Extra index terms of one (normalised, unfolded) word: its accepted prefix stems, its lemmas,
-    and the spelling skeletons of all of them and of the word."""
+    """Extra index terms of one (normalised, unfolded) word: its accepted prefix stems and their
+    spelling skeletons, and its lemmas (no skeletons: Hspell spells a lemma in full, and its skeleton
+    is a step further from what was written, where other words live: חיבר's is חבר, a friend)."""
     analysis = analyse(word)
     forms = []
-    for form in [word, *analysis.stems, *analysis.lemmas]:
+    for form in [word, *analysis.stems]:
         folded = fold_finals(form)
         if form is not word:
             forms.append(folded)
         bare = skeleton(folded)
         if bare:
             forms.append(bare)
+    forms.extend(fold_finals(lemma) for lemma in analysis.lemmas)
     own = fold_finals(word)
     return tuple(f for f in dict.fromkeys(forms) if f != own)
 

@@ -265,9 +265,9 @@ def plan(conn, query: str) -> Plan:
 
     The prefix-stripped forms of a query word are those app/hebrew.py's analysis accepts (for a word
     the lexicon knows, its own splits), and each is kept only when it is itself an indexed word; when
-    it is also far more common than the word as written (ובתוף / תוף) and the written word is no word
-    by itself, the written word is read as prefixes + that stem: the stem is searched as the word and
-    the written form as an alternate. Otherwise (מלך / לך, both words) the written word stays the word.
+    it is also far more common than the word as written (ובתוף / תוף), the written word is read as
+    prefixes + that stem: the stem is searched as the word and the written form as an alternate.
+    Otherwise (מלך / לך, both common words) the written word stays the word.
     The word's lemmas are alternates too, so that a plural finds its singular and back.
     """
     dialect = _dialect(conn)
@@ -280,18 +280,18 @@ def plan(conn, query: str) -> Plan:
     stems = {w: [hebrew.fold_finals(s) for s in a.stems] for w, a in analysed.items()}
     every = list(dict.fromkeys([hebrew.fold_finals(w) for w in raw] + [s for ss in stems.values() for s in ss]))
     df = _document_frequencies(conn, dialect, every, threshold + 1)
-    words, alternates = [], []
+    words, alternates, lemmas = [], [], []
     for written in raw:
         word = hebrew.fold_finals(written)
         accepted = [s for s in stems[written] if df[s] > 0]
         best = max(accepted, key=lambda s: df[s], default=None)
-        # A word the lexicon knows by itself (מדבר, a desert) is never re-read as prefixes + stem.
-        if best is not None and not analysed[written].whole and df[best] >= PREFIXED_RATIO * max(df[word], 1):
+        if best is not None and df[best] >= PREFIXED_RATIO * max(df[word], 1):
             word, accepted = best, [word] + [s for s in accepted if s != best]
         words.append(word)
-        # Lemmas are searched whether or not some title or body holds them as written: the forms
-        # that share them hold them among their alternates (עכברים: עכבר).
-        alternates.extend(accepted + [hebrew.fold_finals(lemma) for lemma in analysed[written].lemmas])
+        alternates.extend(accepted)
+        # Lemmas are searched whether or not some title or body holds them as written (the forms that
+        # share them hold them among their alternates: עכברים, עכבר), and without spelling skeletons.
+        lemmas.extend(hebrew.fold_finals(lemma) for lemma in analysed[written].lemmas)
     words = list(dict.fromkeys(words))
     dropped: list[str] = []
     frequent = [w for w in words if df[w] > threshold]
@@ -299,7 +299,7 @@ def plan(conn, query: str) -> Plan:
         dropped = frequent
         words = [w for w in words if w not in frequent]
     skeletons = [k for w in words + alternates if (k := hebrew.skeleton(w))]
-    alternates = [a for a in dict.fromkeys(alternates + skeletons) if a not in words and a not in dropped]
+    alternates = [a for a in dict.fromkeys(alternates + skeletons + lemmas) if a not in words and a not in dropped]
     return Plan(words, alternates, dropped, ignored)
 
 

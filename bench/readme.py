@@ -77,11 +77,15 @@ def sharing_section(data: dict) -> str:
 
 
 def textscale_section(data: dict) -> str:
-    rows = ["| back end | items | query p50 | p95 | index on disk | write per item (insert + analysis) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| back end | items | query p50 | p95 | index on disk | write per item (insert + analysis) | analyzer |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in sorted(data.values(), key=lambda r: (r["backend"], r["items"])):
+        # Runs from before the analyzer was recorded measured the rule-based one (version 1).
+        version, _, lexicon = run.get("analyzer", "1+rules").partition("+")
+        analyzer = f"{version}, {'Hspell lexicon' if lexicon.startswith('hspell') else 'rules only'}"
         rows.append(f"| {run['backend']} | {run['items']:,} | {run['p50_ms']} ms | {run['p95_ms']} ms | "
-                    f"{run['index_bytes'] / 2**20:.1f} MB | {run['insert_ms_per_item'] + run['analyse_ms_per_item']:.2f} ms |")
+                    f"{run['index_bytes'] / 2**20:.1f} MB | {run['insert_ms_per_item'] + run['analyse_ms_per_item']:.2f} ms "
+                    f"| {analyzer} |")
     return "\n".join(rows)
 
 

@@ -107,3 +107,19 @@ def test_without_a_lexicon_the_rules_of_old(monkeypatch):
     finally:
         monkeypatch.undo()
         hebrew.reset()
+
+
+def test_a_headword_meets_its_forms_not_its_homographs(lexicon_present):
+    # מחברת, a notebook, is also "connects" (of חיבר): an item about an author (מחבר) is no answer.
+    assert hebrew.analyse("מחברת").lemmas == () and "חיבר" not in hebrew.alternate_terms("מחברת")
+
+
+def test_lemmas_give_no_spelling_skeletons(lexicon_present):
+    # מחשבים's lemma חישב spelled without its vowel letter is חשב, an accountant.
+    assert "חישב" in hebrew.alternate_terms("מחשבים") and "חשב" not in hebrew.alternate_terms("מחשבים")
+
+
+@pytest.mark.parametrize("word, stem", [("והוורד", "ורד"), ("והורד", "ורד"), ("הוועד", "ועד")])
+def test_a_waw_after_a_prefix_is_read_doubled_as_the_academy_writes_it_or_single_as_people_do(
+        lexicon_present, word, stem):
+    assert stem in hebrew.analyse(word).stems
