@@ -1,7 +1,8 @@
 # memfit image: gunicorn + Flask + ONNX Runtime, with the semantic model prepared at build time and
-# baked in, so nothing is downloaded at run time. Three stages:
+# baked in, so nothing is downloaded at run time. Four stages:
 #   deps    the serving virtualenv (no torch): copied into the runtime image
 #   model   torch + transformers, used once to prepare the model artifact, then discarded
+#   lexicon Hspell, used once to build the text analyzer's Hebrew lexicon file, then discarded
 #   runtime the slim image that runs, as a fixed non-root uid
 #
 #   docker build -t memfit .                                   # CPU torch from PyTorch's CPU index
@@ -44,6 +45,19 @@ COPY devtools/__init__.py devtools/synthetic.py ./devtools/
 COPY deploy/prepare-model.sh ./deploy/prepare-model.sh
 # The project's own CLI prepares the artifact (docs/performance.md); its download cache stays in this stage.
 RUN PATH=/opt/prep/bin:$PATH HF_HOME=/tmp/hf sh deploy/prepare-model.sh && rm -rf /tmp/hf
+
+# ---------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS lexicon
+ARG OFFLINE=0
+WORKDIR /src
+# Debian's hspell: its data files and the hspell command that app/lexicon.py reads and asks. Offline,
+# its .deb from deploy/wheelhouse (.ci/run downloads it; its dependencies, libc and zlib, are in the base).
+RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
+    if [ "$OFFLINE" = "1" ]; then dpkg -i /wheels/hspell_*.deb >/dev/null; \
+    else apt-get update -qq && apt-get install -y -qq --no-install-recommends hspell >/dev/null; fi
+# The builder uses the standard library only: no virtualenv, and a code change elsewhere keeps this layer.
+COPY app/lexicon.py ./app/lexicon.py
+RUN python3 -m app.lexicon build --output /lexicon/hebrew-lexicon.bin
 
 # ---------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -89,6 +103,8 @@ COPY --from=model /models/semantic /models/semantic
 WORKDIR /app
 # Code and model stay root-owned and read-only to the app user; it writes only /data and /tmp.
 COPY app ./app
+# The text analyzer's lexicon (~13 MB): each worker memory-maps it, so they share its pages.
+COPY --from=lexicon /lexicon/hebrew-lexicon.bin ./app/data/hebrew-lexicon.bin
 # The release command (`flask --app app release`) runs these; without them workers answer 503.
 COPY migrations ./migrations
 COPY monitoring ./monitoring

@@ -16,7 +16,7 @@ FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
+.PHONY: help venv lexicon release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -30,6 +30,15 @@ $(VENV)/.installed: $(REQUIREMENTS)
 	touch $@
 
 venv: $(VENV)/.installed ## Create or refresh the virtualenv
+
+# The text analyzer's Hebrew lexicon (app/lexicon.py), from Debian's hspell package; the app also builds
+# it on first use when Hspell is installed, and keeps prefix rules without inflection when it is not.
+LEXICON := app/data/hebrew-lexicon.bin
+$(LEXICON): app/lexicon.py
+	@command -v hspell >/dev/null || { echo "hspell is not installed: apt-get install hspell"; exit 1; }
+	$(PY) -m app.lexicon build --output $@
+
+lexicon: venv $(LEXICON) ## Build the Hebrew lexicon of the text analyzer from Hspell (apt-get install hspell)
 
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed

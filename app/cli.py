@@ -72,12 +72,12 @@ def embed_command(check_text: bool, prune: bool):
 @click.option("--start-id", type=click.IntRange(0), default=0, help="Resume after this item id.")
 @with_appcontext
 def text_index_command(batch_size: int, start_id: int):
-    """Build or refresh the text index of an existing database (idempotent, resumable): the release's
-    migration builds it once; this re-analyses rows after a change of analysis or rows written by raw SQL."""
+    """Build or refresh the text index of an existing database (idempotent, resumable): the release
+    analyses again the rows of an older analyzer; this checks every row (rows written by raw SQL)."""
     from .textindex import rebuild
 
     create_schema()
-    done = rebuild(db.engine, batch_size=batch_size, start_id=start_id, echo=click.echo)
+    done = rebuild(db.engine, batch_size=batch_size, start_id=start_id, echo=click.echo, check_all=True)
     click.echo(f"text index ready: {done['checked']} items checked, {done['updated']} analysed")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
+from dataclasses import dataclass
 
 PREFIX_LETTERS = "והבכלמש"
 # Up to three stacked prefixes (וכשה...) and a stem of at least two letters.
@@ -133,19 +134,107 @@ def skeleton(word: str) -> str | None:
     return result if result != word and len(result) >= MIN_STEM + 1 else None
 
 
+# --- Dictionary analysis: Hspell's lexicon (app/lexicon.py) where it knows the word. ---
+
+# Version of the analysis below, stored with every analysed row (app/textindex.py): a release finds
+# the rows analysed another way by it and analyses them again.
+ANALYZER = 2
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the index makes of one (normalised, unfolded) word besides the word itself.
+
+    ``stems`` are the word with prefixes removed: for a word the lexicon knows, only the splits it
+    accepts (ב+בלמים, never ב+ב+ל+מים); for another word, leading prefix letters that make a prefix
+    string the lexicon knows (all letters of PREFIX_LETTERS, up to MAX_PREFIXES, without it).
+    ``lemmas`` are the lexicon's lemmas of the word (or of its prefixed readings when it is no word
+    alone): what plural, construct and possessive forms share with their singular. ``whole`` says
+    the word is a word by itself; ``known`` that the lexicon knows it, alone or after prefixes.
+    """
+
+    stems: tuple[str, ...] = ()
+    lemmas: tuple[str, ...] = ()
+    whole: bool = False
+    known: bool = False
+
+
+def lexicon():
+    """The process's Hebrew lexicon (mapped on first use), or None where Hspell is missing."""
+    from . import lexicon as lexicon_module
+
+    return lexicon_module.get()
+
+
+def analyzer_version() -> str:
+    """Names the analysis the index holds: its rules' version and the lexicon it read, if any."""
+    found = lexicon()
+    return f"{ANALYZER}+{found.id}" if found is not None else f"{ANALYZER}+rules"
+
+
+def _bases(lex, prefix: str, rest: str) -> list[int]:
+    """Lexicon entries that can follow prefix as rest is written. After a prefix the Academy's rules
+    (and Hspell) double an initial consonant waw (ה+ורד is הוורד), which is then read as one; most
+    people write it single (הורד), so a single waw is read as written too."""
+    candidates = [rest[1:], rest] if rest.startswith("וו") and not rest.startswith("ווו") else [rest]
+    return [i for form in candidates if (i := lex.find(form)) >= 0 and lex.accepts(prefix, i)]
+
+
 # Cached: an item's words repeat, in it and across items (running text is mostly a few thousand forms),
-# and each analysis is tens of string operations in Python: without it a new item with a 500-word body
-# spent most of its create request here. 4096 short words and their few alternates: under 2 MB.
-@functools.lru_cache(maxsize=4096)
+# and each analysis is a few lexicon probes and tens of string operations in Python. 16384 short words
+# and their few forms: a few MB.
+@functools.lru_cache(maxsize=16384)
+def analyse(word: str) -> Analysis:
+    """The prefix stems and lemmas of one normalised word (see Analysis)."""
+    lex = lexicon() if is_hebrew(word) else None
+    if lex is None:
+        return Analysis(tuple(prefix_stems(word)))
+    whole = [i for i in [lex.find(word)] if i >= 0 and lex.accepts("", i)]
+    split: list[tuple[str, int]] = []
+    for length in range(1, min(lex.max_prefix, len(word) - MIN_STEM) + 1):
+        prefix = word[:length]
+        if prefix[-1] not in PREFIX_LETTERS:
+            break
+        if prefix in lex.prefixes:  # not every run of prefix letters is one: "כש" is, "בב" is not
+            split.extend((prefix, i) for i in _bases(lex, prefix, word[length:]))
+    if not whole and not split:
+        # Unknown to the lexicon (a name, slang, a loanword): the rules of old, but only with prefix
+        # strings that exist.
+        return Analysis(tuple(s for s in prefix_stems(word) if word[:len(word) - len(s)] in lex.prefixes))
+    stems = tuple(dict.fromkeys(lex.word(i) for _, i in split))
+    # The lemmas of a word that is a word alone are its own; its prefixed readings add their stems
+    # (as today's rules did) but not their lemmas: מלך is a king, not also a form of הלך through מ+לך.
+    lemmas = [lemma for i in (whole or [i for _, i in split]) for lemma in lex.lemmas(i)]
+    if word in lemmas:
+        # A headword (מחברת, a notebook) is what its own forms meet; its other lemmas are homographs
+        # (מחברת, "connects", of חיבר) that would tie it to unrelated words.
+        lemmas = []
+    return Analysis(stems, tuple(l for l in dict.fromkeys(lemmas) if l not in stems), bool(whole), True)
+
+
+@functools.lru_cache(maxsize=16384)
 def alternate_terms(word: str) -> tuple[str, ...]:
-    """Extra index terms of one (normalised, unfolded) word: its prefix stems and spelling skeletons."""
+    """Extra index terms of one (normalised, unfolded) word: its accepted prefix stems and their
+    spelling skeletons, and its lemmas (no skeletons: Hspell spells a lemma in full, and its skeleton
+    is a step further from what was written, where other words live: חיבר's is חבר, a friend)."""
+    analysis = analyse(word)
     forms = []
-    for form in [word, *prefix_stems(word)]:
+    for form in [word, *analysis.stems]:
         folded = fold_finals(form)
         if form is not word:
             forms.append(folded)
         bare = skeleton(folded)
         if bare:
             forms.append(bare)
+    forms.extend(fold_finals(lemma) for lemma in analysis.lemmas)
     own = fold_finals(word)
     return tuple(f for f in dict.fromkeys(forms) if f != own)
+
+
+def reset() -> None:
+    """Forget the lexicon and every cached analysis (tests that change the lexicon)."""
+    from . import lexicon as lexicon_module
+
+    lexicon_module.forget()
+    analyse.cache_clear()
+    alternate_terms.cache_clear()

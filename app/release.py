@@ -5,10 +5,12 @@ In order, under one lock (``pg_advisory_lock`` on PostgreSQL, an flock file besi
 1. schema migrations (migrations/, Alembic through Flask-Migrate);
 2. on PostgreSQL, pgvector: the extension when the server allows it, the ``vec`` column and its
    values (a clear one-line message and the in-process index otherwise);
-3. the embedding backfill for the configured model's fingerprint, one transaction per batch, so
+3. the text index: items analysed by another analyzer (an older version, or without the Hebrew
+   lexicon) analysed again, one transaction per batch with progress, so that a rerun resumes;
+4. the embedding backfill for the configured model's fingerprint, one transaction per batch, so
    that Ctrl-C or a crash keeps whole batches only and a rerun resumes; vectors of older
    fingerprints are pruned only once the new ones are complete;
-4. the HNSW index on the typed vector expression, once the corpus is large enough to need it;
+5. the HNSW index on the typed vector expression, once the corpus is large enough to need it;
    without pgvector, a new generation of the instance's shared vector index (semantic/shared.py)
    when one is due, so that workers start with it rather than build it while they serve.
 
@@ -49,6 +51,8 @@ HNSW_MIN_ROWS = 20_000
 RELEASE_MANAGED_INDEX_PREFIX = "ix_embeddings_vec_hnsw"
 # Rows read per round of the backfill: bounds the memory of a large backfill.
 BACKFILL_CHUNK = 512
+# Items analysed again per transaction by the text index step.
+TEXT_BATCH = 1000
 # Seconds between progress lines when the output is a log rather than a terminal.
 LOG_EVERY_SECONDS = 10.0
 
@@ -350,6 +354,29 @@ def backfill(encoder, batch_size: int, vector_store=None, echo: Echo = click.ech
     return done
 
 
+def reanalyse_text(echo: Echo = click.echo, stream: TextIO | None = None, batch_size: int = TEXT_BATCH) -> int:
+    """Analyse again every item the current text analyzer has not analysed (app/textindex.py stores
+    the analyzer's version in each row); returns how many. Each batch is its own transaction: an
+    interruption keeps the batches done, and the next release goes on with the rest."""
+    from . import hebrew
+
+    version = hebrew.analyzer_version()
+    with db.engine.connect() as conn:
+        total = textindex.count_stale(conn)
+    if version.endswith("+rules"):
+        echo("text index: no Hebrew lexicon (apt-get install hspell): prefixes by rule, no inflection")
+    if not total:
+        echo(f"text index: every item analysed by {version}")
+        return 0
+    progress = Progress("analysing items for the text index", total, echo=echo, stream=stream)
+    try:
+        done = textindex.rebuild(db.engine, batch_size=batch_size, progress=progress.update)
+    finally:
+        progress.close()
+    echo(f"text index: {done['updated']} items analysed again by {version}")
+    return done["updated"]
+
+
 def _batch_store(pgvector: bool):
     """Where embed_rows writes each batch's vectors besides the blobs (a fault-injection point in tests)."""
     if not pgvector:
@@ -409,6 +436,7 @@ def run_release(app: Flask, echo: Echo = click.echo, hnsw_min_rows: int = HNSW_M
             pgvector = why_not is None
             echo("pgvector: ready" if pgvector else
                  f"pgvector: not available ({why_not}); semantic search will use the in-process index")
+        reanalyse_text(echo, stream)
 
         try:
             encoder = get_service(app).encoder()

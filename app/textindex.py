@@ -3,7 +3,8 @@ bounded cost for any query.
 
 Each item row carries ``index_text``: the analysed forms of its title and body as a JSON array
 ``[title, body, title_alt, body_alt, version]`` of space-separated terms (app/hebrew.py makes them;
-app/db.py fills the column before every insert and update). The database keeps the index in step
+app/db.py fills the column before every insert and update; ``version`` is hebrew.analyzer_version(),
+so that rows analysed another way are found and analysed again: see rebuild()). The database keeps the index in step
 inside the same transaction as the write:
 
 - SQLite: an FTS5 table with external content (a view that unpacks ``index_text``), maintained by
@@ -22,9 +23,9 @@ before. The narrow tiers hold the items that rank first, so thousands of items h
 word cannot push them out (the old best match of the issue stays first); the cost no longer depends
 on the table. bench/textscale.py measures how often the top 10 agrees with the exhaustive ranking.
 
-Exact forms outrank alternates twice over: a document's prefix-stripped and defective-spelling forms
-sit in the low-weight ``*_alt`` columns, and a query's own stripped forms count ALT_FACTOR of an exact
-query word. Only the first MAX_TERMS distinct query words are searched, and very frequent words are
+Exact forms outrank alternates twice over: a document's prefix-stripped forms, lemmas (from Hspell's
+lexicon: a plural's singular) and defective-spelling forms sit in the low-weight ``*_alt`` columns, and
+a query's own stripped forms and lemmas count ALT_FACTOR of an exact query word. Only the first MAX_TERMS distinct query words are searched, and very frequent words are
 left out when rarer ones are present, so a query costs what its posting lists cost.
 """
 
@@ -39,7 +40,6 @@ from sqlalchemy import event, text
 
 from . import hebrew
 
-ANALYSIS_VERSION = 1
 # Distinct query words searched; the rest of a long query is ignored (bounded cost).
 MAX_TERMS = 16
 # A query word's own stripped forms and spelling skeletons weigh this much of the word itself.
@@ -86,7 +86,7 @@ def document(title: str, body: str) -> str:
     """The ``index_text`` value of an item: its analysed fields, as stored in the row."""
     title_words, body_words = hebrew.raw_terms(title or ""), hebrew.raw_terms(body or "")
     fields = [" ".join(map(hebrew.fold_finals, title_words)), " ".join(map(hebrew.fold_finals, body_words)),
-              _alternates(title_words), _alternates(body_words), ANALYSIS_VERSION]
+              _alternates(title_words), _alternates(body_words), hebrew.analyzer_version()]
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -263,10 +263,12 @@ def _document_frequencies(conn, dialect: str, terms: list[str], cap: int) -> dic
 def plan(conn, query: str) -> Plan:
     """Decide what a query searches (at most MAX_TERMS words, plausible alternates, frequent words).
 
-    A prefix-stripped form of a query word is kept only when it is itself an indexed word; when it
-    is also far more common than the word as written (ובתוף / תוף), the written word is read as
+    The prefix-stripped forms of a query word are those app/hebrew.py's analysis accepts (for a word
+    the lexicon knows, its own splits), and each is kept only when it is itself an indexed word; when
+    it is also far more common than the word as written (ובתוף / תוף), the written word is read as
     prefixes + that stem: the stem is searched as the word and the written form as an alternate.
     Otherwise (מלך / לך, both common words) the written word stays the word.
+    The word's lemmas are alternates too, so that a plural finds its singular and back.
     """
     dialect = _dialect(conn)
     raw, ignored = query_words(query)
@@ -274,10 +276,11 @@ def plan(conn, query: str) -> Plan:
         return Plan([], ignored=ignored)
     size = conn.execute(text("SELECT coalesce(max(id), 0) FROM items")).scalar_one()
     threshold = max(FREQUENT_MIN_DOCS, int(size * FREQUENT_FRACTION))
-    stems = {w: [hebrew.fold_finals(s) for s in hebrew.prefix_stems(w)] for w in raw}
+    analysed = {w: hebrew.analyse(w) for w in raw}
+    stems = {w: [hebrew.fold_finals(s) for s in a.stems] for w, a in analysed.items()}
     every = list(dict.fromkeys([hebrew.fold_finals(w) for w in raw] + [s for ss in stems.values() for s in ss]))
     df = _document_frequencies(conn, dialect, every, threshold + 1)
-    words, alternates = [], []
+    words, alternates, lemmas = [], [], []
     for written in raw:
         word = hebrew.fold_finals(written)
         accepted = [s for s in stems[written] if df[s] > 0]
@@ -286,6 +289,9 @@ def plan(conn, query: str) -> Plan:
             word, accepted = best, [word] + [s for s in accepted if s != best]
         words.append(word)
         alternates.extend(accepted)
+        # Lemmas are searched whether or not some title or body holds them as written (the forms that
+        # share them hold them among their alternates: עכברים, עכבר), and without spelling skeletons.
+        lemmas.extend(hebrew.fold_finals(lemma) for lemma in analysed[written].lemmas)
     words = list(dict.fromkeys(words))
     dropped: list[str] = []
     frequent = [w for w in words if df[w] > threshold]
@@ -293,7 +299,7 @@ def plan(conn, query: str) -> Plan:
         dropped = frequent
         words = [w for w in words if w not in frequent]
     skeletons = [k for w in words + alternates if (k := hebrew.skeleton(w))]
-    alternates = [a for a in dict.fromkeys(alternates + skeletons) if a not in words and a not in dropped]
+    alternates = [a for a in dict.fromkeys(alternates + skeletons + lemmas) if a not in words and a not in dropped]
     return Plan(words, alternates, dropped, ignored)
 
 
@@ -498,21 +504,38 @@ def _through_index(conn, statement: str, params: dict) -> list:
 
 # --- existing databases -------------------------------------------------------------------------
 
-def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None) -> dict:
+def _stale(dialect: str) -> str:
+    """SQL condition of a row whose analysis is missing or another analyzer's (the JSON's last element)."""
+    if dialect == "sqlite":
+        return "(index_text IS NULL OR json_extract(index_text, '$[4]') IS NOT :version)"
+    return "(index_text IS NULL OR (index_text::json->>4) IS DISTINCT FROM :version)"
+
+
+def count_stale(conn) -> int:
+    """How many items the current analyzer has not analysed (the release's work, before it starts)."""
+    return conn.execute(text(f"SELECT count(*) FROM items WHERE {_stale(_dialect(conn))}"),
+                        {"version": hebrew.analyzer_version()}).scalar_one()
+
+
+def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None, progress=None,
+            check_all: bool = False) -> dict:
     """Build or refresh the index of an existing database; idempotent and resumable.
 
-    Rows whose ``index_text`` is missing or from another analysis version are re-analysed in
-    batches of ``batch_size`` ids, each batch its own transaction, so an interrupted run keeps what
-    it did and the next run (or ``start_id``) goes on from there; a run over a current index
-    changes nothing.
+    Rows whose ``index_text`` is missing or from another analyzer version (``check_all``: every row,
+    compared with a fresh analysis) are re-analysed in batches of ``batch_size`` ids, each batch its own
+    transaction, so an interrupted run keeps what it did and the next run (or ``start_id``) goes on from
+    there; a run over a current index changes nothing. ``progress(n)`` hears of each batch's rows.
     """
     with engine.begin() as conn:
         ensure_schema(conn)
+    version = hebrew.analyzer_version()
+    condition = "" if check_all else f"AND {_stale(engine.dialect.name)} "
     done = {"checked": 0, "updated": 0, "last_id": start_id}
     while True:
         with engine.begin() as conn:
-            rows = conn.execute(text("SELECT id, title, body, index_text FROM items WHERE id > :after "
-                                     "ORDER BY id LIMIT :n"), {"after": done["last_id"], "n": batch_size}).all()
+            rows = conn.execute(text(f"SELECT id, title, body, index_text FROM items WHERE id > :after {condition}"
+                                     "ORDER BY id LIMIT :n"),
+                                {"after": done["last_id"], "n": batch_size, "version": version}).all()
             if not rows:
                 return done
             changed = []
@@ -525,5 +548,7 @@ def rebuild(engine, batch_size: int = 1000, start_id: int = 0, echo=None) -> dic
         done["checked"] += len(rows)
         done["updated"] += len(changed)
         done["last_id"] = rows[-1][0]
+        if progress:
+            progress(len(rows))
         if echo:
             echo(f"checked {done['checked']} items up to id {done['last_id']}, updated {done['updated']}")

@@ -8,7 +8,8 @@ The items are generated like the relevance corpus (bench/relevance/generate.py: 
 names, prefixes, niqqud, both spellings) and added in one growing database, so each size measures
 the same index grown further. At each size:
   write       milliseconds per item to analyse it (Python) and to insert it with its index
-              maintenance (trigger or generated columns), in batches of 1,000 rows per transaction
+              maintenance (trigger or generated columns), in batches of 1,000 rows per transaction;
+              ``analyzer`` names the analysis measured (app/hebrew.py's analyzer_version())
   latency     p50 / p95 of app.textindex.search(limit=10) over the labelled queries plus random
               two- and three-word queries, after one warm-up pass; also the CPU time a query took
               (this process, plus the PostgreSQL backend's when the server runs on this machine),
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 
-from app import textindex
+from app import hebrew, textindex
 from app.db import Base, Item, _sqlite_pragmas
 from app.settings import _database_url
 
@@ -53,8 +54,6 @@ GOALS_MS = {100_000: 20, 1_000_000: 100}  # issue 12 item 6: p50 goals
 
 def items(rng: random.Random, count: int):
     """``count`` generated items as insert parameters, analysed here (timed apart from the insert)."""
-    from app import hebrew
-
     now = datetime.now(timezone.utc)
     rows = []
     for _ in range(count):
@@ -181,7 +180,7 @@ def run(database_url: str, sizes: list[int], label: str) -> list[dict]:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM ANALYZE items"))
         added = size - (results[-1]["items"] if results else 0)
-        entry = {"backend": label, "items": size,
+        entry = {"backend": label, "items": size, "analyzer": hebrew.analyzer_version(),
                  "analyse_ms_per_item": round(analyse_s * 1000 / added, 4),
                  "insert_ms_per_item": round(insert_s * 1000 / added, 4), **measure(engine, texts)}
         results.append(entry)

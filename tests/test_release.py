@@ -319,3 +319,51 @@ def test_backfill_with_check_text_re_embeds_only_changed_texts(make_app, tiny_on
         from app.db import text_hash
 
         assert stored == text_hash(db.session.get(Item, 3).embedding_text)
+
+
+def _as_the_old_analyzer_left_them(app) -> None:
+    """Rows analysed by the analyzer before the lexicon: words as written, no lemmas, version 1."""
+    import json
+
+    from app import hebrew
+
+    with app.app_context(), db.engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT id, title, body FROM items")).all()
+        conn.execute(sa.text("UPDATE items SET index_text = :doc WHERE id = :id"), [
+            {"id": i, "doc": json.dumps([" ".join(hebrew.terms(t)), " ".join(hebrew.terms(b)), "", "", 1])}
+            for i, t, b in rows])
+
+
+def test_release_analyses_old_rows_again_and_resumes_after_an_interruption(make_app, monkeypatch):
+    from app import textindex
+
+    app = make_app(ENABLE_SEMANTIC_SEARCH="false")
+    with app.app_context():
+        db.session.add_all([Item(title="עכברים אלחוטיים", body="")] + [Item(title=f"פריט {n}", body="") for n in range(4)])
+        db.session.commit()
+    _as_the_old_analyzer_left_them(app)
+
+    def found(query):
+        with app.app_context():
+            return [i for i, _ in textindex.search(db.session, query, 10).hits]
+
+    def stale():
+        with app.app_context(), db.engine.connect() as conn:
+            return textindex.count_stale(conn)
+
+    assert found("עכבר") == [] and stale() == 5  # an old row holds no lemma: the plural misses
+
+    def interrupt(_self, _n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(release.Progress, "update", interrupt)  # Ctrl-C once the first batch is committed
+    with app.app_context(), pytest.raises(KeyboardInterrupt):
+        release.reanalyse_text(echo=lambda _line: None, batch_size=2)
+    monkeypatch.undo()
+    assert stale() == 3
+    result = invoke(app)
+    assert result.exit_code == 0, result.output
+    assert "text index: 3 items analysed again" in result.output
+    assert stale() == 0 and found("עכבר") == [1]
+    again = invoke(app)
+    assert "text index: every item analysed by" in again.output

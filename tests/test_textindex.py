@@ -229,7 +229,9 @@ def test_rebuild_indexes_an_existing_database_and_is_idempotent(app):
         first = textindex.rebuild(db.engine, batch_size=2)
         second = textindex.rebuild(db.engine, batch_size=2)
     assert (first["checked"], first["updated"]) == (3, 3)
-    assert (second["checked"], second["updated"]) == (3, 0)
+    assert (second["checked"], second["updated"]) == (0, 0)  # every row carries the current analyzer's version
+    with app.app_context():
+        assert textindex.rebuild(db.engine, check_all=True)["checked"] == 3
     assert len(ids(app, "תאנים")) == 1
 
 
@@ -256,3 +258,70 @@ def test_search_leaves_the_planner_settings_as_it_found_them(app):
             pytest.skip("the planner setting exists on PostgreSQL only")
         textindex.search(db.session, "תפוחים", 5)
         assert db.session.execute(text("SELECT current_setting('enable_seqscan')")).scalar_one() == "on"
+
+
+# --- the dictionary analysis (Hspell's lexicon, app/lexicon.py) ---
+
+@pytest.fixture
+def lexicon_present():
+    import shutil
+
+    from app import hebrew
+    from support import require
+
+    require(shutil.which("hspell") is not None, "Hspell is not installed (apt-get install hspell)")
+    assert hebrew.lexicon() is not None
+
+
+@pytest.mark.parametrize("stored, typed", [
+    ("עכבר אלחוטי", "עכברים"), ("עכברים אלחוטיים", "עכבר"),  # plural <-> singular
+    ("שולחן עץ", "שולחנות"), ("בתי קפה בעיר", "בית"),  # construct plural <-> singular
+    ("הילדים שלה", "ילדיה"), ("ספריו האחרונים", "ספר"),  # possessive <-> plain
+])
+def test_inflected_forms_find_each_other(app, lexicon_present, stored, typed):
+    wanted, _other = add(app, (stored, ""), ("משהו אחר לגמרי", ""))
+    assert ids(app, typed) == [wanted]
+
+
+def test_a_stacked_prefix_the_lexicon_rejects_does_not_make_a_rare_word_common(app, lexicon_present):
+    # בבלמים is ב + בלמים ("in brakes"); read as ב+ב+ל + מים, water items would come first.
+    water = add(app, *[(f"בקבוק מים {n}", "") for n in range(6)])
+    (brakes,) = add(app, ("תקלה בבלמים של הרכב", ""))
+    chosen = plan(app, "בבלמים")
+    assert "מימ" not in chosen.words + chosen.alternates
+    found = ids(app, "בבלמים")
+    assert found == [brakes] and not set(found) & set(water)
+
+
+def test_an_unknown_word_keeps_its_prefix_stems(app, lexicon_present):
+    (phone,) = add(app, ("אייפון חדש", ""))
+    assert ids(app, "ואייפון") == [phone]  # ו + a word Hspell does not list, stripped by rule
+
+
+def test_both_back_ends_index_the_same_terms(tmp_path, lexicon_present):
+    from app import create_app
+    from app.db import create_schema
+    from support import make_settings, postgres_url, require
+
+    require(postgres_url() is not None, "TEST_DATABASE_URL is not set (a PostgreSQL server for tests)")
+    items = [("העכברים האלחוטיים", "בבלמים של הרכב ובבלאגן"), ("שולחנות", "ילדיה ובתי הספר")]
+    terms, stored = {}, {}
+    for name, url in (("sqlite", None), ("postgresql", postgres_url())):
+        app = create_app(make_settings(tmp_path / name, **({"DATABASE_URL": url} if url else {})))
+        with app.app_context():
+            db.drop_all()
+            db.session.execute(text("DROP TABLE IF EXISTS alembic_version"))
+            db.session.commit()
+            create_schema()
+        add(app, *items)
+        with app.app_context():
+            stored[name] = db.session.execute(text("SELECT index_text FROM items ORDER BY id")).scalars().all()
+            if name == "sqlite":
+                query = f"SELECT DISTINCT term FROM {textindex.FTS_VOCAB}"
+            else:
+                query = f"SELECT word FROM ts_stat('SELECT {textindex.TSV} FROM items')"
+            terms[name] = set(db.session.execute(text(query)).scalars())
+            db.session.remove()  # ends the read's transaction: the next test's drop_all would wait on it
+            db.engine.dispose()
+    assert stored["sqlite"] == stored["postgresql"]
+    assert terms["sqlite"] == terms["postgresql"] and {"עכבר", "בלמ", "שולחנ", "ילד"} <= terms["sqlite"]
