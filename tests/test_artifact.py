@@ -134,7 +134,7 @@ def wide_artifact(tmp_path_factory):
     """A model whose matmul weights (~70 MB of fp32, all read by every encoding, unlike the embedding
     table of which only the rows of the tokens seen are paged in) outweigh a process's own memory,
     so that a private copy of them per process could not hide in the measurement."""
-    from app.semantic import synthetic
+    from devtools import synthetic
     from app.semantic.prepare import prepare
 
     root = tmp_path_factory.mktemp("wide")

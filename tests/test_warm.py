@@ -4,7 +4,7 @@ ONNX model; the lazy default is tests/test_lazy.py's."""
 
 import json
 
-from support import Gunicorn
+from support import Gunicorn, wait_until
 
 
 def readyz_state(g: Gunicorn) -> str:
@@ -57,6 +57,10 @@ def test_the_first_scrape_counts_every_worker_that_has_the_model(tmp_path, tiny_
 
     with Gunicorn(tmp_path, {"SEMANTIC_MODEL": str(tiny_onnx), "SEMANTIC_WARM": "true", "WEB_CONCURRENCY": "2"}) as g:
         workers = g.workers()
+        # Each worker warms before it accepts: the second may still be loading when the first answers.
+        # Health checks until both have answered one (the access log names the pid), then the first scrape.
+        wait_until(lambda: g.get("/healthz")[0] == 200 and all(f"pid=<{pid}>" in g.log() for pid in workers),
+                   "both workers warm and answering")
         status, body = g.get("/metrics")  # the first scrape: it lands on one of the two workers
     assert status == 200
     text = body.decode()
