@@ -22,7 +22,7 @@ DEFAULT_MODEL = "imvladikon/sentence-transformers-alephbert"
 APP_ENVS = ("development", "production", "test")
 # The tiers of deploy/tiers.yaml plus "custom"; not read from there because the image ships app/ alone
 # (tests/test_deploy.py fails when the two disagree).
-TIERS = ("512mb", "1gb", "custom")
+TIERS = ("512mb", "1gb", "512mb-remote", "custom")
 
 
 class ConfigError(ValueError):
