@@ -16,7 +16,7 @@ FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lexicon release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
+.PHONY: help venv lexicon infinity release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,15 @@ $(LEXICON): app/lexicon.py
 	$(PY) -m app.lexicon build --output $@
 
 lexicon: venv $(LEXICON) ## Build the Hebrew lexicon of the text analyzer from Hspell (apt-get install hspell)
+
+# The embedding server of tests/test_remote.py and bench/remote.py, in a venv of its own.
+INFINITY_VENV ?= .venv-infinity
+$(INFINITY_VENV)/.installed: requirements-infinity.txt
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install --quiet -r requirements-infinity.txt
+	touch $@
+
+infinity: $(INFINITY_VENV)/.installed ## Install the Infinity embedding server (SEMANTIC_BACKEND=remote tests)
 
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed

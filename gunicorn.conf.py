@@ -263,7 +263,9 @@ def on_starting(server):
         from app.preload import preload
 
         try:
-            preload(settings.semantic_model if settings.enable_semantic_search else None)
+            # A remote model has no tokenizer here to share (SEMANTIC_BACKEND=remote loads nothing).
+            local_model = settings.enable_semantic_search and not settings.is_remote
+            preload(settings.semantic_model if local_model else None)
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
     # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.

@@ -33,7 +33,7 @@ from app.semantic.encoders import TOKENIZER_FILE, preload_tokenizer
 # database drivers and the metrics.
 MODULES = (
     "app.state", "app.db", "app.errors", "app.release", "app.api", "app.limits", "app.openapi", "app.status",
-    "app.web", "app.cli", "app.search", "app.semantic.service", "alembic.script",
+    "app.web", "app.cli", "app.search", "app.semantic.service", "app.semantic.remote", "alembic.script",
     "alembic.runtime.migration", "flask_limiter", "sqlite3", "sqlalchemy.dialects.sqlite.pysqlite",
     "psycopg2", "sqlalchemy.dialects.postgresql.psycopg2", "monitoring", "monitoring.sentry",
     "monitoring.metrics", "monitoring.memory", "monitoring.watchdog", "psutil",

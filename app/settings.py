@@ -22,7 +22,7 @@ DEFAULT_MODEL = "imvladikon/sentence-transformers-alephbert"
 APP_ENVS = ("development", "production", "test")
 # The tiers of deploy/tiers.yaml plus "custom"; not read from there because the image ships app/ alone
 # (tests/test_deploy.py fails when the two disagree).
-TIERS = ("512mb", "1gb", "custom")
+TIERS = ("512mb", "1gb", "512mb-remote", "custom")
 
 
 class ConfigError(ValueError):
@@ -86,6 +86,21 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _prompt(raw: str) -> str:
+    """A prompt as written: its trailing space is part of it (e5's "query: ")."""
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if value and (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment):
+        raise ValueError("accepts an http:// or https:// URL without a query string (empty: none)")
+    return value
+
+
 def _database_url(raw: str) -> str:
     value = raw.strip()
     # Render and Heroku hand out postgres://, which SQLAlchemy 2 no longer accepts; and SQLAlchemy
@@ -147,6 +162,47 @@ FIELDS: tuple[Field, ...] = (
     Field("SEMANTIC_MODEL", DEFAULT_MODEL, _text,
           "Hugging Face hub name or local path: a sentence-transformers folder, or an artifact "
           "made by `flask --app app model prepare`."),
+    Field("SEMANTIC_BACKEND", "local", _choice("local", "remote"),
+          "Where the model runs. local: in each worker (SEMANTIC_MODEL). remote: an embedding service at "
+          "SEMANTIC_REMOTE_URL computes the vectors, and no model weights are loaded in the instance (docs/remote.md)."),
+    Field("SEMANTIC_REMOTE_URL", "", _http_url,
+          "The embedding service (SEMANTIC_BACKEND=remote). tei: its root, memfit posts to <url>/embed; "
+          "openai: the API base as OpenAI clients take it (e.g. https://host/v1), memfit posts to <url>/embeddings."),
+    Field("SEMANTIC_REMOTE_PROTOCOL", "openai", _choice("openai", "tei"),
+          "The service's API: openai (POST /embeddings with model and input: OpenAI, Infinity, TEI, vLLM) or "
+          "tei (text-embeddings-inference's POST /embed with inputs and normalize)."),
+    Field("SEMANTIC_REMOTE_MODEL", "", _text,
+          "The model the service serves, by name: sent as \"model\" (openai) and part of the fingerprint stored "
+          "beside the vectors either way, so another model means new vectors. Required when remote."),
+    Field("SEMANTIC_REMOTE_TOKEN", "", _text,
+          "Bearer token for the service (Authorization header); never logged or shown on /status or /readyz.",
+          secret=True),
+    Field("SEMANTIC_REMOTE_QUERY_PROMPT", "", _prompt,
+          "Text put before each query for the remote model (e5: 'query: ', trailing space included). Both "
+          "prompts empty: taken from SEMANTIC_MODEL when it is a local model folder or artifact, else none."),
+    Field("SEMANTIC_REMOTE_PASSAGE_PROMPT", "", _prompt,
+          "Text put before each item and tag for the remote model (e5: 'passage: '); see the query prompt."),
+    Field("SEMANTIC_REMOTE_DIM", "0", _int(0, 16384),
+          "The dimension the remote model must answer, checked against a probe embedding when it is first "
+          "used (a mismatch: semantic search refuses with the reason). 0: SEMANTIC_MODEL's local folder's, if any."),
+    Field("SEMANTIC_REMOTE_CONNECT_TIMEOUT", "2", _float(0.05, 60),
+          "Seconds to wait for a connection to the embedding service."),
+    Field("SEMANTIC_REMOTE_READ_TIMEOUT", "10", _float(0.1, 600),
+          "Seconds to wait for the service's answer to one request (a batch of texts)."),
+    Field("SEMANTIC_REMOTE_RETRIES", "2", _int(0, 10),
+          "Retries of a failed embedding request (connection refused or reset, timeout, 429, 5xx), after a "
+          "jittered exponential back-off; embedding is idempotent, so a retry is safe."),
+    Field("SEMANTIC_REMOTE_BATCH_MAX", "32", _int(1, 2048),
+          "Most texts sent in one request to the service (TEI's default max_client_batch_size is 32)."),
+    Field("SEMANTIC_REMOTE_BATCH_TOKENS", "8192", _int(16, 1_000_000),
+          "Most tokens sent in one request, approximated as a third of the characters plus two per text "
+          "(no tokenizer in the instance); a longer text alone still goes, in a request of its own."),
+    Field("SEMANTIC_REMOTE_BREAKER_FAILURES", "5", _int(1, 1000),
+          "Consecutive failed requests (after their retries) that open the circuit breaker: semantic search "
+          "then answers 503 at once, hybrid answers with text alone, the embedder waits."),
+    Field("SEMANTIC_REMOTE_BREAKER_COOLDOWN", "15", _float(0.05, 3600),
+          "Seconds the breaker stays open before one probe request is let through (half-open); its success "
+          "closes the breaker, its failure opens it again for as long."),
     Field("SEMANTIC_MAX_SEQ_LENGTH", "128", _int(8, 512),
           "Tokens kept per text; longer texts are truncated (caps activation memory)."),
     Field("SEMANTIC_THREADS", "0", _int(0, 64),
@@ -281,6 +337,21 @@ class Settings:
     secret_key: str
     database_url: str
     enable_semantic_search: bool
+    semantic_backend: str
+    semantic_remote_url: str
+    semantic_remote_protocol: str
+    semantic_remote_model: str
+    semantic_remote_token: str
+    semantic_remote_query_prompt: str
+    semantic_remote_passage_prompt: str
+    semantic_remote_dim: int
+    semantic_remote_connect_timeout: float
+    semantic_remote_read_timeout: float
+    semantic_remote_retries: int
+    semantic_remote_batch_max: int
+    semantic_remote_batch_tokens: int
+    semantic_remote_breaker_failures: int
+    semantic_remote_breaker_cooldown: float
     semantic_model: str
     semantic_max_seq_length: int
     semantic_threads: int
@@ -371,6 +442,12 @@ class Settings:
             raise ConfigError("SECRET_KEY is the development default: set a real secret when APP_ENV=production")
         if not self.semantic_model:
             raise ConfigError("SEMANTIC_MODEL is empty: accepts a hub name or a local path")
+        if self.semantic_backend == "remote":
+            for name, value in (("SEMANTIC_REMOTE_URL", self.semantic_remote_url),
+                                ("SEMANTIC_REMOTE_MODEL", self.semantic_remote_model)):
+                if not value:
+                    raise ConfigError(f"{name} is empty: SEMANTIC_BACKEND=remote needs the embedding service's "
+                                      f"{'URL' if name.endswith('URL') else 'model name'}")
         if self.max_worker_memory_mb and self.max_worker_memory_mb > self.max_memory_mb * 4:
             raise ConfigError("MAX_WORKER_MEMORY_MB is far above MAX_MEMORY_MB: accepts at most 4x MAX_MEMORY_MB")
         if self.semantic_handlers > self.gunicorn_threads:
@@ -390,6 +467,11 @@ class Settings:
         at most 8 and at least one, kept for text and tags (a single-threaded worker has only the one)."""
         threads = self.gunicorn_threads
         return self.semantic_handlers or max(1, threads - min(8, max(1, threads // 4)))
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether an embedding service computes the vectors (no model weights in the instance)."""
+        return self.semantic_backend == "remote"
 
     @property
     def is_sqlite(self) -> bool:

@@ -47,7 +47,10 @@ INSTANCE_FIGURE = "container_working_set_mb"
 TIER_SETTINGS = ("MEMORY_TIER", "MAX_MEMORY_MB", "MAX_WORKER_MEMORY_MB", "WEB_CONCURRENCY", "GUNICORN_THREADS",
                  "GUNICORN_MAX_REQUESTS", "GUNICORN_MAX_REQUESTS_JITTER", "ENABLE_SEMANTIC_SEARCH", "SEMANTIC_MODEL",
                  "SEMANTIC_WARM", "SEMANTIC_MAX_INFLIGHT", "SEMANTIC_DEADLINE_MS", "SEMANTIC_BATCH_MAX",
-                 "SEMANTIC_HANDLERS", "SEMANTIC_EMBEDDER",
+                 "SEMANTIC_HANDLERS", "SEMANTIC_EMBEDDER", "SEMANTIC_BACKEND", "SEMANTIC_REMOTE_PROTOCOL",
+                 "SEMANTIC_REMOTE_QUERY_PROMPT", "SEMANTIC_REMOTE_PASSAGE_PROMPT", "SEMANTIC_REMOTE_CONNECT_TIMEOUT",
+                 "SEMANTIC_REMOTE_READ_TIMEOUT", "SEMANTIC_REMOTE_RETRIES", "SEMANTIC_REMOTE_BREAKER_FAILURES",
+                 "SEMANTIC_REMOTE_BREAKER_COOLDOWN",
                  "SEMANTIC_MAX_SEQ_LENGTH", "SEMANTIC_THREADS", "SEMANTIC_INDEX_MAX_MB", "EMBEDDING_BATCH_SIZE",
                  "SQLALCHEMY_POOL_SIZE", "SQLALCHEMY_MAX_OVERFLOW", "MEMORY_CHECK_INTERVAL", "STATUS_HISTORY_SLOTS")
 # Events the page names; any other kind recorded through monitoring.history.record_event is marked
@@ -179,8 +182,8 @@ class Chart:
 
 
 def tier_memory_mb(tier: str) -> int | None:
-    """The memory of a named tier ("512mb" -> 512, "1gb" -> 1024); None for "custom"."""
-    match = re.fullmatch(r"(\d+)(mb|gb)", tier)
+    """The memory of a named tier ("512mb" -> 512, "1gb" -> 1024, "512mb-remote" -> 512); None for "custom"."""
+    match = re.fullmatch(r"(\d+)(mb|gb)(-[a-z]+)?", tier)  # "512mb-remote": a 512 MB variant
     if not match:
         return None
     return int(match.group(1)) * (1024 if match.group(2) == "gb" else 1)

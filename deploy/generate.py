@@ -80,7 +80,7 @@ def render_blueprint(data: dict, tier: str) -> str:
         {"key": "TRUSTED_PROXIES", "value": PLATFORM_PROXIES},
         {"key": "SENTRY_DSN", "sync": False},  # entered by the user in the dashboard, never committed
         {"key": "SENTRY_CRON_MONITOR", "sync": False},
-    ] + [{"key": k, "value": v} for k, v in spec["env"].items()]
+    ] + [{"key": k, "sync": False} for k in spec.get("ask", {})] + [{"key": k, "value": v} for k, v in spec["env"].items()]
     key_value = spec["platforms"]["render"].get("key_value")
     if key_value:
         env_vars.append({"key": "REDIS_URL", "fromService": {"type": "keyvalue", "name": f"{service_name(tier)}-limits",
@@ -138,6 +138,7 @@ def heroku_app(data: dict, tier: str) -> str:
         "SENTRY_DSN": {"description": "Sentry DSN for errors and memory alerts (optional)", "required": False},
         "SENTRY_CRON_MONITOR": {"description": "Sentry Crons monitor slug (optional)", "required": False},
     }
+    env.update({k: {"description": why, "required": not k.endswith("_TOKEN")} for k, why in spec.get("ask", {}).items()})
     env.update({k: {"value": v} for k, v in spec["env"].items()})
     app = {
         "name": f"memfit ({tier})",
@@ -158,7 +159,8 @@ def fly_toml(data: dict, tier: str) -> str:
         f"# {HEADER}",
         f"# Tier {tier}: {spec['summary']}",
         "# Deploy from the repository root: fly deploy --config " + paths(tier)["fly"] + " --dockerfile Dockerfile",
-        "# Secrets (never here): fly secrets set SECRET_KEY=... WRITE_TOKEN=... DATABASE_URL=... SENTRY_DSN=...",
+        "# Secrets (never here): fly secrets set SECRET_KEY=... WRITE_TOKEN=... DATABASE_URL=... SENTRY_DSN=..."
+        + "".join(f" {k}=..." for k in spec.get("ask", {})),
         f'app = "{service_name(tier)}"',
         f'primary_region = "{FLY_REGION}"',
         'kill_signal = "SIGTERM"',
@@ -205,6 +207,7 @@ def env_file(data: dict, tier: str) -> str:
     spec = data["tiers"][tier]
     lines = [f"# {HEADER}", f"# Tier {tier} ({spec['memory_mb']} MB): docker run --env-file {paths(tier)['env']} "
              f"--memory {spec['memory_mb']}m ...", "APP_ENV=production"]
+    lines += [f"# {k}= ({why}; set it yourself)" for k, why in spec.get("ask", {}).items()]
     lines += [f"{k}={v}" for k, v in spec["env"].items()]
     return "\n".join(lines) + "\n"
 

@@ -68,6 +68,13 @@ semantic_embedded = Counter(PREFIX + "semantic_embedded_total", "Vectors stored 
 semantic_backlog = Gauge(PREFIX + "semantic_backlog", "Tags and items without a vector for the served model, as "
                          "the background embedder last counted them (0: every row is found by meaning).",
                          multiprocess_mode="livemostrecent")
+remote_breaker = Gauge(PREFIX + "semantic_remote_breaker_state", "The embedding service's circuit breaker "
+                       "(SEMANTIC_BACKEND=remote), the worst of the live workers: 0 closed, 1 half-open (a probe "
+                       "request), 2 open (semantic search answers 503, hybrid falls back to text).",
+                       multiprocess_mode="livemax")
+remote_requests = Counter(PREFIX + "semantic_remote_requests_total", "Requests to the embedding service, by "
+                          "outcome: success, retry (failed, tried again) or failure (failed after its retries).",
+                          ["outcome"])
 
 
 def render(multiprocess_dir: str) -> tuple[bytes, str]:

@@ -240,7 +240,7 @@ def test_the_tier_settings_shown_are_those_tiers_yaml_sets():
     assert not {f.env for f in FIELDS if f.secret} & set(TIER_SETTINGS)
 
 
-@pytest.mark.parametrize("tier", ["512mb", "1gb"])
+@pytest.mark.parametrize("tier", ["512mb", "1gb", "512mb-remote"])
 def test_a_tier_line_is_the_memory_tiers_yaml_gives_the_tier(tier):
     import yaml
 

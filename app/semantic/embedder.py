@@ -11,7 +11,9 @@ its holder, so it cannot leak:
 * SQLite: an exclusive ``flock`` on a file beside the database file (the database is one machine's).
 
 It works only in a process whose model is loaded (SEMANTIC_WARM loads it at start; otherwise the
-first semantic query does), so a lazy worker stays lazy. Its model runs go through the worker's
+first semantic query does), so a lazy worker stays lazy; with SEMANTIC_BACKEND=remote, where loading
+costs no memory, it connects to the embedding service itself. While the service is away its batches
+fail, nothing is stored, and the next rounds find the same rows again: it waits and resumes. Its model runs go through the worker's
 model queue as background work, so they run only while no semantic query waits. Each batch is stored in one transaction: a crash mid-batch leaves none of it,
 and the unique (model, kind, row) constraint keeps a vector from being stored twice.
 """
@@ -165,6 +167,10 @@ class Embedder:
             pause = self.interval
             try:
                 with self.app.app_context():
+                    if not service.loaded and service.settings.is_remote:
+                        # A remote model costs this worker no memory: the embedder connects to it itself, so
+                        # vectors are computed even before the first semantic query (and after an outage).
+                        service.load_remote()
                     if not service.loaded:
                         # The embedder works where the model already is (SEMANTIC_WARM, or a first semantic
                         # query): it never loads it itself, so a lazy worker stays lazy.
@@ -214,12 +220,30 @@ class Embedder:
                     log.warning("background embedder paused (retrying every %.0f s): %s", ERROR_PAUSE_S, problem)
                 last_problem = problem
                 pause = ERROR_PAUSE_S
+                if self.working:
+                    self._recount(service)
             else:
                 last_problem = None
             if pause:
                 self._wake.wait(pause)
             self._wake.clear()
         self.lock.release()
+
+    def _recount(self, service) -> None:
+        """After a failed round, count the rows still waiting: with the model's service away the database
+        may still answer, and /readyz then shows the backlog growing instead of the last count before."""
+        try:
+            with self.app.app_context():
+                if service.loaded:
+                    self.backlog = service.backlog()
+                    _report_backlog(self.backlog)
+        except Exception:  # noqa: BLE001 -- the database is away too: the count stays as it was
+            _rollback_quietly(self.app)
+
+
+def _rollback_quietly(app) -> None:
+    with contextlib.suppress(Exception), app.app_context():
+        _rollback()
 
 
 def _rollback() -> None:

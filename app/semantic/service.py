@@ -94,6 +94,7 @@ class SemanticService:
         self._state = NOT_LOADED if settings.enable_semantic_search else DISABLED
         self._error: str | None = None
         self._failed_at = 0.0
+        self._retry_after = RETRY_AFTER_SECONDS
         self.load_seconds: float | None = None
         self.load_count = 0
         self._store = None  # the vector store, chosen on first use: see vector_store()
@@ -117,7 +118,7 @@ class SemanticService:
         return self._state == LOADED
 
     def status(self) -> dict:
-        status = {"state": self._state, "model": self.settings.semantic_model}
+        status = {"state": self._state, "model": self._model_name()}
         if self._error:
             status["error"] = self._error
         if self._encoder is not None:
@@ -131,10 +132,14 @@ class SemanticService:
             return encoder
         if self._state == DISABLED:
             raise SemanticUnavailable("semantic search is disabled (ENABLE_SEMANTIC_SEARCH=false)")
+        if self._state == LOADING and self.settings.is_remote:
+            # A slow or hung service keeps its first request waiting for its timeouts: the others answer 503
+            # now rather than each holding a request thread behind the lock that text search needs too.
+            raise SemanticUnavailable("connecting to the embedding service; retry in a moment")
         with self._lock:
             if self._encoder is not None:
                 return self._encoder
-            if self._state == FAILED and time.monotonic() - self._failed_at < RETRY_AFTER_SECONDS:
+            if self._state == FAILED and time.monotonic() - self._failed_at < self._retry_after:
                 raise SemanticUnavailable(f"the semantic model failed to load: {self._error}")
             self._state = LOADING
             started = time.perf_counter()
@@ -146,7 +151,13 @@ class SemanticService:
                 self._state, self._failed_at = FAILED, time.monotonic()
                 _mark_model_loaded(False)
                 self._error = _describe(exc)
-                log.error("semantic model %r failed to load: %s", self.settings.semantic_model, self._error)
+                # An embedding service that is down is tried again after its breaker's cool-down, and was
+                # reported once when its breaker opened; a model that cannot load is an error to fix.
+                self._retry_after = getattr(exc, "retry_load_after", RETRY_AFTER_SECONDS)
+                if isinstance(exc, SemanticUnavailable):
+                    log.warning("semantic model %r is not available yet: %s", self._model_name(), self._error)
+                else:
+                    log.error("semantic model %r failed to load: %s", self._model_name(), self._error)
                 raise SemanticUnavailable(f"the semantic model failed to load: {self._error}") from None
             self.load_seconds = time.perf_counter() - started
             self.load_count += 1
@@ -154,6 +165,20 @@ class SemanticService:
             _mark_model_loaded(True)
             log.info("semantic model loaded in %.2fs: %s", self.load_seconds, self._encoder.describe())
             return self._encoder
+
+    def load_remote(self) -> bool:
+        """With SEMANTIC_BACKEND=remote, connect to the embedding service if not done yet (the background
+        embedder's way in: no weights to load, so no reason to wait for a query); whether it is loaded."""
+        if not self.settings.is_remote or self._state == DISABLED:
+            return False
+        try:
+            self.encoder()
+        except SemanticUnavailable:
+            return False
+        return True
+
+    def _model_name(self) -> str:
+        return self.settings.semantic_remote_model if self.settings.is_remote else self.settings.semantic_model
 
     def vector_store(self):
         """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the release
@@ -372,6 +397,8 @@ class SemanticService:
                              f"{full.retry_after} s, or search with mode=text", full.retry_after) from None
         except QueueStuck as stuck:
             raise SemanticUnavailable(f"the semantic model is not answering ({stuck})") from None
+        except SemanticUnavailable:  # the embedding service is away: said once, when its breaker opened
+            raise
         except Exception as exc:  # the runtime failed on this query: a 503 with the reason, never a 500
             log.error("the semantic model failed on a query: %s", _describe(exc))
             raise SemanticUnavailable(f"the semantic model failed on this query ({_describe(exc)})") from None
