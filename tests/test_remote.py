@@ -202,9 +202,9 @@ def infinity(e5_folder, tmp_path_factory):
 
 
 def remote_encoder(folder: Path, url: str, tmp_path: Path, **env: str):
-    from app.semantic.encoders import load_encoder
+    from app.semantic.remote import RemoteEncoder
 
-    return load_encoder(make_settings(tmp_path, SEMANTIC_MODEL=str(folder), **remote_env(url, **env)))
+    return RemoteEncoder(make_settings(tmp_path, SEMANTIC_MODEL=str(folder), **remote_env(url, **env)))
 
 
 @pytest.mark.parametrize("kind", ["query", "passage"])

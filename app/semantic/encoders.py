@@ -495,12 +495,8 @@ class OnnxEncoder:
 
 
 def load_encoder(settings: Settings) -> Encoder:
-    """Resolve SEMANTIC_MODEL and build the encoder its folder calls for; with SEMANTIC_BACKEND=remote, the
-    embedding service's encoder (no weights loaded here)."""
-    if settings.is_remote:
-        from .remote import RemoteEncoder
-
-        return RemoteEncoder(settings)
+    """Resolve SEMANTIC_MODEL and build the encoder its folder calls for (SEMANTIC_BACKEND=local; the
+    service builds remote.RemoteEncoder for an embedding service)."""
     root = resolve_model_dir(settings.semantic_model)
     if (root / ARTIFACT_MANIFEST).exists():
         encoder: Encoder = OnnxEncoder(root, settings)

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from ..settings import Settings
 from .encoders import ModelError, with_prompt
-from .service import SemanticUnavailable
+from .unavailable import SemanticUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _local_model_facts(settings: Settings) -> tuple[dict[str, str], int | None]:
 class RemoteEncoder:
     """The Encoder of an embedding service (TEI's /embed or an OpenAI-compatible /embeddings).
 
-    Built by load_encoder: one probe embedding tells the dimension, checked against the expected one."""
+    Built by the semantic service: one probe embedding tells the dimension, checked against the expected one."""
 
     backend = "remote"
 

@@ -24,6 +24,7 @@ from ..db import Embedding, Item, Tag, db
 from ..settings import Settings
 from .queue import ModelQueue, QueueFull, QueueStuck
 from .slots import Slots
+from .unavailable import SemanticUnavailable  # noqa: F401 -- raised here, imported from here by callers
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from flask import Flask
@@ -60,10 +61,6 @@ def _memory_room(settings: Settings) -> int | None:
         return None
     bound = min(cgroup.limit, settings.max_memory_mb * 2**20) if settings.max_memory_mb else cgroup.limit
     return max(0, bound - cgroup.working_set)
-
-
-class SemanticUnavailable(RuntimeError):
-    """Semantic search cannot answer now; the message says why (shown to the client with a 503)."""
 
 
 class Overloaded(SemanticUnavailable):
@@ -144,9 +141,14 @@ class SemanticService:
             self._state = LOADING
             started = time.perf_counter()
             try:
-                from .encoders import load_encoder  # heavy imports happen only here
+                if self.settings.is_remote:  # an embedding service: no weights in this process
+                    from .remote import RemoteEncoder
 
-                self._encoder = load_encoder(self.settings)
+                    self._encoder = RemoteEncoder(self.settings)
+                else:
+                    from .encoders import load_encoder  # heavy imports happen only here
+
+                    self._encoder = load_encoder(self.settings)
             except Exception as exc:  # any load failure degrades semantic search, never the app
                 self._state, self._failed_at = FAILED, time.monotonic()
                 _mark_model_loaded(False)
