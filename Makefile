@@ -95,10 +95,11 @@ bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text sea
 	  $(PY) -m bench.relevance.evaluate --database-url "$(BENCH_DATABASE_URL)"; fi
 	$(PY) -m bench.readme
 
-load: venv ## 60 s load under the 512 MB tier, today's design vs shared weights per tier, an overload run, slow clients with and without nginx; writes bench/results/load.json, serving.*, slowclients.json
+load: venv infinity ## 60 s load under the 512 MB tier, today's design vs shared weights per tier, an overload run, slow clients with and without nginx, the model in the instance vs on an embedding service; writes bench/results/load.json, serving.*, slowclients.json
 	$(PY) -m bench.load --seconds 60
 	$(PY) -m bench.serving --seconds 60
 	$(PY) -m bench.slowclients
+	$(PY) -m bench.remote
 	$(PY) -m bench.readme
 
 capacity: venv ## Semantic capacity, the previous release vs this tree, closed and open loop per tier and platform CPU (~1 h); writes bench/results/capacity.*

@@ -187,6 +187,12 @@ def vectors_scale_section(data: dict) -> str:
     return section(data)
 
 
+def remote_section(data: dict) -> str:
+    from bench.remote import section
+
+    return section(data)
+
+
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -201,7 +207,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "batching-results": ("batching.json", batching_section),
             "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
             "slowclients-results": ("slowclients.json", slowclients_section),
-            "vectors-scale-results": ("vectors-scale.json", vectors_scale_section)}
+            "vectors-scale-results": ("vectors-scale.json", vectors_scale_section),
+            "remote-results": ("remote.json", remote_section)}
 
 
 def main() -> int:

@@ -32,6 +32,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devtools.http import wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SLOW_HEADERS, SLOW_BODIES, IDLE = 40, 40, 300
@@ -124,19 +126,6 @@ def _searches(url: str, rate: float, seconds: float) -> dict:
             "p99_ms": round(timings[int(0.99 * (len(timings) - 1))], 1) if timings else None}
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} never answered")
-
-
 def run_setup(name: str, env: dict, work: Path, rate: float, seconds: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,7 +139,7 @@ def run_setup(name: str, env: dict, work: Path, rate: float, seconds: float) -> 
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(url + "/healthz", proc)
+        wait_http(url + "/healthz", timeout=60, proc=proc)
         phases = {"alone": _searches(url, rate, seconds)}
         stop = threading.Event()
         attack = threading.Thread(target=_attack, args=(port, stop), daemon=True)
