@@ -79,25 +79,29 @@ ENV PATH=/opt/memfit/bin:$PATH \
     PORT=8000 \
     SEMANTIC_MODEL=/models/semantic \
     # The embedded default when no DATABASE_URL is given: SQLite on the /data volume.
-    DATABASE_URL=sqlite:////data/memfit.sqlite3 \
-    # 512mb tier defaults (deploy/tiers.yaml; tests/test_deploy.py checks they agree); platforms override.
-    MEMORY_TIER=512mb \
+    DATABASE_URL=sqlite:////data/memfit.sqlite3
+# The 512mb tier's settings, the image's defaults (platforms override them), with the reasons in
+# deploy/tiers.yaml. Written by `make manifests` between these lines: edit tiers.yaml, not this.
+# tier-env:start
+ENV MEMORY_TIER=512mb \
     MAX_MEMORY_MB=450 \
     MAX_WORKER_MEMORY_MB=110 \
     WEB_CONCURRENCY=2 \
     GUNICORN_THREADS=48 \
-    SQLALCHEMY_POOL_SIZE=6 \
-    SQLALCHEMY_MAX_OVERFLOW=6 \
+    SEMANTIC_WARM=true \
     GUNICORN_MAX_REQUESTS=5000 \
     GUNICORN_MAX_REQUESTS_JITTER=2500 \
-    SEMANTIC_WARM=true \
+    ENABLE_SEMANTIC_SEARCH=true \
     SEMANTIC_MAX_SEQ_LENGTH=128 \
     SEMANTIC_THREADS=0 \
+    SEMANTIC_INDEX_MAX_MB=32 \
+    EMBEDDING_BATCH_SIZE=10 \
+    SQLALCHEMY_POOL_SIZE=6 \
+    SQLALCHEMY_MAX_OVERFLOW=6 \
     OMP_NUM_THREADS=1 \
-    # glibc: 2 malloc arenas instead of 8 per core, and big buffers through mmap so they go back to
-    # the OS when freed: keeps batch-embedding peaks flat (docs/performance.md).
     MALLOC_ARENA_MAX=2 \
     MALLOC_MMAP_THRESHOLD_=131072
+# tier-env:end
 COPY --from=deps /opt/memfit /opt/memfit
 COPY --from=model /models/semantic /models/semantic
 WORKDIR /app

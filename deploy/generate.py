@@ -225,6 +225,12 @@ def render_all(data: dict | None = None) -> dict[str, str]:
         "heroku.yml": ("# " + HEADER + "\nbuild:\n  docker:\n    web: Dockerfile\n"
                        f"release:\n  image: web\n  command:\n    - {release}\n"),
     }
+    # Two files that are mostly written by hand carry a generated part between marker lines.
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    files["Dockerfile"] = between(dockerfile, "# tier-env:start", "# tier-env:end", dockerfile_env(data), "Dockerfile")
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    files["docs/deploy.md"] = between(deploy_doc, "<!-- tier-table:start -->", "<!-- tier-table:end -->",
+                                      tier_table(data), "docs/deploy.md")
     for tier in data["tiers"]:
         where = paths(tier)
         files[where["render"]] = render_blueprint(data, tier)
@@ -232,6 +238,38 @@ def render_all(data: dict | None = None) -> dict[str, str]:
         files[where["fly"]] = fly_toml(data, tier)
         files[where["env"]] = env_file(data, tier)
     return files
+
+
+IMAGE_TIER = "512mb"  # the tier whose settings the Docker image carries as its defaults
+
+
+def between(text: str, start: str, end: str, body: str, where: str) -> str:
+    """text with the lines between the marker lines start and end replaced by body."""
+    if start not in text or end not in text:
+        raise SystemExit(f"{where}: no {start!r} ... {end!r} lines to write between")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{body}{end}{tail}"
+
+
+def dockerfile_env(data: dict) -> str:
+    """The runtime stage's ENV of the image's tier, one variable a line."""
+    items = list(data["tiers"][IMAGE_TIER]["env"].items())
+    lines = [f"{'ENV' if i == 0 else '   '} {k}={v}" for i, (k, v) in enumerate(items)]
+    return " \\\n".join(lines) + "\n"
+
+
+def tier_table(data: dict) -> str:
+    """docs/deploy.md's table of the tiers."""
+    rows = ["| tier | memory budget | workers | semantic search | Render | Heroku | Fly |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, spec in data["tiers"].items():
+        env, platforms = spec["env"], spec["platforms"]
+        rows.append(f"| `{name}` | {spec['memory_mb']} MB, alert at {env['MAX_MEMORY_MB']}, recycle a worker past "
+                    f"{env['MAX_WORKER_MEMORY_MB']} MB of private memory | {env['WEB_CONCURRENCY']} × "
+                    f"{env['GUNICORN_THREADS']} threads | {spec['semantic']} | `{platforms['render']['plan']}` | "
+                    f"`{platforms['heroku']['size']}` | `memory = \"{platforms['fly']['memory']}\"` |")
+    return "\n".join(rows) + "\n"
 
 
 def drifted(files: dict[str, str], root: Path = ROOT) -> list[str]:
