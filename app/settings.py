@@ -124,6 +124,17 @@ def _rate_limit(raw: str) -> str:
     return value
 
 
+def public_url(url: str) -> str:
+    """url without any user:password part: what logs, /status and errors may show."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     if value and not value.startswith(("redis://", "rediss://", "unix://")):
@@ -472,6 +483,14 @@ class Settings:
     def is_remote(self) -> bool:
         """Whether an embedding service computes the vectors (no model weights in the instance)."""
         return self.semantic_backend == "remote"
+
+    @property
+    def model_shown(self) -> str:
+        """The model as logs and reports may name it: the local path, or the remote model and its
+        service (never the token, nor credentials in the URL)."""
+        if not self.is_remote:
+            return self.semantic_model
+        return f"remote:{self.semantic_remote_model}@{public_url(self.semantic_remote_url)}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -78,20 +78,10 @@ def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
         f"{cgroup.limit // MB}MB" if cgroup and cgroup.limit else "none", memory.host_total() // MB,
         s.max_memory_mb, s.max_worker_memory_mb or "off", cfg_summary.get("workers"),
         cfg_summary.get("worker_class"), cfg_summary.get("threads", 1), cfg_summary.get("max_requests"),
-        "on" if s.enable_semantic_search else "off", _model_shown(s),
+        "on" if s.enable_semantic_search else "off", s.model_shown,
         "on" if s.sentry_dsn else "off", s.sentry_cron_monitor or "off",
         "sqlite" if s.is_sqlite else "postgresql", cfg_summary.get("schema", "unknown"),
     )
-
-
-def _model_shown(s: "Settings") -> str:
-    """The local model's path, or the remote model's name and service (never its token or URL credentials)."""
-    if not s.is_remote:
-        return s.semantic_model
-    from urllib.parse import urlsplit
-
-    url = urlsplit(s.semantic_remote_url)
-    return f"remote:{s.semantic_remote_model}@{url.hostname}{f':{url.port}' if url.port else ''}{url.path}"
 
 
 def reset_metrics_dir(path: str) -> None:

@@ -126,7 +126,7 @@ def test_the_breaker_opens_after_n_failures_and_half_opens_after_its_cooldown():
 
 
 def test_the_url_shown_never_has_credentials():
-    from app.semantic.remote import public_url
+    from app.settings import public_url
 
     assert public_url("https://user:secret@embed.example:8443/v1") == "https://embed.example:8443/v1"
 

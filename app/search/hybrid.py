@@ -5,7 +5,7 @@ match, semantic min-max over the candidates read), then an item scores
 ``TEXT_WEIGHT`` × its text score + (1 − ``TEXT_WEIGHT``) × its semantic score, 0 for a ranking that did
 not find it. Unlike reciprocal rank fusion, which gave text an equal vote from ranks alone, this sees
 how strong each match is: a query phrased unlike the items still gets text matches on a common word,
-but they are weak, and the weight keeps them from outvoting what the query means (issue 20).
+but they are weak, and the weight keeps them from outvoting what the query means.
 When semantic search cannot answer (off, its model failed to load, or shed under load) the answer is
 the text ranking alone, and says so: hybrid never answers 503 for the model's sake.
 """

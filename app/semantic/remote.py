@@ -35,9 +35,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
-from urllib.parse import urlsplit
 
-from ..settings import Settings
+from ..settings import Settings, public_url
 from .encoders import ModelError, with_prompt
 from .unavailable import SemanticUnavailable
 
@@ -74,15 +73,6 @@ class _Failure(Exception):
     def __init__(self, reason: str, retry: bool):
         super().__init__(reason)
         self.reason, self.retry = reason, retry
-
-
-def public_url(url: str) -> str:
-    """The URL without any user:password part: what logs, /status and errors may show."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def token_bounded_batches(texts: Sequence[str], count: int, tokens: int) -> list[range]:

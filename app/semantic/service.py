@@ -24,7 +24,7 @@ from ..db import Embedding, Item, Tag, db
 from ..settings import Settings
 from .queue import ModelQueue, QueueFull, QueueStuck
 from .slots import Slots
-from .unavailable import SemanticUnavailable  # noqa: F401 -- raised here, imported from here by callers
+from .unavailable import SemanticUnavailable  # raised here; callers import it from here too
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from flask import Flask
@@ -115,7 +115,7 @@ class SemanticService:
         return self._state == LOADED
 
     def status(self) -> dict:
-        status = {"state": self._state, "model": self._model_name()}
+        status = {"state": self._state, "model": self.settings.model_shown}
         if self._error:
             status["error"] = self._error
         if self._encoder is not None:
@@ -157,9 +157,9 @@ class SemanticService:
                 # reported once when its breaker opened; a model that cannot load is an error to fix.
                 self._retry_after = getattr(exc, "retry_load_after", RETRY_AFTER_SECONDS)
                 if isinstance(exc, SemanticUnavailable):
-                    log.warning("semantic model %r is not available yet: %s", self._model_name(), self._error)
+                    log.warning("semantic model %r is not available yet: %s", self.settings.model_shown, self._error)
                 else:
-                    log.error("semantic model %r failed to load: %s", self._model_name(), self._error)
+                    log.error("semantic model %r failed to load: %s", self.settings.model_shown, self._error)
                 raise SemanticUnavailable(f"the semantic model failed to load: {self._error}") from None
             self.load_seconds = time.perf_counter() - started
             self.load_count += 1
@@ -178,9 +178,6 @@ class SemanticService:
         except SemanticUnavailable:
             return False
         return True
-
-    def _model_name(self) -> str:
-        return self.settings.semantic_remote_model if self.settings.is_remote else self.settings.semantic_model
 
     def vector_store(self):
         """This worker's vector store, chosen on first use: pgvector on PostgreSQL when the release

@@ -12,9 +12,9 @@ Files, in VECTOR_INDEX_DIR (by default beside the SQLite file, else in the insta
 
 * ``<fingerprint>-<kind>-<stamp>.usearch``: one generation of the index (kind ``item`` or ``tag``);
   keys are the rows' ``ref_id``.
-* ``<fingerprint>-<kind>.json``: the manifest naming the current generation and what it holds (row
-  count, largest ``embeddings.id``, sum of ids, dimension). Written last, by atomic rename: a reader
-  sees the old generation or the new one, never half of one.
+* ``<fingerprint>-<kind>.json``: the manifest naming the current generation and what it holds (its
+  size in bytes, row count, largest ``embeddings.id``, sum of ids, dimension). Written last, by atomic
+  rename: a reader sees the old generation or the new one, never half of one.
 
 A viewed index cannot be added to, so new vectors are found another way until the next generation:
 the rows stored after it (``embeddings.id`` above the manifest's) are searched exactly, beside it,
@@ -112,8 +112,8 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
-def open_generation(folder: Path, fingerprint: str, kind: str, stamp: tuple) -> Generation:
-    """The generation a manifest names, viewed; ValueError when the file does not match it."""
+def checked_manifest(folder: Path, fingerprint: str, kind: str) -> tuple[dict, Path]:
+    """The manifest's fields and the file it names, whose header agrees with it; ValueError otherwise."""
     from usearch.index import Index
 
     data = read_manifest(manifest_path(folder, fingerprint, kind))
@@ -121,9 +121,19 @@ def open_generation(folder: Path, fingerprint: str, kind: str, stamp: tuple) -> 
     meta = Index.metadata(str(file)) if file.exists() else None
     if not meta:
         raise ValueError(f"{file} is missing or not an index file")
+    if "bytes" in data and file.stat().st_size != data["bytes"]:  # cut short (or grown) since it was built
+        raise ValueError(f"{file} has {file.stat().st_size} bytes; its manifest says {data['bytes']}")
     if meta.get("count_present") != data["count"] or meta.get("dimensions") != data["dim"]:
         raise ValueError(f"{file} holds {meta.get('count_present')} vectors of {meta.get('dimensions')} "
                          f"dimensions; its manifest says {data['count']} of {data['dim']}")
+    return data, file
+
+
+def open_generation(folder: Path, fingerprint: str, kind: str, stamp: tuple) -> Generation:
+    """The generation a manifest names, viewed; ValueError when the file does not match it."""
+    from usearch.index import Index
+
+    data, file = checked_manifest(folder, fingerprint, kind)
     index = Index.restore(str(file), view=True)
     if index is None or len(index) != data["count"]:
         raise ValueError(f"{file} could not be opened as the index its manifest describes")
@@ -212,9 +222,9 @@ def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int,
         # generation waits for as many rows as would start a new one (a publication costs a process).
         return "no generation yet" if count >= rebuild_rows else None
     try:
-        data = read_manifest(path)
+        # The header checks, not a view: each worker's store already holds one (generation()).
+        data, _ = checked_manifest(folder, fingerprint, kind)
         st = path.stat()
-        open_generation(folder, fingerprint, kind, (st.st_ino, st.st_mtime_ns, st.st_size))
     except Exception as exc:  # noqa: BLE001 -- whatever is wrong with it, a new one replaces it
         return f"the current one is unusable ({exc})"
     after = table_version(fingerprint, kind, after_id=data["max_id"])
@@ -296,7 +306,8 @@ def publish(folder: Path, fingerprint: str, kind: str, progress: Callable[[int],
         del index
         _fsync(temporary)
         os.replace(temporary, folder / name)
-        manifest = {"file": name, "count": count, "max_id": max_id, "id_sum": id_sum, "dim": dim,
+        manifest = {"file": name, "bytes": (folder / name).stat().st_size, "count": count, "max_id": max_id,
+                    "id_sum": id_sum, "dim": dim,
                     "search": "hnsw" if recall >= MIN_RECALL else "exact", "probe_recall": round(recall, 3),
                     "built_seconds": round(time.monotonic() - started, 2)}
         target = manifest_path(folder, fingerprint, kind)
