@@ -125,7 +125,30 @@ def render_blueprint(data: dict, tier: str) -> str:
     if spec["memory_mb"] != 512:
         note += (f" (Render has no {spec['memory_mb']} MB web plan; this is the smallest above it, and the app"
                  f" keeps its {spec['memory_mb']} MB budget: MAX_MEMORY_MB and the tier settings below)")
-    return f"# {HEADER}\n{note}.\n" + yaml.safe_dump(blueprint, sort_keys=False, allow_unicode=True, width=120)
+    note += ".\n" + "\n".join(f"# {line}" for line in database_plan_lines(render))
+    return f"# {HEADER}\n{note}\n" + yaml.safe_dump(blueprint, sort_keys=False, allow_unicode=True, width=120)
+
+
+def database_plan_steps(render: dict) -> list[tuple[int, dict]]:
+    """(smallest corpus, step) for each database plan of tiers.yaml, smallest corpus first."""
+    lows = [0] + [step["up_to_vectors"] for step in render["database_plans"]][:-1]
+    return list(zip(lows, render["database_plans"]))
+
+
+def database_plan_lines(render: dict) -> list[str]:
+    """The database plan by corpus size, as the Blueprints' header says it."""
+    lines = [f"Database plan {render['database_plan']} is for the sample data; choose it by the corpus's vectors:"]
+    lines += [f"  {low:,} to {step['up_to_vectors']:,} vectors: {step['plan']} ({step['why']})"
+              for low, step in database_plan_steps(render)]
+    return lines
+
+
+def database_plan_table(data: dict) -> str:
+    """docs/vectors.md's table of Render database plans by corpus size."""
+    rows = ["| vectors in the corpus | Render database plan | why |", "| --- | --- | --- |"]
+    rows += [f"| {low:,} to {step['up_to_vectors']:,} | `{step['plan']}` | {step['why']} |"
+             for low, step in database_plan_steps(data["render"])]
+    return "\n".join(rows) + "\n"
 
 
 def heroku_app(data: dict, tier: str) -> str:
@@ -231,6 +254,9 @@ def render_all(data: dict | None = None) -> dict[str, str]:
     deploy_doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
     files["docs/deploy.md"] = between(deploy_doc, "<!-- tier-table:start -->", "<!-- tier-table:end -->",
                                       tier_table(data), "docs/deploy.md")
+    vectors_doc = (ROOT / "docs" / "vectors.md").read_text(encoding="utf-8")
+    files["docs/vectors.md"] = between(vectors_doc, "<!-- database-plans:start -->", "<!-- database-plans:end -->",
+                                       database_plan_table(data), "docs/vectors.md")
     for tier in data["tiers"]:
         where = paths(tier)
         files[where["render"]] = render_blueprint(data, tier)

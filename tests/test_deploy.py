@@ -254,6 +254,24 @@ def test_render_database_reachable_only_from_the_service(tier):
     assert database["ipAllowList"] == []
 
 
+@pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
+def test_every_blueprint_states_the_database_plan_by_corpus_size(tier):
+    text = (ROOT / generate.paths(tier)["render"]).read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for step in DATA["render"]["database_plans"]:
+        assert f"{step['up_to_vectors']:,} vectors: {step['plan']}" in header
+
+
+def test_database_plans_grow_with_the_corpus_and_are_renders():
+    plans = DATA["render"]["database_plans"]
+    sizes = [step["up_to_vectors"] for step in plans]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert plans[0]["plan"] == DATA["render"]["database_plan"]  # the Blueprints' own plan is the first step
+    schema_plans = set(json.loads(SCHEMA.read_text())["definitions"]["plan"]["enum"]) if SCHEMA.exists() else None
+    if schema_plans is not None:
+        assert {step["plan"] for step in plans} <= schema_plans
+
+
 def load_gunicorn_conf(monkeypatch, tmp_path, database_url: str):
     """gunicorn.conf.py as a module, with its environment pointed at tmp_path."""
     import importlib.util
