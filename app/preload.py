@@ -11,7 +11,7 @@ created before fork (each worker still runs create_app() itself), and the model'
 (onnxruntime, numpy) is left out on purpose: importing onnxruntime starts a thread, and a thread
 does not survive fork. One part of the model is read here: the tokenizer file of a local model
 folder (preload_tokenizer), whose vocabulary structures would otherwise be each worker's own heap
-(~88 MB for multilingual-e5-small). tests/test_preload.py checks all of this, and that the pages
+(~21 MB for multilingual-e5-small with SentencePiece, ~82 MB with tokenizers: app/semantic/unigram.py). tests/test_preload.py checks all of this, and that the pages
 are shared.
 """
 

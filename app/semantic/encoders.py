@@ -351,24 +351,34 @@ _PRELOADED_TOKENIZERS: dict[str, object] = {}
 
 
 def preload_tokenizer(path: Path) -> None:
-    """Read a tokenizer file now, for load_tokenizer to hand out later. In a pre-fork master: a large
+    """Read a tokenizer now, for load_tokenizer to hand out later. In a pre-fork master: a large
     vocabulary's structures are heap the workers then share copy-on-write (multilingual-e5-small's 104 k
-    pieces take ~88 MB per process). Reading starts no thread; encoding would (so nothing encodes here)."""
-    from tokenizers import Tokenizer
+    pieces take ~21 MB with SentencePiece, ~82 MB with tokenizers). Reading starts no thread; encoding
+    with tokenizers would (so nothing encodes here)."""
+    _PRELOADED_TOKENIZERS[str(path.resolve())] = _read_tokenizer(path)
 
-    _PRELOADED_TOKENIZERS[str(path.resolve())] = Tokenizer.from_file(str(path))
+
+def _read_tokenizer(path: Path):
+    """SentencePiece's copy of a Unigram tokenizer where ``model prepare`` wrote one beside path (the
+    same ids, a quarter of the heap: app/semantic/unigram.py), else path itself with ``tokenizers``."""
+    from app.semantic import unigram
+
+    try:
+        tokenizer = unigram.load(path.parent)
+        if tokenizer is not None:
+            return tokenizer
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise ModelError(f"cannot read the tokenizer of {path.parent}: {type(exc).__name__}: {exc}") from None
 
 
 def load_tokenizer(path: Path, max_seq_length: int):
-    """The artifact's fast tokenizer, truncating to ``max_seq_length``; batches are padded by run_session."""
-    from tokenizers import Tokenizer
-
+    """The artifact's tokenizer, truncating to ``max_seq_length``; batches are padded by run_session."""
     tokenizer = _PRELOADED_TOKENIZERS.pop(str(path.resolve()), None)
     if tokenizer is None:
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise ModelError(f"cannot read {path}: {exc}") from None
+        tokenizer = _read_tokenizer(path)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_seq_length)
     return tokenizer

@@ -13,7 +13,10 @@ torch, transformers and onnxruntime's quantisation tools. The artifact holds
   private prepacked copies of a single-file model. Its optimizations may be specific to this CPU,
   so the loader checks it with the probe and otherwise falls back to the portable model;
 * ``probe.json``: a few fixed Hebrew sentences and the portable model's embeddings of them;
-* ``tokenizer.json``: the fast tokenizer, read by the Rust ``tokenizers`` library;
+* ``tokenizer.json``: the fast tokenizer, read by the Rust ``tokenizers`` library; for a Unigram
+  vocabulary also ``tokenizer.model`` + ``tokenizer.spm.json``, the same splitting run by
+  SentencePiece in a quarter of the heap, written only when both give the same ids on every probe
+  text (app/semantic/unigram.py) and then served instead;
 * ``memfit_model.json``: the manifest (format, version 2, precision, dim, fingerprint, and the
   prompts the encoder puts before queries and passages, read from the source's
   ``config_sentence_transformers.json``: e5's ``query: `` / ``passage: ``; ``{}`` for a model without).
@@ -44,6 +47,7 @@ from .encoders import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, OPTI
     PORTABLE_DATA, PORTABLE_MODEL, PROBE_FILE, PROBE_MAX_DIFF, TOKENIZER_FILE, ModelError, fingerprint_files, \
     load_tokenizer, open_session, pool, read_layout, resolve_model_dir, run_session, session_options, \
     source_fingerprint
+from . import unigram
 
 OPSET = 20
 Q8_BLOCK_SIZE = 32
@@ -77,6 +81,7 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
     try:
         started = time.perf_counter()
         dim, pad_id = _export(layout, work / "fp32.onnx", work / TOKENIZER_FILE)
+        tokenizer = unigram.write_beside(work)
         _quantize(work / "fp32.onnx", work / "quantized.onnx", precision)
         (work / "fp32.onnx").unlink(missing_ok=True)
         _write_portable(work / "quantized.onnx", work / PORTABLE_MODEL)
@@ -96,6 +101,7 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
             "fingerprint": fingerprint_files([work / PORTABLE_MODEL, work / PORTABLE_DATA],
                                              {"source": source_fingerprint(layout), "precision": precision}),
             "optimized_probe_diff": probe,
+            "tokenizer": tokenizer,
             "prepare_seconds": round(time.perf_counter() - started, 1),
         }
         (work / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -49,9 +49,17 @@ HANDOVER_PAUSE_S = 0.02
 class QueueFull(Exception):
     """The query would wait past the deadline; ``retry_after`` says when the queue will have room."""
 
-    def __init__(self, expected_wait: float, retry_after: int):
+    def __init__(self, expected_wait: float, retry_after: int, unmeasured_waiting: int = 0):
         super().__init__(f"expected wait {expected_wait:.2f} s")
         self.expected_wait, self.retry_after = expected_wait, retry_after
+        # Before the model's first run is timed there is no drain rate: a full first batch is the bound.
+        self.unmeasured_waiting = unmeasured_waiting
+
+    def reason(self, deadline_s: float) -> str:
+        if self.unmeasured_waiting:
+            return (f"the model is still on its first run here, with {self.unmeasured_waiting} queries already "
+                    f"waiting")
+        return f"this query would wait about {self.expected_wait:.1f} s, past the {deadline_s:g} s deadline"
 
 
 class QueueStuck(Exception):
@@ -101,7 +109,9 @@ class ModelQueue:
         with self._cond:
             self._ensure_thread()
             wait = self.expected_wait(self._waiting_units + job.units)
-            if wait > self.deadline_s or (self.seconds_per_unit is None and len(self._queries) >= self.max_batch):
+            if self.seconds_per_unit is None and len(self._queries) >= self.max_batch:
+                raise QueueFull(wait, self.retry_after(wait), unmeasured_waiting=len(self._queries))
+            if wait > self.deadline_s:
                 raise QueueFull(wait, self.retry_after(wait))
             self._queries.append(job)
             self._waiting_units += job.units

@@ -391,8 +391,7 @@ class SemanticService:
             return queue.encode_query(query)
         except QueueFull as full:
             _count_shed("deadline")
-            raise Overloaded(f"semantic search is at capacity: this query would wait about "
-                             f"{full.expected_wait:.1f} s, past the {queue.deadline_s:g} s deadline; retry after "
+            raise Overloaded(f"semantic search is at capacity: {full.reason(queue.deadline_s)}; retry after "
                              f"{full.retry_after} s, or search with mode=text", full.retry_after) from None
         except QueueStuck as stuck:
             raise SemanticUnavailable(f"the semantic model is not answering ({stuck})") from None
