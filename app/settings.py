@@ -336,7 +336,9 @@ FIELDS: tuple[Field, ...] = (
     Field("SENTRY_CRON_INTERVAL", "60", _float(5, 3600), "Seconds between Sentry Crons check-ins."),
     Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
           "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
-    Field("PORT", "8000", _int(0, 65535), "Port gunicorn listens on (0.0.0.0:PORT; 0: any free port); platforms set it."),
+    Field("PORT", "8000", _int(0, 65535),
+          "Port served on: gunicorn's 0.0.0.0:PORT unless GUNICORN_BIND is set, in the Docker image its nginx's "
+          "(deploy/serve.sh); 0: any free port. Platforms set it; the image and fly.toml take this default."),
     Field("GUNICORN_BIND", "", _text,
           "Where gunicorn listens, in its bind notation (host:port or unix:path). Empty: 0.0.0.0:PORT. "
           "The Docker image's deploy/serve.sh sets a unix socket behind its nginx."),

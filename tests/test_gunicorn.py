@@ -45,7 +45,7 @@ def settings_uses(text=CONF_TEXT):
 
 @pytest.mark.parametrize("name", environ_reads())
 def test_every_variable_gunicorn_conf_touches_is_a_setting(name):
-    assert name in FIELDS_BY_ENV, f"gunicorn.conf.py reads {name} from the environment: make it a Field of app/settings.py"
+    assert name in FIELDS_BY_ENV, f"gunicorn.conf.py reads {name} from the environment: make it a Field in app/settings.py"
 
 
 @pytest.mark.parametrize("name", sorted(set(re.findall(r"\bGUNICORN_[A-Z_]+\b", CONF_TEXT))))
