@@ -8,7 +8,7 @@
 #
 # Every variable named here is declared (default, range, meaning) in app/settings.py and read from its
 # Settings, so .env.example and docs/configuration.md list it; this file reads the environment only for
-# the metrics folder it hands to the workers (tests/test_settings.py checks both).
+# the metrics folder it hands to the workers (tests/test_gunicorn.py checks both).
 
 import dataclasses
 import os
