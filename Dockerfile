@@ -27,7 +27,8 @@ RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
 # ---------------------------------------------------------------------------------------------
 FROM deps AS model
 ARG OFFLINE=0
-# PyTorch's CPU-only wheels: the default index's torch pulls the CUDA build (several GB).
+# PyTorch's CPU-only wheels: the default index's torch pulls the CUDA build (several GB). The version
+# is constraints.txt's torch line, its one pin (an empty or second line fails the install).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # app/settings.py's DEFAULT_MODEL, copied because an ARG cannot import it: `deploy.generate --check` fails when they differ.
 ARG MODEL_SOURCE=imvladikon/sentence-transformers-alephbert
@@ -36,7 +37,7 @@ ENV MODEL_DIR=/models/semantic MODEL_SOURCE=${MODEL_SOURCE} MODEL_PRECISION=${MO
 RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \
     python3 -m venv /opt/prep && \
     if [ "$OFFLINE" = "1" ]; then set -- --no-index --find-links /wheels; \
-    else /opt/prep/bin/pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 && set --; fi && \
+    else /opt/prep/bin/pip install --index-url "$TORCH_INDEX_URL" "$(grep '^torch==' constraints.txt)" && set --; fi && \
     /opt/prep/bin/pip install "$@" -r requirements-model.txt -c constraints.txt
 COPY app ./app
 COPY monitoring ./monitoring
@@ -76,6 +77,7 @@ ENV PATH=/opt/memfit/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     APP_ENV=production \
+    # app/settings.py's PORT default (deploy.generate --check compares them); EXPOSE and HEALTHCHECK read it.
     PORT=8000 \
     SEMANTIC_MODEL=/models/semantic \
     # The embedded default when no DATABASE_URL is given: SQLite on the /data volume.
@@ -116,11 +118,11 @@ COPY gunicorn.conf.py ./
 COPY deploy/serve.sh deploy/nginx.conf ./deploy/
 VOLUME ["/data"]
 USER 10001:10001
-EXPOSE 8000
+EXPOSE ${PORT}
 # slim has no curl: Python's urllib does the check. The start period covers boot, not the model
 # (it loads on the first semantic request, and /healthz never touches it).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['PORT'], timeout=4)"]
 # The CMD serves only: schema work is the release step's, which each platform runs before new code
 # takes traffic (render.yaml preDeployCommand, heroku.yml release, fly.toml release_command). With no
 # platform step (plain docker), run it first, on the same database:

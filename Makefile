@@ -2,7 +2,6 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-PORT ?= 8000
 # The 512 MB tier's model artifact; `make model` builds it, `make run` uses it when present.
 MODEL_DIR ?= instance/models/semantic
 # Where `make model` takes the model from: a hub name or a folder; by default the app's own default model
@@ -22,7 +21,7 @@ help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 # The venv is rebuilt only when a requirements or constraints file changes.
-# torch is pinned to 2.13.0 in requirements-model.txt: pip never resolves an unpinned (CUDA) torch.
+# torch is pinned by constraints.txt, which requirements-model.txt reads: pip never resolves an unpinned (CUDA) torch.
 $(VENV)/.installed: $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -61,10 +60,10 @@ release: venv ## Migrate, set up pgvector, backfill embeddings (what each platfo
 	$(FLASK) release
 
 # seed migrates an empty database; release then brings an existing one up to date and embeds with the model run uses.
-run: seed release ## Serve with gunicorn on PORT (default 8000), SQLite and the sample data
+run: seed release ## Serve with gunicorn on PORT (default: app/settings.py's), SQLite and the sample data
 	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
 	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
-	PORT=$(PORT) exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"
+	exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"
 
 test: venv ## Run the test suite (PostgreSQL, browser and container suites where available; all in CI)
 	$(PY) -m pytest $(PYTEST_ARGS)

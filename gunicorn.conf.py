@@ -6,8 +6,9 @@
 #
 #     gunicorn -c gunicorn.conf.py "app:create_app()"
 #
-# This file and app/settings.py are the only places that read the environment; every variable here
-# that needs parsing is declared (default, range, meaning) in app/settings.py and read from Settings.
+# Every variable named here is declared (default, range, meaning) in app/settings.py and read from its
+# Settings, so .env.example and docs/configuration.md list it; this file reads the environment only for
+# the metrics folder it hands to the workers (tests/test_gunicorn.py checks both).
 
 import dataclasses
 import os
@@ -33,8 +34,8 @@ def owned_metrics_dir() -> str:
 
 #
 # The app's settings (app/settings.py), built once here from the environment and handed to every
-# hook below; gunicorn's own numbers and switches (PORT, WEB_CONCURRENCY, GUNICORN_*) are parsed
-# there too, with the app's validation. The workers' app builds the same Settings from the same
+# hook below; gunicorn's own values (PORT, WEB_CONCURRENCY, GUNICORN_*) are parsed there too, with
+# the app's validation. The workers' app builds the same Settings from the same
 # environment. A bad value stops gunicorn with one line naming it, before any worker starts.
 #
 try:
@@ -46,10 +47,11 @@ except ConfigError as exc:
 #
 # Server socket
 #
-#   bind - Where to listen. Platforms (Render, Heroku, Fly) hand the port in $PORT and route to
-#       0.0.0.0 inside the container; 8000 for local runs.
+#   bind - Where to listen: GUNICORN_BIND, else 0.0.0.0:PORT. Platforms (Render, Heroku, Fly) hand the
+#       port in $PORT and route to 0.0.0.0 inside the container; a local run takes PORT's default. The
+#       image's deploy/serve.sh binds a unix socket behind its nginx instead.
 #
-bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{settings.port}"
+bind = settings.gunicorn_bind or f"0.0.0.0:{settings.port}"
 
 #   backlog - Connections waiting to be accepted. Small: a 512 MB instance cannot serve a large queue
 #       quickly anyway, and the platform's proxy retries elsewhere.
@@ -84,7 +86,7 @@ workers = settings.web_concurrency
 #       with 4 threads at the same memory (threads add stacks, and activations only while holding a slot).
 #       The platform's proxy buffers slow clients.
 #
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+worker_class = settings.gunicorn_worker_class
 
 #   threads - Request threads per worker (GUNICORN_THREADS); above 1 gunicorn runs its gthread worker.
 #
@@ -124,11 +126,11 @@ keepalive = settings.gunicorn_keepalive
 #
 preload_app = settings.gunicorn_preload
 
-#   worker_tmp_dir - The heartbeat file each worker touches for the master. On /dev/shm (memory)
-#       where it exists: on a disk-backed /tmp, a slow or full disk makes the master think healthy
-#       workers are stuck (gunicorn's docs on Docker).
+#   worker_tmp_dir - The heartbeat file each worker touches for the master (GUNICORN_WORKER_TMP_DIR).
+#       By default on /dev/shm (memory) where it exists: on a disk-backed /tmp, a slow or full disk makes
+#       the master think healthy workers are stuck (gunicorn's docs on Docker).
 #
-worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+worker_tmp_dir = settings.gunicorn_worker_tmp_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
 
 #   control_socket_disable - No runtime control socket (gunicornc). memfit is managed by the platform
 #       (signals, redeploys); the socket would need a writable home directory, which the non-root
@@ -137,11 +139,12 @@ worker_tmp_dir = os.environ.get("GUNICORN_WORKER_TMP_DIR") or ("/dev/shm" if os.
 control_socket_disable = not settings.gunicorn_control_socket
 
 #
-# Logging: access and error logs to stdout, where the platform collects them.
+# Logging: access log to standard output and error log to standard error by default, where the
+# platform collects them (GUNICORN_ACCESS_LOG, GUNICORN_ERROR_LOG, GUNICORN_LOG_LEVEL).
 #
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-")
-errorlog = os.environ.get("GUNICORN_ERROR_LOG", "-")
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+accesslog = settings.gunicorn_access_log
+errorlog = settings.gunicorn_error_log
+loglevel = settings.gunicorn_log_level
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
 #   logconfig_dict - Route the app's own loggers (memfit.*, app.*) through gunicorn's console handler,
 #       so watchdog alerts and recycle notices land in the same stream, with the same format. gunicorn's
@@ -247,16 +250,19 @@ def on_starting(server):
     global settings
     from monitoring import hooks
 
-    # Before anything in this process imports prometheus_client, and before any worker is forked.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", owned_metrics_dir())
+    # Before anything in this process imports prometheus_client, and before any worker is forked: the
+    # workers and prometheus_client find the folder in the environment.
+    folder = settings.prometheus_multiproc_dir or owned_metrics_dir()
     try:
-        hooks.reset_metrics_dir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        hooks.reset_metrics_dir(folder)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     except OSError as exc:
         # A read-only or full /dev/shm: workers could not write their metric files and would fail to
         # boot. Without the variable each worker counts on its own (/metrics shows the one that answers).
         server.log.error("memfit: no metrics folder (%s): /metrics covers only the worker that answers", exc)
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    settings = dataclasses.replace(settings, prometheus_multiproc_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        folder = ""
+    settings = dataclasses.replace(settings, prometheus_multiproc_dir=folder)
     if settings.preload_modules and not preload_app:
         # After the metrics folder exists (the app's modules define their metrics at import) and
         # before any worker is forked: the workers share these pages (app/preload.py).

@@ -5,15 +5,18 @@ a one-line meaning. ``.env.example`` and docs/configuration.md's table are gener
 against, this list (``make docs``, devtools/docs.py; tests/test_settings.py fails when they are stale),
 so the documentation cannot drift from the code.
 
-gunicorn's variables that need parsing (``PORT``, ``WEB_CONCURRENCY``, ``GUNICORN_*`` numbers and
-switches) are fields here too: ``gunicorn.conf.py`` builds this same Settings. No other module reads
-``os.environ``, except ``gunicorn.conf.py`` for the few gunicorn values it passes on as text.
+The ``Settings`` dataclass is built from the same list: one attribute per field, named after the
+variable in lower case (``MAX_MEMORY_MB`` -> ``settings.max_memory_mb``), typed by its parser's return
+annotation. gunicorn's variables (``PORT``, ``WEB_CONCURRENCY``, every ``GUNICORN_*``) are fields too:
+``gunicorn.conf.py`` builds this same Settings and reads no variable of its own (tests/test_gunicorn.py
+fails when it does). No other module reads ``os.environ``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -61,6 +64,7 @@ def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
             raise ValueError(f"accepts {what} from {low} to {high}")
         return value
 
+    parse.__annotations__["return"] = kind  # the type of the Settings attribute it fills (Field.kind)
     return parse
 
 
@@ -158,6 +162,19 @@ class Field:
     parse: Callable[[str], Any]
     doc: str
     secret: bool = False
+
+    @property
+    def attr(self) -> str:
+        """The Settings attribute that holds the parsed value."""
+        return self.env.lower()
+
+    @property
+    def kind(self) -> type:
+        """The parsed value's type: the parser's return annotation (every parser declares one)."""
+        hints = typing.get_type_hints(self.parse)
+        if "return" not in hints:
+            raise TypeError(f"app/settings.py: {self.env}'s parser {self.parse.__name__} declares no return type")
+        return hints["return"]
 
 
 # The single list of variables. ``default=None`` means "computed" (see Settings.from_env).
@@ -319,7 +336,14 @@ FIELDS: tuple[Field, ...] = (
     Field("SENTRY_CRON_INTERVAL", "60", _float(5, 3600), "Seconds between Sentry Crons check-ins."),
     Field("PROMETHEUS_MULTIPROC_DIR", "", _text,
           "Folder for per-worker metric files; gunicorn.conf.py sets it so /metrics covers every worker."),
-    Field("PORT", "8000", _int(0, 65535), "Port gunicorn listens on (0.0.0.0:PORT; 0: any free port); platforms set it."),
+    Field("PORT", "8000", _int(0, 65535),
+          "Port served on: gunicorn's 0.0.0.0:PORT unless GUNICORN_BIND is set, in the Docker image its nginx's "
+          "(deploy/serve.sh); 0: any free port. Platforms set it; the image and fly.toml take this default."),
+    Field("GUNICORN_BIND", "", _text,
+          "Where gunicorn listens, in its bind notation (host:port or unix:path). Empty: 0.0.0.0:PORT. "
+          "The Docker image's deploy/serve.sh sets a unix socket behind its nginx."),
+    Field("GUNICORN_WORKER_CLASS", "sync", _text,
+          "gunicorn's worker class; sync with GUNICORN_THREADS above 1 runs its gthread worker."),
     Field("GUNICORN_THREADS", "1", _int(1, 64),
           "Request threads per gunicorn worker (above 1, gunicorn's gthread worker): handlers that wait "
           "for the model sleep without holding a worker's only thread."),
@@ -337,89 +361,36 @@ FIELDS: tuple[Field, ...] = (
           "Import the app's modules (not the model's runtime) in gunicorn's master before forking, so "
           "every worker shares those pages (app/preload.py)."),
     Field("GUNICORN_CONTROL_SOCKET", "false", _bool, "Open gunicorn's runtime control socket."),
+    Field("GUNICORN_WORKER_TMP_DIR", "", _text,
+          "Folder of the heartbeat file each gunicorn worker touches for the master. Empty: /dev/shm where "
+          "it exists (on a slow disk, healthy workers look stuck), else the system's temporary folder."),
+    Field("GUNICORN_ACCESS_LOG", "-", _text, "gunicorn's access log file (-: standard output)."),
+    Field("GUNICORN_ERROR_LOG", "-", _text, "gunicorn's error log file (-: standard error)."),
+    Field("GUNICORN_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error", "critical"),
+          "Level of gunicorn's error log and of the app's own loggers under gunicorn."),
     Field("RENDER_GIT_COMMIT", "", _text, "Set by Render: the deployed commit (the default Sentry release)."),
     Field("RENDER_SERVICE_NAME", "", _text, "Set by Render: the service name (the default SERVICE_NAME)."),
 )
 
+FIELDS_BY_ENV: dict[str, Field] = {field.env: field for field in FIELDS}
 
-@dataclasses.dataclass(frozen=True)
+
+def _attributes_from_fields(cls: type) -> type:
+    """cls as a frozen dataclass whose attributes are FIELDS' (Field.attr, typed Field.kind), in their
+    order, followed by those cls declares itself (which have defaults)."""
+    own = cls.__dict__.get("__annotations__", {})
+    names = [field.attr for field in FIELDS]
+    clashes = sorted({name for name in names if names.count(name) > 1} | (set(names) & set(own)))
+    if clashes:
+        raise TypeError(f"app/settings.py: more than one setting is named {', '.join(clashes)}")
+    cls.__annotations__ = {**{field.attr: field.kind for field in FIELDS}, **own}
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+@_attributes_from_fields
 class Settings:
-    app_env: str
-    secret_key: str
-    database_url: str
-    enable_semantic_search: bool
-    semantic_backend: str
-    semantic_remote_url: str
-    semantic_remote_protocol: str
-    semantic_remote_model: str
-    semantic_remote_token: str
-    semantic_remote_query_prompt: str
-    semantic_remote_passage_prompt: str
-    semantic_remote_dim: int
-    semantic_remote_connect_timeout: float
-    semantic_remote_read_timeout: float
-    semantic_remote_retries: int
-    semantic_remote_batch_max: int
-    semantic_remote_batch_tokens: int
-    semantic_remote_breaker_failures: int
-    semantic_remote_breaker_cooldown: float
-    semantic_model: str
-    semantic_max_seq_length: int
-    semantic_threads: int
-    semantic_max_inflight: int
-    semantic_deadline_ms: int
-    semantic_batch_max: int
-    semantic_handlers: int
-    semantic_nice: int
-    web_concurrency: int
-    semantic_index_max_mb: int
-    vector_index_dir: str
-    pgvector_ef_search: int
-    hnsw_build_memory: str
-    vector_index_rebuild_rows: int
-    semantic_embedder: bool
-    semantic_embed_interval: float
-    semantic_warm: bool
-    embedding_batch_size: int
-    sqlalchemy_pool_size: int
-    sqlalchemy_max_overflow: int
-    sqlalchemy_pool_recycle: int
-    sqlalchemy_pool_pre_ping: bool
-    max_content_length: int
-    max_query_length: int
-    write_token: str
-    write_rate_limit: str
-    auth_failure_limit: str
-    redis_url: str
-    trusted_proxies: int
-    memory_tier: str
-    max_memory_mb: int
-    max_worker_memory_mb: int
-    memory_check_interval: float
-    memory_alert_cooldown: float
-    memory_rearm_ratio: float
-    status_page: bool
-    status_history_slots: int
-    service_name: str
-    sentry_dsn: str
-    sentry_environment: str
-    sentry_release: str
-    sentry_cron_monitor: str
-    sentry_cron_interval: float
-    prometheus_multiproc_dir: str
-    port: int
-    gunicorn_threads: int
-    gunicorn_backlog: int
-    gunicorn_max_requests: int
-    gunicorn_max_requests_jitter: int
-    gunicorn_timeout: int
-    gunicorn_graceful_timeout: int
-    gunicorn_keepalive: int
-    gunicorn_preload: bool
-    preload_modules: bool
-    gunicorn_control_socket: bool
-    render_git_commit: str
-    render_service_name: str
+    """Every field of FIELDS, parsed (see _attributes_from_fields), and where the instance keeps its files."""
+
     instance_path: str = "instance"
     retired: tuple[str, ...] = ()  # RETIRED variables found set in the environment
 
@@ -436,7 +407,7 @@ class Settings:
             if raw is None:
                 continue
             try:
-                values[field.env.lower()] = field.parse(raw)
+                values[field.attr] = field.parse(raw)
             except ValueError as exc:
                 shown = "(hidden)" if field.secret else repr(raw)
                 raise ConfigError(f"{field.env}={shown} is invalid: {exc}") from None

@@ -29,8 +29,6 @@ FLY_REGION = "fra"
 # Render, Heroku and Fly each put one proxy in front of the app, which appends the client's address
 # to X-Forwarded-For: the write rate limit keys on that address (app.limits.client_address).
 PLATFORM_PROXIES = "1"
-# The port gunicorn binds in the image ($PORT) and where Fly routes traffic and scrapes /metrics.
-APP_PORT = 8000
 METRICS_PATH = "/metrics"
 
 
@@ -40,6 +38,14 @@ def release_command() -> str:
     from app.release import RELEASE_COMMAND
 
     return RELEASE_COMMAND
+
+
+def app_port() -> int:
+    """The port the image serves on ($PORT, where Fly routes traffic and scrapes /metrics): PORT's
+    default in app/settings.py, its one written place."""
+    from app.settings import FIELDS_BY_ENV
+
+    return int(FIELDS_BY_ENV["PORT"].default)
 
 
 def load_tiers(path: Path = TIERS_FILE) -> dict:
@@ -177,7 +183,7 @@ def heroku_app(data: dict, tier: str) -> str:
 
 def fly_toml(data: dict, tier: str) -> str:
     spec = data["tiers"][tier]
-    env = {"APP_ENV": "production", "PORT": str(APP_PORT), "TRUSTED_PROXIES": PLATFORM_PROXIES, **spec["env"]}
+    env = {"APP_ENV": "production", "PORT": str(app_port()), "TRUSTED_PROXIES": PLATFORM_PROXIES, **spec["env"]}
     lines = [
         f"# {HEADER}",
         f"# Tier {tier}: {spec['summary']}",
@@ -202,11 +208,11 @@ def fly_toml(data: dict, tier: str) -> str:
         "",
         "# Fly's Prometheus scrapes each machine's /metrics (every gunicorn worker merged) on the app port.",
         "[metrics]",
-        f"  port = {APP_PORT}",
+        f"  port = {app_port()}",
         f'  path = "{METRICS_PATH}"',
         "",
         "[http_service]",
-        f"  internal_port = {APP_PORT}",
+        f"  internal_port = {app_port()}",
         "  force_https = true",
         '  auto_stop_machines = "off"',
         "  min_machines_running = 1",
@@ -333,14 +339,39 @@ def dockerfile_model(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def copies_drift(data: dict | None = None, dockerfile: str | None = None) -> list[str]:
+def torch_pin(constraints: str) -> str:
+    """constraints.txt's torch line (torch==version), the one place torch's version is written: the
+    Dockerfile and requirements-model.txt read it there. Empty unless there is exactly one."""
+    lines = re.findall(r"^torch==\S+$", constraints, re.M)
+    return lines[0] if len(lines) == 1 else ""
+
+
+# Where a copy of a fact sits, the pattern that finds it (its group: the copied value), and why it is a copy.
+PORT_COPIES = {
+    "Dockerfile": (r"^\s*(?:ENV\s+)?PORT=(\S+?)\s*\\?$", "the image's ENV PORT (EXPOSE and HEALTHCHECK read it)"),
+    "deploy/serve.sh": (r"^port=\$\{PORT:-(\S+?)\}$", "serve.sh's PORT when none is set"),
+}
+TORCH_INSTALL = "\"$(grep '^torch==' constraints.txt)\""  # how the Dockerfile installs torch at the pin
+# requirements-infinity.txt is a venv of its own whose pins (numpy<2, sentence-transformers<4) cannot
+# take constraints.txt: its torch pin is a copy.
+TORCH_COPY = "requirements-infinity.txt"
+
+
+def copies_drift(data: dict | None = None, files: dict[str, str] | None = None) -> list[str]:
     """Facts written elsewhere that must agree with their one source: the image's default model with
-    app/settings.py's DEFAULT_MODEL (a Dockerfile ARG cannot import it), and settings.TIERS with the
-    tier names of tiers.yaml (the app reads no deploy file at run time: the image ships app/ alone)."""
+    app/settings.py's DEFAULT_MODEL (a Dockerfile ARG cannot import it), settings.TIERS with the tier
+    names of tiers.yaml (the app reads no deploy file at run time: the image ships app/ alone), the
+    image's and serve.sh's port with PORT's default, and torch's version with constraints.txt's pin.
+    files: texts to check instead of the committed files (path relative to the root -> text)."""
     from app import settings
 
     data = data or load_tiers()
-    dockerfile = DOCKERFILE.read_text(encoding="utf-8") if dockerfile is None else dockerfile
+    files = files or {}
+
+    def text(rel: str) -> str:
+        return files[rel] if rel in files else (ROOT / rel).read_text(encoding="utf-8")
+
+    dockerfile = text("Dockerfile")
     problems = []
     if dockerfile_model(dockerfile) != settings.DEFAULT_MODEL:
         problems.append(f"Dockerfile: ARG MODEL_SOURCE={dockerfile_model(dockerfile)} is not app/settings.py's "
@@ -349,6 +380,20 @@ def copies_drift(data: dict | None = None, dockerfile: str | None = None) -> lis
     if settings.TIERS != expected:
         problems.append(f"app/settings.py: TIERS={settings.TIERS} is not the tiers of {TIERS_FILE.name} "
                         f"plus 'custom' {expected}")
+    for rel, (pattern, what) in PORT_COPIES.items():
+        found = re.findall(pattern, text(rel), re.M)
+        if found != [str(app_port())]:
+            problems.append(f"{rel}: {what} is {', '.join(found) or 'missing'}, not app/settings.py's "
+                            f"PORT default ({app_port()})")
+    pin = torch_pin(text("constraints.txt"))
+    if not pin:
+        problems.append("constraints.txt: no single torch== line (the one pin of torch's version)")
+    if TORCH_INSTALL not in dockerfile or "torch==" in dockerfile.replace(TORCH_INSTALL, ""):
+        problems.append(f"Dockerfile: torch is not installed at constraints.txt's pin ({TORCH_INSTALL})")
+    public = pin.partition("+")[0]  # the copy names the version, without PyTorch's build label (+cpu)
+    copied = re.findall(r"^torch==(\S+)$", text(TORCH_COPY), re.M)
+    if pin and [f"torch=={v}" for v in copied] != [public]:
+        problems.append(f"{TORCH_COPY}: torch=={', '.join(copied) or '(none)'} is not constraints.txt's {pin}")
     return problems
 
 

@@ -7,7 +7,7 @@
 # when either one exits it stops the other and exits too, so that the platform's restart brings the
 # pair back rather than leaving half of it serving.
 #
-#   deploy/serve.sh                       # what the image runs (PORT, default 8000)
+#   deploy/serve.sh                       # what the image runs (PORT, default app/settings.py's)
 #   MEMFIT_RUN_DIR=/tmp/x deploy/serve.sh # where the socket, nginx's config and temp files go
 set -euo pipefail
 

@@ -1,6 +1,6 @@
 """deploy/: every manifest generated from deploy/tiers.yaml, the rules Render enforces, the
 Dockerfile's defaults in step with the 512mb tier, and the facts copied outside tiers.yaml (the image's
-model, settings.TIERS) in step with their one source."""
+model, settings.TIERS, the port, torch's pin) in step with their one source."""
 
 import json
 import os
@@ -134,6 +134,8 @@ def test_fly_toml(tier, memory):
     assert fly["vm"][0]["memory"] == memory
     assert fly["http_service"]["checks"][0]["path"] == "/healthz"
     assert fly["env"]["MAX_MEMORY_MB"] == DATA["tiers"][tier]["env"]["MAX_MEMORY_MB"]
+    ports = (fly["http_service"]["internal_port"], fly["metrics"]["port"], int(fly["env"]["PORT"]))
+    assert ports == (generate.app_port(),) * 3
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -152,7 +154,7 @@ def test_dockerfile_defaults_are_the_512mb_tier(key):
 def test_dockerfile_essentials():
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
-    assert "download.pytorch.org/whl/cpu" in text and "torch==2.13.0" in text
+    assert "download.pytorch.org/whl/cpu" in text and generate.TORCH_INSTALL in text
     assert re.search(r"^USER 10001:10001$", text, re.M)
     assert re.search(r'^CMD \["deploy/serve.sh"\]', text, re.M)
     assert "HEALTHCHECK" in text and "urllib.request" in text
@@ -168,10 +170,55 @@ def test_copied_facts_agree_with_their_source():
     assert generate.copies_drift() == []
 
 
-@pytest.mark.parametrize("dockerfile", ["ARG MODEL_SOURCE=someone/else\n", "# no MODEL_SOURCE argument\n"])
-def test_dockerfile_model_drift_is_detected(dockerfile):
-    (problem,) = generate.copies_drift(dockerfile=dockerfile)
-    assert "MODEL_SOURCE" in problem and "DEFAULT_MODEL" in problem
+@pytest.mark.parametrize("rel, pattern, new, words", [
+    ("Dockerfile", r"^ARG MODEL_SOURCE=\S+$", "ARG MODEL_SOURCE=someone/else", ["MODEL_SOURCE", "DEFAULT_MODEL"]),
+    ("Dockerfile", r"^ARG MODEL_SOURCE=\S+\n", "", ["MODEL_SOURCE=None", "DEFAULT_MODEL"]),
+    ("Dockerfile", r"^(\s*)PORT=\d+", r"\1PORT=8080", ["ENV PORT", "is 8080", "PORT default"]),
+    ("deploy/serve.sh", r"\$\{PORT:-\d+\}", "${PORT:-8080}", ["PORT when none is set is 8080", "PORT default"]),
+    ("deploy/serve.sh", r"^port=.*\n", "", ["is missing", "PORT default"]),
+    ("constraints.txt", r"^(torch==\S+)$", r"\1\n\1", ["no single torch== line"]),
+    ("Dockerfile", re.escape(generate.TORCH_INSTALL), "torch==2.0.0", ["torch is not installed at"]),
+    ("requirements-infinity.txt", r"^torch==\S+$", "torch==2.0.0", ["torch==2.0.0 is not constraints.txt's"]),
+])
+def test_a_copy_that_disagrees_with_its_source_is_named(rel, pattern, new, words):
+    """Each copied fact, changed in its file alone: copies_drift names that file and that fact."""
+    text, count = re.subn(pattern, new, (ROOT / rel).read_text(encoding="utf-8"), flags=re.M)
+    assert count == 1, f"the test's pattern {pattern!r} no longer finds the copy in {rel}"
+    (problem,) = generate.copies_drift(files={rel: text})
+    assert problem.startswith(f"{rel}: ") and all(word in problem for word in words), problem
+
+
+def test_the_torch_version_is_written_in_constraints_txt_alone():
+    """Every tracked file but constraints.txt and the checked copy: no line names torch with its version."""
+    version = generate.torch_pin((ROOT / "constraints.txt").read_text()).removeprefix("torch==").partition("+")[0]
+    assert version
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    mentions = []
+    for rel in filter(None, tracked.split("\0")):
+        if rel in ("constraints.txt", generate.TORCH_COPY) or not (ROOT / rel).is_file():
+            continue
+        try:
+            lines = (ROOT / rel).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:  # not text
+            continue
+        mentions += [f"{rel}: {line.strip()}" for line in lines if "torch" in line.lower() and version in line]
+    assert mentions == [], "say 'the version pinned in constraints.txt' instead:\n" + "\n".join(mentions)
+
+
+@pytest.mark.parametrize("rel", sorted(p.name for p in ROOT.glob("requirements*.txt")))
+def test_no_requirements_file_lets_pip_choose_torch(rel):
+    lines = [line.strip() for line in (ROOT / rel).read_text().splitlines()]
+    named = [line for line in lines if re.match(r"torch\b", line)]
+    assert all(line.startswith("torch==") for line in named) or "-c constraints.txt" in lines, named
+
+
+@pytest.mark.parametrize("rel", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
+def test_the_ports_the_docs_show_are_settings_port(rel):
+    text = (ROOT / rel).read_text(encoding="utf-8")
+    shown = set(re.findall(r"localhost:(\d+)|`PORT`\s+\(default (\d+)", text)) | set(re.findall(r"-p (\d+):(\d+)", text))
+    shown = {port for ports in shown for port in ports if port}
+    assert shown <= {str(generate.app_port())}, \
+        f"{rel} shows port(s) {sorted(shown)}: app/settings.py's PORT default is {generate.app_port()}"
 
 
 def test_tier_names_drift_is_detected():

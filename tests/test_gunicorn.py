@@ -1,17 +1,70 @@
 """gunicorn.conf.py and monitoring/hooks.py under real gunicorn: recycling by requests and by memory,
 Sentry alerts through a local stand-in for Sentry, metrics across workers, and killed workers."""
 
+import ast
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 
 import pytest
 
+from app.settings import FIELDS_BY_ENV, Settings
 from support import ROOT, Gunicorn, metric, raw_exchange, venv_bin, wait_until
 from fake_sentry import FakeSentry
 
 SEARCH = "/search?q=%D7%A1%D7%A4%D7%A8&mode=text"
+CONF_TEXT = (ROOT / "gunicorn.conf.py").read_text(encoding="utf-8")
+
+
+def _is_os(node, name):
+    return isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name) \
+        and node.value.id == "os"
+
+
+def environ_reads(text=CONF_TEXT):
+    """The variables gunicorn.conf.py reads or writes through os.environ[...], os.environ.get/setdefault/pop
+    (...) or os.getenv(...); a key that is not a plain string is given as its source text."""
+    keys = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Subscript) and _is_os(node.value, "environ"):
+            keys.append(node.slice)
+        elif isinstance(node, ast.Call) and (_is_os(node.func, "getenv") or (
+                isinstance(node.func, ast.Attribute) and _is_os(node.func.value, "environ"))):
+            keys.append(node.args[0] if node.args else node)
+    return sorted({k.value if isinstance(k, ast.Constant) else ast.unparse(k) for k in keys})
+
+
+def settings_uses(text=CONF_TEXT):
+    """The attributes gunicorn.conf.py takes from its settings object."""
+    return sorted({node.attr for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Attribute)
+                   and isinstance(node.value, ast.Name) and node.value.id == "settings"})
+
+
+@pytest.mark.parametrize("name", environ_reads())
+def test_every_variable_gunicorn_conf_touches_is_a_setting(name):
+    assert name in FIELDS_BY_ENV, f"gunicorn.conf.py reads {name} from the environment: make it a Field in app/settings.py"
+
+
+@pytest.mark.parametrize("name", sorted(set(re.findall(r"\bGUNICORN_[A-Z_]+\b", CONF_TEXT))))
+def test_every_gunicorn_variable_gunicorn_conf_names_is_a_setting(name):
+    assert name in FIELDS_BY_ENV, f"gunicorn.conf.py names {name}: make it a Field of app/settings.py"
+
+
+@pytest.mark.parametrize("attr", settings_uses())
+def test_every_settings_attribute_gunicorn_conf_uses_exists(attr):
+    assert attr in {f.name for f in dataclasses.fields(Settings)} or hasattr(Settings, attr), attr
+
+
+def test_gunicorn_conf_reads_the_environment_only_through_settings():
+    """The environment is the metrics folder it hands to the workers, nothing else (the scan itself is
+    checked on a line that reads a variable of its own)."""
+    assert environ_reads() == ["PROMETHEUS_MULTIPROC_DIR"]
+    assert environ_reads('import os\nbind = os.environ.get("GUNICORN_SOCKET") or os.getenv(name)\n') == \
+        ["GUNICORN_SOCKET", "name"]
+    assert "gunicorn_worker_class" in settings_uses() and "port" in settings_uses()
 
 
 def test_check_config_passes():
@@ -31,11 +84,18 @@ def test_defaults_and_environment_overrides():
     defaults = printed_config()
     assert (defaults["workers"], defaults["worker_class"], defaults["max_requests"]) == ("1", "sync", "100")
     assert (defaults["max_requests_jitter"], defaults["timeout"], defaults["preload_app"]) == ("10", "120", "False")
-    assert defaults["bind"] == "['0.0.0.0:8000']"
+    assert defaults["bind"] == f"['0.0.0.0:{FIELDS_BY_ENV['PORT'].default}']"
     assert defaults["worker_tmp_dir"] == "/dev/shm"
+    assert (defaults["accesslog"], defaults["errorlog"], defaults["loglevel"]) == ("-", "-", "info")
     overridden = printed_config(PORT="9123", WEB_CONCURRENCY="3", GUNICORN_MAX_REQUESTS="7", GUNICORN_TIMEOUT="30")
     assert (overridden["bind"], overridden["workers"]) == ("['0.0.0.0:9123']", "3")
     assert (overridden["max_requests"], overridden["timeout"]) == ("7", "30")
+    texts = printed_config(GUNICORN_BIND="unix:/tmp/memfit-test.sock", GUNICORN_WORKER_CLASS="gthread",
+                           GUNICORN_WORKER_TMP_DIR="/tmp", GUNICORN_ACCESS_LOG="/tmp/access.log",
+                           GUNICORN_ERROR_LOG="/tmp/error.log", GUNICORN_LOG_LEVEL="DEBUG")
+    assert (texts["bind"], texts["worker_class"], texts["worker_tmp_dir"]) == \
+        ("['unix:/tmp/memfit-test.sock']", "gthread", "/tmp")
+    assert (texts["accesslog"], texts["errorlog"], texts["loglevel"]) == ("/tmp/access.log", "/tmp/error.log", "debug")
 
 
 def test_proc_name_follows_render_service_name_like_the_app():
@@ -91,11 +151,12 @@ def test_protocol_errors_carry_the_code_of_their_status(threaded, data, status, 
     assert headers["content-type"] == "application/json"
 
 
-def test_bad_gunicorn_env_value_names_the_variable():
+@pytest.mark.parametrize("name, value, accepts", [("GUNICORN_MAX_REQUESTS", "lots", "a whole number"),
+                                                   ("GUNICORN_LOG_LEVEL", "loud", "one of: debug")])
+def test_bad_gunicorn_env_value_names_the_variable(name, value, accepts):
     out = subprocess.run([venv_bin("gunicorn"), "--check-config", "-c", "gunicorn.conf.py", "app:create_app()"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "GUNICORN_MAX_REQUESTS": "lots"})
-    assert out.returncode != 0 and "GUNICORN_MAX_REQUESTS='lots' is invalid" in out.stdout + out.stderr
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, name: value})
+    assert out.returncode != 0 and f"{name}={value!r} is invalid: accepts {accepts}" in out.stdout + out.stderr
 
 
 def test_bad_app_setting_stops_start_up_with_one_line(tmp_path):

@@ -1,10 +1,12 @@
 """app/settings.py: one frozen settings object from the environment, with clear errors."""
 
 import dataclasses
+import typing
 
 import pytest
 
-from app.settings import DEV_SECRET_KEY, FIELDS, ConfigError, Settings
+from app import settings as settings_module
+from app.settings import DEV_SECRET_KEY, FIELDS, ConfigError, Field, Settings
 from support import make_settings
 
 
@@ -15,6 +17,25 @@ def test_defaults_match_the_documented_values(tmp_path):
     assert s.enable_semantic_search is True
     assert s.semantic_model == "imvladikon/sentence-transformers-alephbert"
     assert s.database_url == f"sqlite:///{tmp_path / 'memfit.sqlite3'}"
+
+
+def test_the_attributes_are_the_fields_then_the_instance(tmp_path):
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert names == [field.attr for field in FIELDS] + ["instance_path", "retired"]
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=lambda field: field.env)
+def test_each_field_is_an_attribute_typed_by_its_parser(field, tmp_path):
+    assert field.kind in (bool, int, float, str)
+    assert typing.get_type_hints(Settings)[field.attr] is field.kind
+    value = getattr(Settings.from_env({}, instance_path=str(tmp_path)), field.attr)
+    assert type(value) is field.kind, f"{field.env}'s default parses to {value!r}, not a {field.kind.__name__}"
+
+
+def test_two_fields_with_one_attribute_name_are_refused(monkeypatch):
+    monkeypatch.setattr(settings_module, "FIELDS", FIELDS + (Field("Port", "1", settings_module._text, "again"),))
+    with pytest.raises(TypeError, match="more than one setting is named port"):
+        settings_module._attributes_from_fields(type("Copy", (), {}))
 
 
 def test_settings_are_frozen(tmp_path):

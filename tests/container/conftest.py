@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dockertools import DOCKER, IMAGE, IMAGE_BUDGET_MB, REPORT, TIERS, WRITE_TOKEN, Running, docker
+from dockertools import DOCKER, IMAGE, IMAGE_BUDGET_MB, PUBLISH, REPORT, TIERS, WRITE_TOKEN, Running, docker
 from support import ROOT, require, wait_http
 
 def pytest_collection_modifyitems(items):
@@ -56,7 +56,7 @@ def container(request, image):
     cid = None
     try:
         docker("run", "--rm", *env, "-v", f"{volume}:/data", image, "flask", "--app", "app", "release", timeout=600)
-        args = ["run", "-d", "--memory", memory, "--memory-swap", memory, "-p", "127.0.0.1::8000", *env,
+        args = ["run", "-d", "--memory", memory, "--memory-swap", memory, "-p", PUBLISH, *env,
                 "-v", f"{volume}:/data"]
         if tier == "512mb":
             # Read-only root: the app writes only to tmpfs /tmp and the /data volume.

@@ -10,6 +10,7 @@ import yaml
 
 from support import ROOT
 
+from deploy.generate import app_port
 from devtools.http import fetch_json
 
 DOCKER = os.environ.get("DOCKER") or shutil.which("docker") or "docker"
@@ -20,6 +21,7 @@ TIERS = yaml.safe_load((ROOT / "deploy" / "tiers.yaml").read_text())["tiers"]
 # a worker can fall back when the probe fails on another CPU. The budget was 800 MB before that.
 IMAGE_BUDGET_MB = 900
 REPORT = {}
+PUBLISH = f"127.0.0.1::{app_port()}"  # docker run -p: the image's PORT on a free loopback port
 WRITE_TOKEN = "container-write-token"  # the image runs in production: writes need a token
 
 
@@ -33,7 +35,7 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
 class Running:
     def __init__(self, cid: str, tier: str):
         self.cid, self.tier = cid, tier
-        self.port = docker("port", cid, "8000/tcp").splitlines()[0].rsplit(":", 1)[1]
+        self.port = docker("port", cid, f"{app_port()}/tcp").splitlines()[0].rsplit(":", 1)[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.max_memory_mb = int(TIERS[tier]["env"]["MAX_MEMORY_MB"])
 

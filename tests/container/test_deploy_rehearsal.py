@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 from alembic.script import ScriptDirectory
 
-from dockertools import DOCKER, Running, docker
+from dockertools import DOCKER, PUBLISH, Running, docker
 from support import ROOT, wait_http
 
 QUERIES = ["ספר", "טיול בצפון", "מתכון לעוגה", "מוזיקה ישראלית", "בריאות ושינה", "חיות בית"]
@@ -106,7 +106,7 @@ def run_once(image: str, access: list[str], *command: str, mounts: tuple[str, ..
 
 
 def serve(image: str, access: list[str], mounts: tuple[str, ...] = ()) -> Running:
-    cid = docker("run", "-d", "-p", "127.0.0.1::8000", "-e", "SECRET_KEY=rehearsal", *access, *mounts, image)
+    cid = docker("run", "-d", "-p", PUBLISH, "-e", "SECRET_KEY=rehearsal", *access, *mounts, image)
     app = Running(cid, "512mb")
     wait_http(app.url + "/healthz", timeout=60)
     return app
@@ -227,7 +227,7 @@ def test_every_semantic_result_is_the_same_after_the_migration(rehearsal, query)
 def test_without_the_release_the_app_names_the_command_to_run(image):
     # The image's CMD serves only (the Dockerfile says why): before any release, data requests get a
     # 503 that says what to run, and liveness still answers so the platform does not loop on restarts.
-    cid = docker("run", "-d", "-p", "127.0.0.1::8000", "-e", "SECRET_KEY=rehearsal",
+    cid = docker("run", "-d", "-p", PUBLISH, "-e", "SECRET_KEY=rehearsal",
                  "--tmpfs", "/data:uid=10001,gid=10001", image)
     try:
         app = Running(cid, "512mb")
