@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 FLASK := $(BIN)/flask --app app
-REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
+REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt pyproject.toml
 
 .DEFAULT_GOAL := help
 .PHONY: help venv lexicon infinity release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
@@ -20,12 +20,14 @@ REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt con
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
-# The venv is rebuilt only when a requirements or constraints file changes.
+# The venv is rebuilt only when a requirements or constraints file or pyproject.toml changes. The project
+# itself is installed last, editable (pyproject.toml): its packages import from anywhere, no sys.path edit.
 # torch is pinned by constraints.txt, which requirements-model.txt reads: pip never resolves an unpinned (CUDA) torch.
 $(VENV)/.installed: $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
+	$(BIN)/pip install --quiet -e . -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed ## Create or refresh the virtualenv

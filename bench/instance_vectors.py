@@ -29,6 +29,10 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devtools.cgroups import Cgroup
+from devtools.project import WORK, flask, tier_env
+from devtools.sampler import measured, strict_peak
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -42,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", choices=("release", "serving"), default="release",
                         help="who publishes the first generation: the release step, or the serving instance")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-
     from bench.e5 import prepared_artifact
-    from bench.run import WORK, Cgroup, flask, measured, strict_peak, tier_env
     from bench.vectors import e5_vectors, hebrew_texts
     from devtools.gunicorn import GunicornServer
     from devtools.http import fetch, free_port

@@ -29,6 +29,9 @@ from pathlib import Path
 
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
+from devtools.cgroups import Cgroup
+from devtools.project import WORK, flask, models, tier_env
+from devtools.sampler import measured, strict_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUERIES = ["ספר", "טיול בצפון", "מתכון", "מוזיקה", "בריאות", "חיות", "היסטוריה", "בישול", "ילדים", "ים"]
@@ -185,8 +188,6 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
         min_recycles: int = 0) -> dict:
     """One load run. With min_recycles, the clients go on past seconds until enough requests were answered
     for gunicorn's max_requests to have replaced that many workers (requests, not speed, decide)."""
-    from bench.run import WORK, Cgroup, flask, measured, models, strict_peak, tier_env
-
     WORK.mkdir(parents=True, exist_ok=True)
     model = model or str(models()["q8"])
     db_path = WORK / "load.sqlite3"

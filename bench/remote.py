@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from devtools.http import wait_http
+from devtools.project import WORK, tier_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -191,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rate", type=float, default=20)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from bench.e5 import prepared_artifact
-    from bench.run import WORK, tier_env
 
     if not INFINITY.exists():
         raise SystemExit(f"no embedding server at {INFINITY}: make infinity")

@@ -19,6 +19,8 @@ import threading
 import urllib.parse
 from pathlib import Path
 
+from devtools.cgroups import Cgroup
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "screenshots"
 # name -> (CSS width, CSS height, mobile): the viewport Chromium emulates for each picture.
@@ -82,7 +84,7 @@ def shoot(driver, url: str, page: str, name: str, width: int, height: int, mobil
 
 # The status run: two workers, the recycle threshold (private memory) just above a worker without the
 # model and below one with it, the alert threshold within the instance's range,
-# inside a 512 MB memory cgroup where the machine allows one (bench.run's), so that the instance's line
+# inside a 512 MB memory cgroup where the machine allows one (devtools.cgroups'), so that the instance's line
 # is this gunicorn's own working set and the limit line its cgroup's.
 STATUS_LIMIT_MB = 512
 STATUS_ENV = {"WEB_CONCURRENCY": "2", "MEMORY_CHECK_INTERVAL": "1", "MEMORY_TIER": "custom",
@@ -148,8 +150,6 @@ def main(argv: list[str] | None = None) -> None:
                 finally:
                     server.shutdown()
             if args.only in (None, "status"):
-                from bench.run import Cgroup
-
                 cgroup = Cgroup("status-shots", STATUS_LIMIT_MB)
                 gunicorn = None
                 try:

@@ -4,7 +4,7 @@ cgroups of each tier's size, under the 16-client mix of docs/reliability.md's lo
     python -m bench.serving                 # make load: both designs, both tiers, then the overload run
     python -m bench.serving --seconds 20    # shorter runs (the figures are then not those of docs/capacity.md)
 
-Designs (the same AlephBERT-architecture q8 model, built by bench/run.py's models()):
+Designs (the same AlephBERT-architecture q8 model, built by devtools/project.py's models()):
   today   the layout before weight sharing, on this release's code: the weights inside one model.onnx
           (a version 1 artifact, private to each worker), one sync worker on 512 MB and two on 1 GB, the
           model loaded on the first semantic request of every worker (and again after every recycle at
@@ -47,6 +47,9 @@ from pathlib import Path
 from bench.load import LONG_TOKENS, WRITE_TOKEN, drive
 from devtools.gunicorn import GunicornServer
 from devtools.http import fetch, free_port
+from devtools.cgroups import Cgroup
+from devtools.project import WORK, flask, models, tier_env
+from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -98,8 +101,6 @@ def quantiles(values: list[float]) -> dict:
 def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
     """A free port and the server's environment for one run: the tier's, on a fresh SQLite database
     seeded and embedded beforehand (the runs measure serving), then env_extra."""
-    from bench.run import WORK, flask, tier_env
-
     WORK.mkdir(parents=True, exist_ok=True)
     db_path = WORK / f"serving-{name}.sqlite3"
     for suffix in ("", "-wal", "-shm"):
@@ -117,8 +118,6 @@ def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
 
 def run_case(name: str, tier: str, design: str, env_extra: dict, seconds: float, clients: int,
              long_clients: int = 0) -> dict:
-    from bench.run import WORK, Cgroup, measured, strict_peak
-
     port, env = seeded_env(name, tier, env_extra)
     print(f"[serving] {name}: {tier} {design}, {clients} clients ({long_clients} long), {seconds:.0f} s", flush=True)
     cgroup = Cgroup(f"serving-{name}", TIERS[tier])
@@ -162,7 +161,6 @@ def run_recycles(tier: str, design: str, env_extra: dict) -> dict:
     after another to the tier's server with max_requests RECYCLE_EVERY, so each replacement worker's
     first query waits for nothing but what the worker itself does (a model load from disk, or not)."""
     from bench.load import QUERIES
-    from bench.run import WORK
 
     name = f"recycle-{design}"
     port, env = seeded_env(name, tier, {**env_extra, "GUNICORN_MAX_REQUESTS": str(RECYCLE_EVERY),
@@ -283,8 +281,7 @@ def plot(data: dict, path: Path) -> None:
 
 
 def prepare_models() -> dict[str, Path]:
-    from bench.run import WORK, models
-    from bench.sharing import single_file_copy
+    from devtools.sharing import single_file_copy
 
     v2 = models()["q8"]
     v1 = WORK / "models" / "alephbert-q8-v1"

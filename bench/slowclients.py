@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from devtools.http import wait_http
+from devtools.project import WORK, tier_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -163,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rate", type=float, default=20, help="text searches per second")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from bench.run import WORK, tier_env
 
     if not shutil.which("nginx"):
         raise SystemExit("nginx is not installed (Debian's nginx-light): the image's front cannot be measured")

@@ -118,7 +118,6 @@ def exact_top(passages, queries, k: int = 10):
 # --- one back end --------------------------------------------------------------------------------
 
 def app_for(url: str, extra: dict | None = None):
-    sys.path.insert(0, str(ROOT))
     from app import create_app
     from app.settings import Settings
 
@@ -283,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pgvector", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(WORK))
     server = None

@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-memory", default="2GB")
     parser.add_argument("--inserts", type=int, default=2000)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     import pgserver
 
     from app import release

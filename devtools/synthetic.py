@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from app.data import load_sample
@@ -70,6 +71,22 @@ def write_sentence_transformer_files(folder: Path, dim: int, max_seq_length: int
     }, indent=2))
 
 
+@contextmanager
+def written_in_place(output: Path):
+    """A fresh folder beside output for the block to fill, renamed to output (replacing an older one) once
+    the block completes and removed if it fails: output is never a half-written model."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; the folder may be copied into an image for another uid
+    try:
+        yield work
+        if output.exists():
+            shutil.rmtree(output)
+        work.rename(output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int = 128) -> Path:
     """Write a random-weight sentence-transformers model of ``arch`` to ``output``."""
     import torch
@@ -78,9 +95,7 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
     if arch not in ARCHES:
         raise ValueError(f"arch {arch!r} is unknown; accepts {', '.join(ARCHES)}")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with written_in_place(output) as work:
         torch.manual_seed(seed)
         shape = ARCHES[arch]
         fast = PreTrainedTokenizerFast(
@@ -92,11 +107,6 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
         BertModel(config).save_pretrained(str(work))
         fast.save_pretrained(str(work))
         write_sentence_transformer_files(work, shape["hidden_size"], max_seq_length)
-        if output.exists():
-            shutil.rmtree(output)
-        work.rename(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return output
 
 

@@ -3,19 +3,16 @@ project builds itself (tiny BERT for tests; see devtools/synthetic.py). Helpers:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # torch (model preparation, the synthetic models) and USearch (the shared vector index) each bring an
 # OpenMP runtime, and USearch's NumKong loads its own with RTLD_GLOBAL: torch imported after it spins
 # for ever in its first forward pass. Serving never has both in one process (torch loads only in
 # `model prepare`); a test session has both, so torch is imported first.
 try:
-    import torch  # noqa: F401,E402
+    import torch  # noqa: F401
 except ImportError:  # the serving-only install: no preparation tests
     pass
 

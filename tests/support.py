@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from app.settings import Settings  # noqa: E402
-from devtools.gunicorn import APP, GunicornServer  # noqa: E402
-from devtools.http import free_port, wait_http  # noqa: E402,F401  (re-exported for the suites)
+from devtools.gunicorn import APP, ROOT, GunicornServer
+from devtools.http import free_port, wait_http  # noqa: F401  (re-exported for the suites)
+from devtools.project import make_settings  # noqa: F401  (re-exported for the suites)
 
 def in_ci(environ=os.environ) -> bool:
     """Whether this run is CI: any value but an empty one or an explicit no. CI systems spell it true,
@@ -35,13 +31,6 @@ def require(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
-
-
-def make_settings(tmp_path: Path, **env: str) -> Settings:
-    base = {"APP_ENV": "test", "DATABASE_URL": f"sqlite:///{tmp_path / 'test.sqlite3'}",
-            "SEMANTIC_MODEL": str(tmp_path / "no-model"), "MEMORY_CHECK_INTERVAL": "3600"}
-    base.update(env)
-    return Settings.from_env(base, instance_path=str(tmp_path / "instance"))
 
 
 def postgres_url() -> str | None:

@@ -91,7 +91,6 @@ sys.stdin.read()
 WORKER = """
 import json, logging, mmap, sys, tempfile
 from types import SimpleNamespace
-sys.path.insert(0, sys.argv[2])
 from monitoring import hooks, memory
 
 MB = memory.MB
@@ -135,7 +134,7 @@ def sharing(tmp_path_factory):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKER), str(path), str(ROOT)],
+        out = subprocess.run([sys.executable, "-c", textwrap.dedent(WORKER), str(path)],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     finally:
         holder.stdin.close()
@@ -273,7 +272,7 @@ def v2_root(tmp_path, controllers="cpu io memory pids"):
 
 
 def test_bench_cgroup_v2_is_created_with_its_limit_and_read(tmp_path):
-    from bench.run import Cgroup
+    from devtools.cgroups import Cgroup
 
     cgroup = Cgroup("t", 512, v1_root=tmp_path / "absent", v2_root=v2_root(tmp_path))
     assert (cgroup.enabled, cgroup.version) == (True, 2)
@@ -287,7 +286,7 @@ def test_bench_cgroup_v2_is_created_with_its_limit_and_read(tmp_path):
 
 
 def test_bench_cgroup_v1_is_preferred_where_mounted(tmp_path):
-    from bench.run import Cgroup
+    from devtools.cgroups import Cgroup
 
     cgroup = Cgroup("t", 256, v1_root=v1_root(tmp_path), v2_root=v2_root(tmp_path))
     assert cgroup.version == 1 and (cgroup.path / "memory.limit_in_bytes").read_text() == str(256 * MB)
@@ -298,7 +297,7 @@ def test_bench_cgroup_v1_is_preferred_where_mounted(tmp_path):
 
 @pytest.mark.parametrize("peak", [None, "0"], ids=["missing memory.peak", "memory.peak of 0"])
 def test_bench_cgroup_without_a_peak_fails_loudly(tmp_path, peak):
-    from bench.run import Cgroup, CgroupError
+    from devtools.cgroups import Cgroup, CgroupError
 
     cgroup = Cgroup("t", 512, v1_root=tmp_path / "absent", v2_root=v2_root(tmp_path))
     write(cgroup.path, memory__current=str(300 * MB), memory__events="oom_kill 0\n",
@@ -308,7 +307,7 @@ def test_bench_cgroup_without_a_peak_fails_loudly(tmp_path, peak):
 
 
 def test_bench_cgroup_without_an_oom_count_fails_loudly(tmp_path):
-    from bench.run import Cgroup, CgroupError
+    from devtools.cgroups import Cgroup, CgroupError
 
     cgroup = Cgroup("t", 512, v1_root=tmp_path / "absent", v2_root=v2_root(tmp_path))
     write(cgroup.path, memory__current=str(300 * MB), memory__peak=str(310 * MB))
@@ -317,7 +316,7 @@ def test_bench_cgroup_without_an_oom_count_fails_loudly(tmp_path):
 
 
 def test_no_memory_controller_means_no_cgroup(tmp_path):
-    from bench.run import Cgroup
+    from devtools.cgroups import Cgroup
 
     cgroup = Cgroup("t", 512, v1_root=tmp_path / "absent", v2_root=v2_root(tmp_path, controllers="cpu io"))
     assert not cgroup.enabled and cgroup.wrap(["gunicorn"]) == ["gunicorn"]
@@ -326,14 +325,14 @@ def test_no_memory_controller_means_no_cgroup(tmp_path):
 
 @pytest.mark.parametrize("samples", [[], [{"pss_mb": 10.0}, {"pss_mb": None}]], ids=["no samples", "one without"])
 def test_a_peak_over_missing_figures_raises_instead_of_reading_zero(samples):
-    from bench.run import strict_peak
+    from devtools.sampler import strict_peak
 
     with pytest.raises(ValueError, match="pss_mb"):
         strict_peak(samples, "pss_mb")
 
 
 def test_a_peak_is_the_largest_sample():
-    from bench.run import strict_peak
+    from devtools.sampler import strict_peak
 
     assert strict_peak([{"pss_mb": 10.0}, {"pss_mb": 12.5}, {"pss_mb": 11.0}], "pss_mb") == 12.5
 
@@ -344,15 +343,14 @@ def test_bench_sampler_reads_again_when_a_worker_exits_mid_sweep(monkeypatch):
     # did not change while it was read.
     from types import SimpleNamespace
 
-    from bench import run
+    from devtools import sampler
 
     trees = iter([[1, 2, 3], [1, 2], [1, 2], [1, 2]])  # before and after each sweep: 3 exits during the first
     pss = {1: 40, 2: 150, 3: 60}
-    monkeypatch.setattr(run.memory, "process_tree", lambda root: next(trees))
-    monkeypatch.setattr(run.memory, "read_processes", lambda pids: [
+    monkeypatch.setattr(sampler.memory, "process_tree", lambda root: next(trees))
+    monkeypatch.setattr(sampler.memory, "read_processes", lambda pids: [
         memory.ProcessMemory(p, 200 * MB, pss[p] * MB, 10 * MB, "smaps_rollup") for p in pids])
-    sampler = run.Sampler(1, SimpleNamespace(figures=lambda: None))
-    sample = sampler.take()
+    sample = sampler.Sampler(1, SimpleNamespace(figures=lambda: None)).take()
     assert (sample["pids"], sample["pss_mb"]) == (2, 190.0), sample
 
 

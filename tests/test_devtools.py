@@ -1,14 +1,14 @@
 """devtools/: the marker-section writer and how it finds the page holding a section, the readiness wait, and the rule that the app never imports it."""
 
-import ast
 import subprocess
 import sys
 
 import pytest
 
 from devtools.http import free_port, wait_http
-from devtools.markers import doc_files, replace_section, section_file, write_section
+from devtools.markers import replace_section, section_file, write_section
 from support import ROOT
+from test_layout import imports, package_of
 
 
 def test_section_between_markers_is_replaced_and_the_rest_kept():
@@ -59,24 +59,6 @@ def test_a_page_with_half_a_marker_pair_is_found_and_its_missing_marker_named(tm
         write_section("t", "new", [readme, deploy])
 
 
-def generated_sections() -> list[str]:
-    """Every marker section a writer fills: bench/readme.py's, the configuration table, bench/report.py's
-    memory table and bench/vectors.py's table."""
-    from bench.readme import SECTIONS
-
-    return sorted([*SECTIONS, "config-table", "bench-results", "vector-results"])
-
-
-@pytest.mark.parametrize("name", generated_sections())
-def test_every_generated_section_stands_once_in_one_page(name):
-    page = section_file(name)
-    assert page is not None, f"no page of {[p.name for p in doc_files()]} holds the {name} markers"
-    text = page.read_text(encoding="utf-8")
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    assert (text.count(start), text.count(end)) == (1, 1) and text.index(start) < text.index(end), \
-        f"{page.name}: the {name} markers are not one start followed by one end"
-
-
 def test_wait_fails_as_soon_as_the_process_exits():
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     proc.wait()
@@ -84,18 +66,10 @@ def test_wait_fails_as_soon_as_the_process_exits():
         wait_http(f"http://127.0.0.1:{free_port()}/healthz", timeout=30, proc=proc)
 
 
-def imported_modules(path):
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
-
-
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for room in ("app", "monitoring")
                                         for p in (ROOT / room).rglob("*.py")), ids=str)
 def test_app_and_monitoring_never_import_devtools(path):
-    assert not [m for m in imported_modules(ROOT / path) if m.split(".")[0] == "devtools"]
+    assert not [m for m in imports(ROOT / path, package_of(ROOT / path)) if m.split(".")[0] == "devtools"]
 
 
 @pytest.mark.parametrize("value", ["true", "True", "TRUE", "1", "yes", "on", "anything"])

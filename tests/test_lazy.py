@@ -14,7 +14,6 @@ HEAVY = ("torch", "transformers", "sentence_transformers", "onnxruntime", "numpy
 
 SCRIPT = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {root!r})
     from app import create_app
     app = create_app()
     client = app.test_client()
@@ -29,8 +28,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def run_app(tmp_path, requests, **env):
-    full_env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'lazy.sqlite3'}", **env}
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), requests=requests, heavy=HEAVY)],
+    # The child runs in tmp_path (its instance folder lands there) and imports this tree's app.
+    full_env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'lazy.sqlite3'}", "PYTHONPATH": str(ROOT), **env}
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(requests=requests, heavy=HEAVY)],
                          env=full_env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

