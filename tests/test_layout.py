@@ -29,8 +29,10 @@ def package_of(path: Path) -> str:
 
 
 def room_files(room: str) -> list[Path]:
-    """The Python files of one top-level folder (app, bench, devtools, ...), sorted."""
-    return sorted((ROOT / room).rglob("*.py"))
+    """The Python files of one top-level folder (app, bench, devtools, ...), sorted; not bench/work's
+    scratch (a previous release's tree lives there during `make capacity`)."""
+    work = ROOT / "bench" / "work"
+    return sorted(p for p in (ROOT / room).rglob("*.py") if work not in p.parents)
 
 
 def _typing_only(tree: ast.Module) -> set[int]:
