@@ -58,8 +58,8 @@ infinity: $(INFINITY_VENV)/.installed ## Install the Infinity embedding server (
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed
 
-# Converting and preparing the default model takes about a minute and 1 GB of memory, once. Order-only on
-# the venv: a requirements change does not rebuild the model.
+# Converting and preparing the default model takes under a minute and up to ~1 GB of memory, once.
+# Order-only on the venv: a requirements change does not rebuild the model.
 $(MODEL_ARTIFACT): | $(VENV)/.installed
 	$(PREPARE_MODEL)
 
