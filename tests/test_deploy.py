@@ -238,6 +238,49 @@ def test_makefile_takes_the_model_from_settings():
     assert out.stdout.strip() == DEFAULT_MODEL
 
 
+@pytest.fixture
+def dry_make(tmp_path):
+    """`make -n TARGET` against a stand-in venv (the test's Python, installed), so that nothing runs."""
+    require(shutil.which("make") is not None, "make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".installed").touch()
+
+    def run(target: str, *args: str, env: dict | None = None) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "SEMANTIC_MODEL"} | (env or {})
+        out = subprocess.run(["make", "-n", target, f"VENV={venv}", f"MODEL_DIR={tmp_path / 'model'}", *args],
+                             cwd=ROOT, env=environ, text=True, capture_output=True, check=True)
+        return out.stdout
+
+    return run
+
+
+@pytest.mark.parametrize("target", ["run", "release"])
+def test_run_and_release_build_the_default_model_when_missing_and_serve_it(dry_make, tmp_path, target):
+    from app.settings import DEFAULT_MODEL
+
+    commands = dry_make(target)
+    assert f"model prepare {DEFAULT_MODEL} {tmp_path / 'model'} --precision q8" in commands, commands
+    assert f"SEMANTIC_MODEL='{tmp_path / 'model'}'" in commands.splitlines()[-1]
+
+
+def test_run_reuses_the_model_once_built(dry_make, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "memfit_model.json").write_text("{}")
+    commands = dry_make("run")
+    assert "model prepare" not in commands
+    assert f"SEMANTIC_MODEL='{tmp_path / 'model'}'" in commands.splitlines()[-1]
+
+
+@pytest.mark.parametrize("how", ["environment", "command line"])
+def test_run_serves_semantic_model_as_set_and_builds_nothing(dry_make, how):
+    commands = (dry_make("run", env={"SEMANTIC_MODEL": "/elsewhere/model"}) if how == "environment"
+                else dry_make("run", "SEMANTIC_MODEL=/elsewhere/model"))
+    assert "model prepare" not in commands
+    assert "SEMANTIC_MODEL='/elsewhere/model'" in commands.splitlines()[-1]
+
+
 # --- The release step on every platform (issue 13) ---------------------------------------------
 
 @pytest.mark.parametrize("tier", sorted(DATA["tiers"]))

