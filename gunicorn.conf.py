@@ -192,6 +192,18 @@ install_json_protocol_errors()
 #
 
 
+def startup_facts(server):
+    """What the start-up line says of the server and the app, beside monitoring's own settings
+    (monitoring does not import the app, so the app's facts are gathered here)."""
+    return {
+        # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
+        "workers": workers, "worker_class": server.cfg.worker_class_str, "threads": threads,
+        "max_requests": max_requests, "semantic": "on" if settings.enable_semantic_search else "off",
+        "model": settings.model_shown, "database": "sqlite" if settings.is_sqlite else "postgresql",
+        "schema": schema_revision(),
+    }
+
+
 def schema_revision():
     """The database's schema revision for the start-up line (monitoring does not import the app, so
     it is read here), read in a short-lived forked child: the imports it needs (SQLAlchemy, Alembic,
@@ -268,10 +280,7 @@ def on_starting(server):
             preload(settings.semantic_model if local_model else None)
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
-    # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
-    hooks.startup_report(server, settings, {"workers": workers, "worker_class": server.cfg.worker_class_str,
-                                            "threads": threads, "max_requests": max_requests,
-                                            "schema": schema_revision()})
+    hooks.startup_report(server, settings, startup_facts(server))
 
 
 def post_worker_init(worker):
