@@ -99,7 +99,6 @@ def export(figures: dict) -> None:
     from . import metrics
 
     metrics.worker_rss.set(figures["process_rss_mb"] * MB)
-    metrics.process_rss.set(figures["process_rss_mb"] * MB)
     metrics.worker_private.set(figures["process_private_mb"] * MB)
     if figures["process_pss_mb"] is not None:
         metrics.worker_pss.set(figures["process_pss_mb"] * MB)
