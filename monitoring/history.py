@@ -8,8 +8,9 @@ the uptime. Writers take an exclusive ``fcntl.flock``, readers a shared one. The
 one worker (gunicorn's master empties it only when it starts), so a recycled worker's samples stay.
 
 A record is keyed, not positional: ``{"kind": ..., "pid": ..., <figures>}`` as compact JSON in its
-slot, so the figures the sampler returns tomorrow (PSS, private memory) are kept without a format
-change. The name does not end in ``.db``: prometheus_client reads every ``*.db`` file there as metrics.
+slot, so whatever figures the sampler returns (RSS, PSS where the kernel gives it, private memory,
+the cgroup's) are kept, and a figure added to the sampler needs no format change. The name does not
+end in ``.db``: prometheus_client reads every ``*.db`` file there as metrics.
 """
 
 from __future__ import annotations

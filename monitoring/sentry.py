@@ -18,7 +18,8 @@ from .config import MonitoringSettings
 log = logging.getLogger(__name__)
 # The most a worker's exit waits on Sentry, in seconds, in total: the flush in close_for_exit and the
 # SDK's shutdown_timeout (its atexit wait) are both this, and close_for_exit closes the client, so the
-# atexit wait never comes on top. A hanging Sentry used to hold every recycle ~4.7 s.
+# atexit wait never comes on top. Without this bound a hanging Sentry holds every recycle for the SDK's
+# own waits (~4.7 s measured).
 EXIT_FLUSH_BUDGET_S = 0.5
 # Error events sent per kind (fingerprint, else exception type, else log message) per window, per process:
 # a flood of one error, whoever causes it, costs this many events of the quota, and an error of another

@@ -170,7 +170,8 @@ class MemoryWatchdog:
 
     THREAD_NAME = "memfit-memory-watchdog"
 
-    def __init__(self, settings: MonitoringSettings, cgroup_root: str = "/sys/fs/cgroup", instance_root: int | None = None):
+    def __init__(self, settings: MonitoringSettings, cgroup_root: str = "/sys/fs/cgroup",
+                 instance_root: int | None = None):
         self.settings = settings
         self.sampler = MemorySampler(settings.max_memory_mb, cgroup_root, instance_root)
         self.alarms = MemoryAlarms(settings)
