@@ -22,7 +22,7 @@ from monitoring.hooks import guarded, leaves_without_teardown
 # PROMETHEUS_MULTIPROC_DIR. Unless it is set, on_starting (below) makes /dev/shm/memfit-metrics-<pid>
 # and sets it in the environment, which every worker inherits when forked; on_exit removes it. Not
 # here: this file is also loaded by `gunicorn --check-config` and on every reload (SIGHUP), and a
-# folder made at load time was left behind in /dev/shm each time (issue 10).
+# folder made at load time would be left behind in /dev/shm each time (issue 10).
 #
 
 
@@ -59,9 +59,10 @@ bind = settings.gunicorn_bind or f"0.0.0.0:{settings.port}"
 backlog = settings.gunicorn_backlog
 
 #   limit_request_line - Largest request line (method, path and query string, version), in bytes, from 0
-#       (no limit) to 8190. 8190, gunicorn's most: the app answers a query string over 4,096 bytes itself,
-#       414 uri_too_long (app/api.py); at gunicorn's default, 4094, the whole line was refused first with
-#       a 400. A line past 8190 bytes gunicorn still refuses, and app/errors.py makes that a 414 as well.
+#       (no limit) to 8190. 8190, gunicorn's most, so that a query string over 4,096 bytes reaches the app,
+#       which answers 414 uri_too_long (app/api.py); under gunicorn's default, 4094, gunicorn would refuse
+#       the line itself with a 400. A line past 8190 bytes gunicorn refuses, and app/errors.py makes that a
+#       414 as well.
 #
 limit_request_line = 8190
 
@@ -82,8 +83,9 @@ workers = settings.web_concurrency
 #       SEMANTIC_DEADLINE_MS. With one thread per worker, a waiting query holds the whole worker and text
 #       requests queue behind it; with threads a text request finds a free handler, and SEMANTIC_HANDLERS
 #       keeps some of a worker's threads (a quarter, at most 8) out of semantic search's reach. Measured side
-#       by side (docs/capacity.md, bench.serving): under the 64-client overload, text p50 fell to a third
-#       with 4 threads at the same memory (threads add stacks, and activations only while holding a slot).
+#       by side (docs/capacity.md, bench.serving): under the 64-client overload, text p50 with 4 threads is
+#       a third of that with 1, at the same memory (threads add stacks, and activations only while holding
+#       a slot).
 #       The platform's proxy buffers slow clients.
 #
 worker_class = settings.gunicorn_worker_class
@@ -94,9 +96,10 @@ threads = settings.gunicorn_threads
 
 #   max_requests / max_requests_jitter - Restart a worker after this many requests (plus 0..jitter,
 #       so that several workers do not restart together). Fragmentation in glibc's heap and Python's
-#       object pools makes a long-lived worker's memory creep; a fresh worker starts lean. The tiers
-#       set 5000 (jitter 2500) as a backstop: recycling on private memory (MAX_WORKER_MEMORY_MB) catches
-#       growth, and each restart costs a fork, a warm-up and a drain the other handlers make up for. 0 disables.
+#       object pools makes a long-lived worker's memory creep; a fresh worker starts lean. The tiers set
+#       it high, as a backstop (deploy/tiers.yaml): recycling on private memory (MAX_WORKER_MEMORY_MB)
+#       catches growth, and each restart costs a fork, a warm-up and a drain the other handlers make up
+#       for. 0 disables.
 #
 max_requests = settings.gunicorn_max_requests
 max_requests_jitter = settings.gunicorn_max_requests_jitter
@@ -180,8 +183,9 @@ install_json_protocol_errors()
 #   post_worker_init - worker, after the app loaded: start the memory watchdog thread; with
 #       SEMANTIC_WARM, load the model and answer one query before the first request arrives; with
 #       SEMANTIC_EMBEDDER, start the background embedder (one worker per database works, the others wait).
-#   post_request - worker, after each response: recycle the worker if its RSS passed
-#       MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
+#   post_request - worker, after each response: recycle the worker if its private memory (its own
+#       written pages, not the shared weights) passed MAX_WORKER_MEMORY_MB (the memory-based twin of
+#       max_requests).
 #   worker_abort - worker, on SIGABRT (the master's GUNICORN_TIMEOUT for a silent worker): mark the
 #       exit as a timeout (gunicorn runs worker_exit next, as for a graceful exit).
 #   worker_exit - worker, on exit: mark how it ended, flush Sentry within sentry.EXIT_FLUSH_BUDGET_S.
@@ -193,6 +197,18 @@ install_json_protocol_errors()
 # (and worker_abort, which runs in a signal handler) are wrapped in hooks.guarded, which logs the
 # error and carries on.
 #
+
+
+def startup_facts(server):
+    """What the start-up line says of the server and the app, beside monitoring's own settings
+    (monitoring does not import the app, so the app's facts are gathered here)."""
+    return {
+        # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
+        "workers": workers, "worker_class": server.cfg.worker_class_str, "threads": threads,
+        "max_requests": max_requests, "semantic": "on" if settings.enable_semantic_search else "off",
+        "model": settings.model_shown, "database": "sqlite" if settings.is_sqlite else "postgresql",
+        "schema": schema_revision(),
+    }
 
 
 def schema_revision():
@@ -274,10 +290,7 @@ def on_starting(server):
             preload(settings.semantic_model if local_model else None)
         except Exception as exc:  # the workers import what is missing themselves
             server.log.error("memfit: preloading the app's modules failed (%s); workers import them", exc)
-    # The class gunicorn runs: "sync" with GUNICORN_THREADS above 1 is its gthread worker.
-    hooks.startup_report(server, settings, {"workers": workers, "worker_class": server.cfg.worker_class_str,
-                                            "threads": threads, "max_requests": max_requests,
-                                            "schema": schema_revision()})
+    hooks.startup_report(server, settings, startup_facts(server))
 
 
 def post_worker_init(worker):

@@ -1,8 +1,8 @@
 """The on-call page ``/status``: the instance's memory over the last hour, drawn on the server as SVG.
 
 What it shows comes from monitoring/history.py's ring, which every worker's watchdog feeds: the
-container's working set, the sum of the workers' PSS (once the sampler reports PSS), each worker's
-private memory (its RSS until then, and labelled so), recycle and alert events, against the
+container's working set, the sum of the workers' PSS (where the kernel gives PSS: smaps_rollup), each
+worker's private memory (what recycling decides on), recycle and alert events, against the
 thresholds MAX_MEMORY_MB and MAX_WORKER_MEMORY_MB and the tier's memory. The chart is plain SVG with
 presentation attributes and classes styled by status.css: no script, no inline style, so the strict
 CSP of app/__init__.py holds.
@@ -38,8 +38,9 @@ bp = Blueprint("status", __name__)
 WINDOW_SECONDS = 3600.0  # the chart covers the last hour, or less when the instance is younger
 MIN_SPAN_SECONDS = 60.0
 # The figures of a sample (monitoring/watchdog.py's MemorySampler), in order of preference: the first
-# present is drawn. Today's sampler reports RSS only; PSS and private memory are drawn once it reports them.
-WORKER_FIGURES = (("process_private_mb", "private"), ("process_uss_mb", "USS"), ("process_rss_mb", "RSS"))
+# present is drawn, and labelled. The sampler reports private memory and RSS in every sample, PSS where
+# the kernel gives it; RSS stands in only for a record without private memory.
+WORKER_FIGURES = (("process_private_mb", "private"), ("process_rss_mb", "RSS"))
 PSS_FIGURES = ("process_pss_mb",)
 INSTANCE_FIGURE = "container_working_set_mb"
 # Settings shown on the page: what deploy/tiers.yaml sets per tier (tests/test_status.py checks the

@@ -4,22 +4,23 @@
 counts). The process-side parts (watchdog thread, recycling, exit accounting) are started from
 gunicorn's hooks in ``gunicorn.conf.py`` through ``monitoring.hooks``.
 
-monitoring imports nothing from ``app``: the app hands over what monitoring needs (its settings,
-how to tell whether the model is loaded, how to label a request) in ``init_app``.
+monitoring is the lower layer: the app and gunicorn.conf.py import it, and it imports nothing from
+``app``. The app hands over what monitoring needs in ``init_app``: its settings (any object with the
+attributes of ``config.MonitoringSettings``), how to tell whether the model is loaded, how to label a
+request.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from flask import Flask, Response, request
 
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .config import MonitoringSettings
 
 
-def init_app(app: Flask, settings: "Settings", *, model_loaded: Callable[[], bool],
+def init_app(app: Flask, settings: MonitoringSettings, *, model_loaded: Callable[[], bool],
              request_label: Callable[[], str]) -> None:
     """Register Sentry, ``/metrics`` and the request counter.
 

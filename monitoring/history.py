@@ -8,8 +8,9 @@ the uptime. Writers take an exclusive ``fcntl.flock``, readers a shared one. The
 one worker (gunicorn's master empties it only when it starts), so a recycled worker's samples stay.
 
 A record is keyed, not positional: ``{"kind": ..., "pid": ..., <figures>}`` as compact JSON in its
-slot, so the figures the sampler returns tomorrow (PSS, private memory) are kept without a format
-change. The name does not end in ``.db``: prometheus_client reads every ``*.db`` file there as metrics.
+slot, so whatever figures the sampler returns (RSS, PSS where the kernel gives it, private memory,
+the cgroup's) are kept, and a figure added to the sampler needs no format change. The name does not
+end in ``.db``: prometheus_client reads every ``*.db`` file there as metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .config import MonitoringSettings
 
 log = logging.getLogger("memfit.history")
 
@@ -156,7 +156,7 @@ class Ring:
         return records
 
 
-def ring(settings: "Settings") -> Ring | None:
+def ring(settings: MonitoringSettings) -> Ring | None:
     """The instance's ring, or None when there is no shared folder (a single process: flask run, tests)."""
     folder = settings.prometheus_multiproc_dir
     if not folder:
@@ -164,7 +164,7 @@ def ring(settings: "Settings") -> Ring | None:
     return Ring(os.path.join(folder, FILE_NAME), settings.status_history_slots)
 
 
-def _append(settings: "Settings", data: dict[str, Any]) -> None:
+def _append(settings: MonitoringSettings, data: dict[str, Any]) -> None:
     try:
         target = ring(settings)
         if target is not None:
@@ -173,12 +173,12 @@ def _append(settings: "Settings", data: dict[str, Any]) -> None:
         log.exception("status history: could not record %s", data.get("kind"))
 
 
-def record_sample(settings: "Settings", figures: dict[str, Any]) -> None:
+def record_sample(settings: MonitoringSettings, figures: dict[str, Any]) -> None:
     """Keep one watchdog sample (whatever figures the sampler returned) in the instance's ring."""
     _append(settings, {"kind": "sample", **figures})
 
 
-def record_event(settings: "Settings", kind: str, pid: int, **details: Any) -> None:
+def record_event(settings: MonitoringSettings, kind: str, pid: int, **details: Any) -> None:
     """Keep one event (kind: "recycle", "alert", ...) of process pid, with its details, in the ring.
 
     The one way anything records an event for /status; it never raises.
@@ -186,7 +186,7 @@ def record_event(settings: "Settings", kind: str, pid: int, **details: Any) -> N
     _append(settings, {"kind": kind, "pid": pid, **details})
 
 
-def read(settings: "Settings", since: float | None = None) -> list[Record]:
+def read(settings: MonitoringSettings, since: float | None = None) -> list[Record]:
     """The instance's records (at or after since), oldest first; [] without a shared folder."""
     target = ring(settings)
     return target.read(since) if target is not None else []

@@ -7,9 +7,10 @@ one was killed, e.g. by the OOM killer), and folding a dead worker's metric file
 Worker side: the watchdog thread, recycling on private memory after a request, the timeout marker when
 gunicorn aborts a silent worker, and a Sentry flush bounded by sentry.EXIT_FLUSH_BUDGET_S on exit.
 
-gunicorn.conf.py builds the one ``Settings`` and passes it to every function here, and wraps each
-hook in ``guarded``: gunicorn does not catch what a master-side hook raises, so one failing metrics
-call would stop the master and every worker with it.
+gunicorn.conf.py builds the app's one ``Settings`` and passes it to every function here (which read
+only what ``config.MonitoringSettings`` declares), and wraps each hook in ``guarded``: gunicorn does
+not catch what a master-side hook raises, so one failing metrics call would stop the master and
+every worker with it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from . import memory
-
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .config import MonitoringSettings
 
 log = logging.getLogger("memfit.ops")
 MB = memory.MB
@@ -65,22 +64,22 @@ def leaves_without_teardown(hook: Callable) -> Callable:
     return run
 
 
-def startup_report(server, s: "Settings", cfg_summary: dict) -> None:
-    """One log line: effective memory limit, tier, thresholds, features, and the schema revision the
-    caller read (cfg_summary["schema"]: gunicorn.conf.py reads it, monitoring does not import the app)."""
+def startup_report(server, settings: MonitoringSettings, facts: dict) -> None:
+    """One log line: effective memory limit, tier, thresholds, Sentry, and what the caller knows of the
+    server and the app (facts: workers, worker_class, threads, max_requests, semantic, model, database,
+    schema; gunicorn.conf.py gathers them, monitoring does not import the app)."""
     cgroup = memory.read_cgroup()
     limit = memory.effective_limit(cgroup)
     server.log.info(
         "memfit start-up: tier=%s effective_memory_limit=%dMB (cgroup v%s limit=%s, host=%dMB) "
         "MAX_MEMORY_MB=%d MAX_WORKER_MEMORY_MB=%s workers=%s worker_class=%s threads=%s max_requests=%s "
         "semantic=%s model=%s sentry=%s crons=%s database=%s schema=%s",
-        s.memory_tier, limit // MB, cgroup.version if cgroup else "-",
+        settings.memory_tier, limit // MB, cgroup.version if cgroup else "-",
         f"{cgroup.limit // MB}MB" if cgroup and cgroup.limit else "none", memory.host_total() // MB,
-        s.max_memory_mb, s.max_worker_memory_mb or "off", cfg_summary.get("workers"),
-        cfg_summary.get("worker_class"), cfg_summary.get("threads", 1), cfg_summary.get("max_requests"),
-        "on" if s.enable_semantic_search else "off", s.model_shown,
-        "on" if s.sentry_dsn else "off", s.sentry_cron_monitor or "off",
-        "sqlite" if s.is_sqlite else "postgresql", cfg_summary.get("schema", "unknown"),
+        settings.max_memory_mb, settings.max_worker_memory_mb or "off", facts.get("workers"),
+        facts.get("worker_class"), facts.get("threads", 1), facts.get("max_requests"),
+        facts.get("semantic"), facts.get("model"), "on" if settings.sentry_dsn else "off",
+        settings.sentry_cron_monitor or "off", facts.get("database"), facts.get("schema", "unknown"),
     )
 
 
@@ -98,7 +97,7 @@ def remove_metrics_dir(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def worker_started(worker, settings: "Settings") -> None:
+def worker_started(worker, settings: MonitoringSettings) -> None:
     """post_worker_init: start this worker's watchdog thread."""
     from .watchdog import MemoryWatchdog
 
@@ -124,7 +123,7 @@ RECYCLE_LOCK = "recycle.lock"
 _recycle_decision = threading.Lock()  # one request thread at a time decides this worker's recycle
 
 
-def _take_recycle_turn(settings: "Settings") -> bool:
+def _take_recycle_turn(settings: MonitoringSettings) -> bool:
     """Whether this worker may recycle now: one worker of the instance at a time.
 
     Workers under the same load grow alike and cross MAX_WORKER_MEMORY_MB within seconds of each other;
@@ -150,7 +149,7 @@ def _take_recycle_turn(settings: "Settings") -> bool:
     return True
 
 
-def after_request(worker, settings: "Settings") -> None:
+def after_request(worker, settings: MonitoringSettings) -> None:
     """post_request: a worker whose private memory is past MAX_WORKER_MEMORY_MB finishes this request, then
     exits gracefully.
 
@@ -179,7 +178,7 @@ def after_request(worker, settings: "Settings") -> None:
         _recycle(worker, settings, figures, limit)
 
 
-def _recycle(worker, settings: "Settings", figures: "memory.ProcessMemory", limit: int) -> None:
+def _recycle(worker, settings: MonitoringSettings, figures: "memory.ProcessMemory", limit: int) -> None:
     worker.log.warning("memfit recycle: worker pid=%d private=%.0fMB (rss=%.0fMB, pss=%s) > MAX_WORKER_MEMORY_MB=%d "
                        "after %d requests; exiting gracefully", figures.pid, figures.private / MB, figures.rss / MB,
                        "-" if figures.pss is None else f"{figures.pss / MB:.0f}MB", limit, getattr(worker, "nr", -1))
@@ -192,7 +191,7 @@ def _recycle(worker, settings: "Settings", figures: "memory.ProcessMemory", limi
     worker.alive = False
 
 
-def _write_exit_marker(settings: "Settings", cause: str) -> None:
+def _write_exit_marker(settings: MonitoringSettings, cause: str) -> None:
     """Leave this worker's cause of exit for the master's child_exited (gunicorn passes no status)."""
     if not settings.prometheus_multiproc_dir:
         return
@@ -202,7 +201,7 @@ def _write_exit_marker(settings: "Settings", cause: str) -> None:
         pass
 
 
-def worker_aborted(worker, settings: "Settings") -> None:
+def worker_aborted(worker, settings: MonitoringSettings) -> None:
     """worker_abort (in the worker, on SIGABRT: gunicorn's timeout for a silent worker).
 
     gunicorn runs worker_exit right after, as for a graceful exit, so the cause is kept here for
@@ -213,7 +212,7 @@ def worker_aborted(worker, settings: "Settings") -> None:
     _write_exit_marker(settings, "timeout")
 
 
-def worker_exiting(worker, settings: "Settings") -> None:
+def worker_exiting(worker, settings: MonitoringSettings) -> None:
     """worker_exit: leave the exit marker, stop the watchdog, send Sentry's pending events within the
     budget and log one line saying how the worker ended and what became of them."""
     if getattr(worker, "pid", None) != os.getpid():
@@ -256,7 +255,7 @@ def exit_without_teardown(worker) -> None:
     os._exit(0)
 
 
-def child_exited(server, worker, settings: "Settings") -> None:
+def child_exited(server, worker, settings: MonitoringSettings) -> None:
     """child_exit (in the master): count how the worker ended, drop its live gauges and fold its
     counters and histograms into the archive files, so /dev/shm holds a bounded set of files."""
     from . import metrics

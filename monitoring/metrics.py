@@ -32,8 +32,6 @@ worker_pss = Gauge(PREFIX + "worker_pss_bytes", "Proportional set size of each w
                    "among the processes mapping them.", multiprocess_mode="liveall")
 worker_rss = Gauge(PREFIX + "worker_rss_bytes", "Resident memory (RSS) of each worker, shared pages included: "
                    "do not add up across workers.", multiprocess_mode="liveall")
-process_rss = Gauge(PREFIX + "process_rss_bytes", "RSS of each worker (the same as memfit_worker_rss_bytes, "
-                    "kept for existing dashboards).", multiprocess_mode="liveall")
 # Per instance: each worker samples the whole instance; the latest sample of a live worker is shown.
 instance_pss = Gauge(PREFIX + "instance_pss_bytes", "Sum of the PSS of the instance's processes (gunicorn "
                      "master and workers): what they really occupy.", multiprocess_mode="livemostrecent")

@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .config import MonitoringSettings
 
 log = logging.getLogger(__name__)
 # The most a worker's exit waits on Sentry, in seconds, in total: the flush in close_for_exit and the
 # SDK's shutdown_timeout (its atexit wait) are both this, and close_for_exit closes the client, so the
-# atexit wait never comes on top. A hanging Sentry used to hold every recycle ~4.7 s.
+# atexit wait never comes on top. Without this bound a hanging Sentry holds every recycle for the SDK's
+# own waits (~4.7 s measured).
 EXIT_FLUSH_BUDGET_S = 0.5
 # Error events sent per kind (fingerprint, else exception type, else log message) per window, per process:
 # a flood of one error, whoever causes it, costs this many events of the quota, and an error of another
@@ -28,7 +28,7 @@ EVENT_BUDGET = 10
 EVENT_WINDOW_S = 60.0
 
 
-def init(settings: "Settings") -> bool:
+def init(settings: MonitoringSettings) -> bool:
     """Initialise the SDK once per process; returns whether Sentry is on."""
     if not settings.sentry_dsn:
         return False
@@ -126,7 +126,7 @@ def active() -> bool:
     return sentry_sdk.get_client().is_active()
 
 
-def capture_memory_alert(subject: str, message: str, figures: dict, settings: "Settings", pid: int) -> bool:
+def capture_memory_alert(subject: str, message: str, figures: dict, settings: MonitoringSettings, pid: int) -> bool:
     """Send one warning event for a memory crossing; returns whether it was handed to Sentry."""
     if not active():
         return False
@@ -144,7 +144,7 @@ def capture_memory_alert(subject: str, message: str, figures: dict, settings: "S
     return True
 
 
-def cron_checkin(settings: "Settings") -> None:
+def cron_checkin(settings: MonitoringSettings) -> None:
     """Tell Sentry Crons this instance is alive; a missed check-in means it died (e.g. OOM-killed)."""
     if not settings.sentry_cron_monitor or not active():
         return

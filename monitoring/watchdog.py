@@ -15,12 +15,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import memory, sentry
-
-if TYPE_CHECKING:
-    from app.settings import Settings
+from .config import MonitoringSettings
 
 log = logging.getLogger("memfit.watchdog")
 MB = memory.MB
@@ -102,7 +99,6 @@ def export(figures: dict) -> None:
     from . import metrics
 
     metrics.worker_rss.set(figures["process_rss_mb"] * MB)
-    metrics.process_rss.set(figures["process_rss_mb"] * MB)
     metrics.worker_private.set(figures["process_private_mb"] * MB)
     if figures["process_pss_mb"] is not None:
         metrics.worker_pss.set(figures["process_pss_mb"] * MB)
@@ -126,7 +122,7 @@ class MemoryAlarms:
     worker that grows past MAX_WORKER_MEMORY_MB is recycled (hooks.after_request).
     """
 
-    def __init__(self, settings: "Settings"):
+    def __init__(self, settings: MonitoringSettings):
         self.settings = settings
         threshold = settings.max_memory_mb * MB
         rearm = int(threshold * settings.memory_rearm_ratio)
@@ -159,7 +155,7 @@ class MemoryAlarms:
 class Heartbeat:
     """Sentry Crons check-ins at most once per SENTRY_CRON_INTERVAL; nothing when no monitor is set."""
 
-    def __init__(self, settings: "Settings"):
+    def __init__(self, settings: MonitoringSettings):
         self.settings = settings
         self._last = 0.0
 
@@ -174,7 +170,8 @@ class MemoryWatchdog:
 
     THREAD_NAME = "memfit-memory-watchdog"
 
-    def __init__(self, settings: "Settings", cgroup_root: str = "/sys/fs/cgroup", instance_root: int | None = None):
+    def __init__(self, settings: MonitoringSettings, cgroup_root: str = "/sys/fs/cgroup",
+                 instance_root: int | None = None):
         self.settings = settings
         self.sampler = MemorySampler(settings.max_memory_mb, cgroup_root, instance_root)
         self.alarms = MemoryAlarms(settings)

@@ -253,7 +253,6 @@ def test_metrics_show_private_pss_and_rss_per_worker_and_the_instance(tmp_path):
     body = app.test_client().get("/metrics").get_data(as_text=True)
     private, pss, rss = (metric(body, f"memfit_worker_{kind}_bytes") for kind in ("private", "pss", "rss"))
     assert 0 < private <= pss <= rss, (private, pss, rss)
-    assert metric(body, "memfit_process_rss_bytes") == rss  # the old name, kept for dashboards
     assert metric(body, "memfit_instance_pss_bytes") >= pss
 
 

@@ -399,11 +399,12 @@ def test_startup_report_names_the_schema_revision(monkeypatch, tmp_path, caplog)
     (head,) = ScriptDirectory(MIGRATIONS_DIR).get_heads()
     assert conf.schema_revision() == head
 
-    server = SimpleNamespace(log=logging.getLogger("test.startup"))
+    server = SimpleNamespace(log=logging.getLogger("test.startup"), cfg=SimpleNamespace(worker_class_str="sync"))
     with caplog.at_level(logging.INFO, logger="test.startup"):
-        hooks.startup_report(server, conf.settings, {"workers": 1, "worker_class": "sync", "max_requests": 100,
-                                      "schema": conf.schema_revision()})
+        hooks.startup_report(server, conf.settings, conf.startup_facts(server))
     assert f"schema={head}" in caplog.text, caplog.text
+    # The app's facts reach the line through gunicorn.conf.py (monitoring does not import the app).
+    assert "semantic=off" in caplog.text and "database=sqlite" in caplog.text and "worker_class=sync" in caplog.text
 
 
 def test_startup_revision_of_an_unreachable_database_does_not_stop_the_start(monkeypatch, tmp_path):

@@ -297,7 +297,7 @@ def test_a_failing_sentry_neither_blocks_nor_kills_and_the_watchdog_runs(tmp_pat
             # event that meets the broken Sentry, so without it this test would test nothing.
             wait_for(lambda: metric(get(g, "/metrics")[1].decode(), "memfit_memory_alerts_total") >= 1,
                      "the watchdog's memory alert")
-            assert metric(get(g, "/metrics")[1].decode(), "memfit_process_rss_bytes", pid=str(workers[0])) > 16 * 2**20
+            assert metric(get(g, "/metrics")[1].decode(), "memfit_worker_rss_bytes", pid=str(workers[0])) > 16 * 2**20
             assert "memory high: instance at" in g.log()
             FIGURES["faults_injected"] += 1
             if hanging:

@@ -210,7 +210,7 @@ def test_metrics_merge_workers_and_count_requests_by_mode(tmp_path):
     assert metric(text, "memfit_requests_total", mode="text", status="200") == 6
     assert metric(text, "memfit_requests_total", mode="tags", status="200") == 1
     assert metric(text, "memfit_requests_total", mode="invalid", status="400") == 1
-    assert metric(text, "memfit_process_rss_bytes") > 20 * 1024 * 1024
+    assert metric(text, "memfit_worker_rss_bytes") > 20 * 1024 * 1024
     assert metric(text, "memfit_container_memory_limit_bytes") > 0
     assert "memfit_semantic_model_loaded" in text
 

@@ -1,19 +1,40 @@
-"""The import graphs, read from the source with ast (nothing is imported): app/ has no circle, and its CLI
-reaches the semantic service and the database, never the API or the search internals (issue 9);
-bench/ has no circle and never imports tests/; tests/ reach bench/ only for the script a test is about,
-and share everything else with bench/ through devtools/, which imports neither. No file edits sys.path:
-the project is installed (pyproject.toml) and pytest puts it first (pytest.ini's pythonpath)."""
+"""The import graphs, read from the source with ast (nothing is imported). app/ and monitoring/: no circle,
+no arrow running back up (monitoring is the lower layer: the app imports it, never the reverse), and the
+CLI reaches the semantic service and the database, never the API or the search internals. bench/ has no
+circle and never imports tests/; tests/ reach bench/ only for the script a test is about, and share
+everything else with bench/ through devtools/, which imports neither. No file edits sys.path: the project
+is installed (pyproject.toml) and pytest puts it first (pytest.ini's pythonpath)."""
 
 from __future__ import annotations
 
 import ast
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("app", "monitoring")
+# A package -> the packages it must never import, in any form: at module level or inside a function,
+# under TYPE_CHECKING, relatively, or by name through importlib.
+NEVER_IMPORTS = {"monitoring": ("app",)}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import as written: the module it names (relative ones resolved), the names taken from it
+    (``from m import a, b``; empty for ``import m``), and whether it sits under ``if TYPE_CHECKING:``."""
+
+    module: str
+    names: tuple[str, ...]
+    typing_only: bool
+    line: int
+
+    def candidates(self) -> list[str]:
+        """Every module this import may load: the one named, and each name taken as a submodule."""
+        return ([self.module] if self.module else []) + [".".join(filter(None, (self.module, n))) for n in self.names]
 
 
 def _module_name(path: Path) -> tuple[str, bool]:
@@ -22,61 +43,74 @@ def _module_name(path: Path) -> tuple[str, bool]:
     return ".".join(parts[:-1] if is_package else parts), is_package
 
 
-def package_of(path: Path) -> str:
-    """The package a module file belongs to (itself for an __init__.py), for its relative imports."""
-    name, is_package = _module_name(path)
-    return name if is_package else name.rpartition(".")[0]
-
-
-def room_files(room: str) -> list[Path]:
-    """The Python files of one top-level folder (app, bench, devtools, ...), sorted; not bench/work's
+def package_files(package: str) -> list[Path]:
+    """The Python files of one top-level folder (app, bench, devtools, tests, ...), sorted; not bench/work's
     scratch (a previous release's tree lives there during `make capacity`)."""
     work = ROOT / "bench" / "work"
-    return sorted(p for p in (ROOT / room).rglob("*.py") if work not in p.parents)
+    return sorted(p for p in (ROOT / package).rglob("*.py") if work not in p.parents)
 
 
 def _typing_only(tree: ast.Module) -> set[int]:
-    # Imports under `if TYPE_CHECKING:` never run, so they cannot close a circle.
-    skipped = set()
+    # The body of `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`) never runs; its else branch does.
+    return {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for statement in node.body for n in ast.walk(statement)}
+
+
+def _by_name(node: ast.Call) -> str | None:
+    """The literal module name of importlib.import_module("x") or __import__("x"), else None."""
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if called in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+            and isinstance(node.args[0].value, str):
+        return node.args[0].value
+    return None
+
+
+def imports_in(source: str, name: str, is_package: bool) -> list[Import]:
+    """Every import of the module name (whose source is given), wherever it is in the file."""
+    tree = ast.parse(source)
+    typing_only = _typing_only(tree)
+    package = name if is_package else name.rpartition(".")[0]
+    found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped |= {id(n) for n in ast.walk(node)}
-    return skipped
-
-
-# Every module of the project's packages, by dotted name: what an import statement's names are resolved against.
-PROJECT_MODULES = {_module_name(p)[0] for room in ("app", "bench", "deploy", "devtools", "monitoring")
-                   for p in room_files(room)}
-
-
-def imports(path: Path, package: str = "") -> set[str]:
-    """The modules a file imports, at module level or inside functions alike (not under TYPE_CHECKING):
-    `from bench import readme` imports bench.readme, `from .db import Item` the module app.db; package
-    is the file's own, for its relative imports."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = _typing_only(tree)
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+        under_typing = id(node) in typing_only
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            found += [Import(alias.name, (), under_typing, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-            target = ".".join(base + ([node.module] if node.module else []))
-            # `from . import x` names a module x; `from .db import Item` names the module .db.
-            submodules = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in PROJECT_MODULES]
-            found.update(submodules if len(submodules) == len(node.names) else [target, *submodules])
+            if node.level:
+                parts = package.split(".")
+                base = parts[: len(parts) - node.level + 1] if node.level <= len(parts) else []
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append(Import(module, tuple(a.name for a in node.names), under_typing, node.lineno))
+        elif isinstance(node, ast.Call) and (target := _by_name(node)):
+            found.append(Import(target, (), under_typing, node.lineno))
     return found
 
 
-def import_graph(room: str = "app") -> dict[str, set[str]]:
-    """Module -> the modules of the same room (app, bench, ...) it imports."""
-    files = {_module_name(p): p for p in room_files(room)}
+def imports_of(path: Path) -> list[Import]:
+    return imports_in(path.read_text(encoding="utf-8"), *_module_name(path))
+
+
+def import_graph(packages=PACKAGES) -> dict[str, set[str]]:
+    """Module -> the project modules it imports when it runs, at module level or inside functions alike.
+
+    Imports under TYPE_CHECKING never run, so they cannot close a circle: they are left out here (the
+    direction test below counts them)."""
+    files = {_module_name(p): p for package in packages for p in package_files(package)}
     modules = {name for name, _ in files}
     graph: dict[str, set[str]] = {}
     for (name, _), path in files.items():
-        graph[name] = {t for t in imports(path, package_of(path)) if t in modules and t != name}
+        edges = set()
+        for imp in imports_of(path):
+            if imp.typing_only:
+                continue
+            # `from . import x` names a module x; `from .db import Item` names the module .db.
+            submodules = [c for c in imp.candidates()[1:] if c in modules] if imp.names else []
+            targets = submodules if imp.names and len(submodules) == len(imp.names) else [imp.module, *submodules]
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
     return graph
 
 
@@ -100,13 +134,50 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_app_modules_import_each_other_without_a_circle():
+def upward_imports(path: Path, forbidden: tuple[str, ...]) -> list[str]:
+    """The imports of the file at path that reach a package in forbidden, as "line N: module"."""
+    return [f"line {imp.line}: {imp.module or ', '.join(imp.names)}" + (" (under TYPE_CHECKING)" if imp.typing_only
+                                                                         else "")
+            for imp in imports_of(path) if any(t.split(".")[0] in forbidden for t in imp.candidates())]
+
+
+def test_the_project_modules_import_each_other_without_a_circle():
     cycle = find_cycle(import_graph())
     assert cycle is None, f"import circle: {' -> '.join(cycle)}"
 
 
 def test_the_cycle_finder_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("path", [p for package in NEVER_IMPORTS for p in package_files(package)],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_runs_back_up(path):
+    forbidden = NEVER_IMPORTS[path.relative_to(ROOT).parts[0]]
+    upward = upward_imports(path, forbidden)
+    assert not upward, (f"{path.relative_to(ROOT)} imports {', '.join(forbidden)}: {upward}; monitoring is the "
+                        "lower layer: the app hands it what it needs (monitoring/config.py, init_app's arguments)")
+
+
+def test_the_direction_check_sees_every_form_of_import():
+    source = """
+from typing import TYPE_CHECKING
+import importlib
+if TYPE_CHECKING:
+    from app.settings import Settings
+else:
+    import app.state
+def later():
+    from app import db
+    from .. import app
+    return importlib.import_module("app.search")
+from . import metrics
+"""
+    found = sorted(t for imp in imports_in(source, "monitoring.hooks", False) for t in imp.candidates()
+                   if t.split(".")[0] == "app")
+    assert found == ["app", "app", "app.db", "app.search", "app.settings", "app.settings.Settings", "app.state"]
+    typing = [imp.module for imp in imports_in(source, "monitoring.hooks", False) if imp.typing_only]
+    assert typing == ["app.settings"]
 
 
 def test_cli_uses_the_service_and_the_database_not_api_or_search():
@@ -123,6 +194,21 @@ def test_the_import_checks_items_as_the_api_does_without_importing_the_api():
 
 # --- bench/, tests/ and the library they share (devtools/) -------------------------------------------
 
+# Every module of the project's packages, by dotted name: which names an import takes are modules.
+PROJECT_MODULES = {_module_name(p)[0] for package in ("app", "bench", "deploy", "devtools", "monitoring")
+                   for p in package_files(package)}
+
+
+def reached_modules(path: Path) -> set[str]:
+    """The modules a file imports, in any form: `from bench import readme` reaches bench.readme, `from
+    bench.e5 import SENTENCES` bench.e5, `import support` the tests' support module."""
+    reached = set()
+    for imp in imports_of(path):
+        submodules = [c for c in imp.candidates()[1:] if c in PROJECT_MODULES]
+        reached.update(submodules if imp.names and len(submodules) == len(imp.names) else [imp.module, *submodules])
+    return reached
+
+
 # The tests whose subject is a bench script, and that script: the one reason tests/ import from bench/.
 # Everything else a test shares with the benchmarks (cgroups, samplers, servers, models) is in devtools/.
 BENCH_SUBJECTS = {
@@ -132,31 +218,31 @@ BENCH_SUBJECTS = {
     "test_relevance.py": {"bench.relevance.evaluate"},
     "test_relevance_meaning.py": {"bench.relevance.meaning", "bench.relevance.meaning.evaluate"},
 }
-TEST_FILES = room_files("tests")
+TEST_FILES = package_files("tests")
 # What `import support` and the like mean: tests/ is on sys.path, so its files are top-level modules.
 TEST_MODULES = {"tests"} | {p.stem for p in TEST_FILES}
 
 
 def test_bench_modules_import_each_other_without_a_circle():
-    cycle = find_cycle(import_graph("bench"))
+    cycle = find_cycle(import_graph(("bench",)))
     assert cycle is None, f"import circle: {' -> '.join(cycle)}"
 
 
-@pytest.mark.parametrize("path", room_files("bench"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", package_files("bench"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_bench_never_imports_the_tests(path):
-    reached = sorted(m for m in imports(path, package_of(path)) if m.split(".")[0] in TEST_MODULES)
+    reached = sorted(m for m in reached_modules(path) if m.split(".")[0] in TEST_MODULES)
     assert not reached, f"{path.relative_to(ROOT)} imports {reached}: shared code belongs in devtools/"
 
 
-@pytest.mark.parametrize("path", room_files("devtools"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", package_files("devtools"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_the_shared_library_imports_neither_bench_nor_the_tests(path):
-    reached = sorted(m for m in imports(path, package_of(path)) if m.split(".")[0] in TEST_MODULES | {"bench"})
+    reached = sorted(m for m in reached_modules(path) if m.split(".")[0] in TEST_MODULES | {"bench"})
     assert not reached, f"{path.relative_to(ROOT)} imports {reached}: devtools/ stands below both"
 
 
 @pytest.mark.parametrize("path", TEST_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_tests_import_from_bench_only_the_script_they_test(path):
-    reached = {m for m in imports(path) if m == "bench" or m.startswith("bench.")}
+    reached = {m for m in reached_modules(path) if m == "bench" or m.startswith("bench.")}
     extra = sorted(reached - BENCH_SUBJECTS.get(path.name, set()))
     assert not extra, (f"{path.relative_to(ROOT)} imports {extra}: what tests share with the benchmarks "
                        f"belongs in devtools/ (BENCH_SUBJECTS lists the tests of bench scripts)")

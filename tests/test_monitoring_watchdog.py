@@ -82,7 +82,7 @@ def test_metrics_scrapes_export_figures_but_never_alert(tmp_path):
     before = metrics.alerts.labels(subject="process")._value.get()
     bodies = [app.test_client().get("/metrics").get_data(as_text=True) for _ in range(3)]
     assert metrics.alerts.labels(subject="process")._value.get() == before
-    assert metric(bodies[-1], "memfit_process_rss_bytes") > 16 * MB  # over the threshold, yet no alert
+    assert metric(bodies[-1], "memfit_worker_rss_bytes") > 16 * MB  # over the threshold, yet no alert
 
 
 def test_two_threads_calling_ensure_running_start_one_watchdog(tmp_path, monkeypatch):
