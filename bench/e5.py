@@ -172,7 +172,9 @@ def prepared_artifact(vocab: str = "hebrew-english", precision: str = "q8", log=
         manifest = json.loads((artifact / ARTIFACT_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = {}
-    if manifest.get("version") != ARTIFACT_VERSION or manifest.get("prompts") != read_layout(folder).prompts:
+    # "tokenizer": what model prepare did with the vocabulary (its SentencePiece copy); older artifacts lack it.
+    if manifest.get("version") != ARTIFACT_VERSION or manifest.get("prompts") != read_layout(folder).prompts \
+            or "tokenizer" not in manifest:
         log(f"preparing {artifact} ({precision})")
         prepare(folder, artifact, precision)
     return artifact
