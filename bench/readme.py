@@ -105,6 +105,7 @@ def relevance_section(data: dict) -> str:
 def relevance_meaning_section(data: dict) -> str:
     """The set written by meaning (bench/relevance/meaning): nDCG@10 of each mode per query class, test half."""
     from bench.relevance.meaning import CLASS_NAMES, CLASSES
+    from bench.relevance.meaning.evaluate import tuning_choice
 
     rows = [f"| back end | mode | all | {' | '.join(CLASS_NAMES[c] for c in CLASSES)} | recall@10 |",
             "| --- | --- | --- | " + "--- | " * len(CLASSES) + "--- |"]
@@ -117,12 +118,15 @@ def relevance_meaning_section(data: dict) -> str:
         gain = report["hybrid_gain"]["test"]
         intervals = "; ".join(f"{CLASS_NAMES.get(c, c)} {g['gain']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
                               for c, g in gain.items())
-        fusion = report["fusion"]
-        rows.append(f"{backend}: hybrid − max(text, semantic), nDCG@10 with a 95 % bootstrap interval: {intervals}. "
-                    f"Text weight {fusion['text_weight']}; this back end's tuning half picks "
-                    f"{fusion['tuning_best_text_weight']}.")
+        rows.append(f"{backend}: hybrid − max(text, semantic), nDCG@10 with a 95 % bootstrap interval: {intervals}.")
         rows.append("")
     first = next(iter(data.values()))
+    fusion, choice = first["fusion"], tuning_choice(data)
+    rows.append(f"Text's share of the fused score: {fusion['text_weight']} × c^{fusion['coverage_power']}, c the "
+                f"share of the query its best text match holds; the tuning half of {' and '.join(choice['back_ends'])} "
+                f"picks {choice['text_weight']} × c^{choice['coverage_power']} (mean nDCG@10 {choice['tuning_ndcg@10']:.3f}"
+                f"{', every class at or above the better of text and semantic' if choice['every_class_holds'] else ''}).")
+    rows.append("")
     rows.append(f"Test half: {first['queries_per_half']['test']} of {first['queries']} queries over {first['items']} "
                 f"items; {first['pooled_grades']} grades added by pooling.")
     return "\n".join(rows)

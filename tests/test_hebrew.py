@@ -10,25 +10,18 @@ def test_niqqud_and_cantillation_are_removed():
 
 
 def test_maqaf_splits_and_abbreviation_quotes_vanish():
-    assert hebrew.words('בית־ספר צה"ל צה״ל') == ["בית", "ספר", "צהל", "צהל"]
+    assert hebrew.raw_terms('בית־ספר צה"ל צה״ל') == ["בית", "ספר", "צהל", "צהל"]
 
 
 @pytest.mark.parametrize("word, stem", [("והספרים", "ספרים"), ("בבית", "בית"), ("לספר", "ספר"),
                                         ("שהמורים", "מורים"), ("וכשהלכנו", "הלכנו")])
 def test_prefix_forms_include_the_stem(word, stem):
-    assert stem in hebrew.stems(word)
+    assert stem in hebrew.prefix_stems(word)
 
 
 def test_stems_keep_at_least_two_letters():
-    assert all(len(s) >= 2 for s in hebrew.stems("ולב"))
-    assert hebrew.stems("בו") == {"בו"}
-
-
-def test_word_score_orders_exact_prefix_substring():
-    assert hebrew.word_score("ספרים", "ספרים") == 1.0
-    assert hebrew.word_score("והספרים", "ספרים") == 0.8
-    assert hebrew.word_score("ספר", "ספרייה") == 0.4
-    assert hebrew.word_score("חתול", "כלב") == 0.0
+    assert hebrew.prefix_stems("ולב") == ["לב"]
+    assert hebrew.prefix_stems("בו") == []
 
 
 def test_like_wildcards_are_escaped():
@@ -36,7 +29,7 @@ def test_like_wildcards_are_escaped():
 
 
 def test_invisible_and_control_characters_are_dropped():
-    assert hebrew.words("\u202eשלום\u200f\x00עולם") == ["שלום", "עולם"]
+    assert hebrew.raw_terms("\u202eשלום\u200f\x00עולם") == ["שלום", "עולם"]
 
 
 def test_index_terms_fold_final_letters_and_split_on_underscore():

@@ -94,6 +94,13 @@ def test_text_alone_keeps_the_text_ranking():
     assert ids_of(hybrid.fuse({"text": text}, 10, text_weight=1.0)) == [5, 9, 3, 1]
 
 
+def test_text_weighs_by_its_coverage_of_the_query():
+    assert hybrid.text_share(1.0) == hybrid.TEXT_WEIGHT
+    assert hybrid.text_share(0.5) == pytest.approx(hybrid.TEXT_WEIGHT * 0.5 ** hybrid.COVERAGE_POWER)
+    assert hybrid.text_share(0.5) < hybrid.TEXT_WEIGHT / 4  # a half match weighs far less than half
+    assert hybrid.text_share(0.0) == 0.0
+
+
 # --- through the API, on both back ends ---------------------------------------------------------
 
 
@@ -115,6 +122,43 @@ def test_the_item_both_rankings_found_comes_first(app, monkeypatch):
     assert [r["ranks"] for r in body["results"][:3]] == [{"text": 2, "semantic": 2}, {"semantic": 1}, {"text": 1}]
     assert body["results"][1]["score"] == round(1 - hybrid.TEXT_WEIGHT, 4)
     assert all(0 <= r["score"] <= 1 for r in body["results"])
+
+
+def test_a_query_no_item_shares_a_word_with_gets_semantics_ranking(app, monkeypatch):
+    client = app.test_client()
+    found = [add(client, f"ניקוי {n}", "חומץ וסודה") for n in range(4)]
+    fixed_semantic_ranking(app, monkeypatch, [found[2], found[0], found[3], found[1]], [0.9, 0.8, 0.7, 0.5])
+    body = search(client, "החתלתול עשה פיפי")
+    assert ids(body) == [found[2], found[0], found[3], found[1]]
+    assert [r["score"] for r in body["results"]] == [1.0, 0.75, 0.5, 0.0]  # semantic's, min-max: text weighs 0
+    assert all(r["ranks"].keys() == {"semantic"} for r in body["results"])
+
+
+def test_a_match_on_a_common_word_of_the_query_leaves_semantics_order(app, monkeypatch):
+    # The query's other words are in no item; its one word the items hold, שטיח, is in most of them. Text's
+    # best match holds next to nothing of the query, so it does not lift semantic's close second.
+    client = app.test_client()
+    meant = add(client, "ניקוי שתן של חתולים", "חומץ וסודה לשתייה")
+    weak = add(client, "שטיח לסלון", "שטיח צמר")
+    others = [add(client, f"שטיח {n}", "שטיח גדול") for n in range(5)]
+    fixed_semantic_ranking(app, monkeypatch, [meant, weak, *others], [0.9, 0.899, 0.5, 0.5, 0.5, 0.5, 0.49])
+    assert weak in ids(search(client, "החתלתול עושה פיפי על השטיח", mode="text"))
+    body = search(client, "החתלתול עושה פיפי על השטיח")
+    assert ids(body)[:2] == [meant, weak], body
+    assert "text" in body["results"][1]["ranks"]
+
+
+def test_an_exact_match_of_the_whole_query_is_lifted(app, monkeypatch):
+    # Semantic ranks the item titled with the query's very words third; text holds all of it: text's full share.
+    client = app.test_client()
+    first, second = add(client, "סיר לחץ חשמלי"), add(client, "מחבת נון סטיק")
+    exact = add(client, "מחבת ברזל יצוק", "איך משמנים אותה")
+    filler = [add(client, f"כלי מטבח {n}") for n in range(3)]
+    fixed_semantic_ranking(app, monkeypatch, [first, second, exact, *filler], [0.9, 0.85, 0.8, 0.52, 0.51, 0.5])
+    body = search(client, "מחבת ברזל יצוק")
+    assert ids(body)[0] == exact, body
+    assert body["results"][0]["ranks"] == {"text": 1, "semantic": 3}
+    assert body["results"][0]["score"] == round(hybrid.TEXT_WEIGHT + (1 - hybrid.TEXT_WEIGHT) * 0.75, 4)
 
 
 def test_limit_is_respected_and_each_ranking_read_to_a_bounded_depth(app, monkeypatch):

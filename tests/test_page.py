@@ -96,4 +96,5 @@ def test_the_page_carries_the_server_rules_the_script_mirrors(app):
     body = next(a for t, a in page(app).tags if t == "body")
     assert body["data-prefix-letters"] == hebrew.PREFIX_LETTERS
     assert (int(body["data-max-prefixes"]), int(body["data-min-stem"])) == (hebrew.MAX_PREFIXES, hebrew.MIN_STEM)
+    assert (body["data-hebrew-letters"], body["data-final-forms"]) == (hebrew.HEBREW_LETTERS, hebrew.FINAL_FORMS)
     assert (int(body["data-limit-default"]), int(body["data-limit-max"])) == (LIMIT_DEFAULT, LIMIT_MAX)

@@ -127,9 +127,19 @@ def test_the_before_figure_is_reciprocal_rank_fusion_of_the_same_rankings():
         3, 4, 1, 5, 2]
 
 
-def test_the_weight_is_the_tuning_halfs_best():
+def test_the_fusion_is_the_tuning_halfs_choice_over_both_back_ends():
     from bench.relevance.meaning import evaluate
 
-    grid = {"tuning": {"0.0": {"ndcg@10": 0.6}, "0.1": {"ndcg@10": 0.7}, "0.2": {"ndcg@10": 0.7}},
-            "test": {"0.0": {"ndcg@10": 0.9}, "0.1": {"ndcg@10": 0.1}, "0.2": {"ndcg@10": 0.1}}}
-    assert evaluate.best_weight(grid) == 0.1  # the tuning half decides, the smaller weight on a tie
+    def entry(cells, text=0.5):
+        modes = {"text": {"by_class": {"same": {"ndcg@10": text}}}, "semantic": {"by_class": {"same": {"ndcg@10": 0.6}}}}
+        grid = {half: {"2": {w: {"ndcg@10": v, "by_class": {"same": v}} for w, v in cells.items()}}
+                for half in ("tuning", "test")}
+        grid["test"]["2"]["0.1"] = {"ndcg@10": 0.99, "by_class": {"same": 0.99}}  # never read
+        return {"halves": {"tuning": modes}, "fusion": {"grid": grid}}
+
+    # 0.4 and 0.2 tie on the mean of both back ends (the smaller share wins); 0.6 is better on sqlite
+    # alone, but postgresql's tuning half falls below its text ranking there.
+    entries = {"sqlite": entry({"0.1": 0.55, "0.2": 0.7, "0.4": 0.7, "0.6": 0.8}),
+               "postgresql": entry({"0.1": 0.55, "0.2": 0.7, "0.4": 0.7, "0.6": 0.64}, text=0.65)}
+    assert evaluate.tuning_choice(entries) == {"text_weight": 0.2, "coverage_power": 2, "tuning_ndcg@10": 0.7,
+                                               "every_class_holds": True, "back_ends": ["postgresql", "sqlite"]}

@@ -293,6 +293,35 @@ def test_a_stacked_prefix_the_lexicon_rejects_does_not_make_a_rare_word_common(a
     assert found == [brakes] and not set(found) & set(water)
 
 
+def test_a_word_no_item_holds_as_written_is_searched_as_its_lemma(app, lexicon_present):
+    # מזוודות is in no title or body: its lemma מזוודה stands in for it at a word's weight, so the item about
+    # a suitcase outranks those holding שלא, a commoner word of the query, as written (at ALT_FACTOR the
+    # lemma would not).
+    add(app, *[(f"פריט {n}", "") for n in range(50)], *[(f"מכשיר {n} שלא עובד", "") for n in range(8)])
+    common = add(app, ("חבילה שלא נמסרה", ""), ("משכיר שלא מתקן", ""))
+    (suitcase,) = add(app, ("המזוודה לא הגיעה ליעד", "טופס בדלפק"))
+    chosen = plan(app, "מזוודות שלא הגיעו")
+    assert "מזוודה" in chosen.lemmas and "מזוודה" not in chosen.alternates
+    found = ids(app, "מזוודות שלא הגיעו", limit=100)
+    assert suitcase in found and set(common) <= set(found)
+    with app.app_context():
+        if db.session.connection().dialect.name == "sqlite":  # ts_rank weighs no word's rarity
+            assert found[0] == suitcase, found
+
+
+def coverage(app, query: str) -> float:
+    with app.app_context():
+        return textindex.coverage(db.session, textindex.search(db.session, query, 10))
+
+
+def test_coverage_is_the_share_of_the_query_the_best_match_holds(app, lexicon_present):
+    add(app, *[(f"שטיח {n}", "שטיח גדול") for n in range(6)], ("עכבר אלחוטי", "סוללה חדשה"))
+    assert coverage(app, "עכברים אלחוטיים") == 1.0  # every word, through its lemma
+    assert 0.3 < coverage(app, "עכבר ורוד") < 0.7  # one of two rare words
+    assert coverage(app, "החתלתול עושה פיפי על השטיח") < 0.01  # only its common word, read as ה + שטיח
+    assert coverage(app, "מילים שאינן") == 0.0
+
+
 def test_an_unknown_word_keeps_its_prefix_stems(app, lexicon_present):
     (phone,) = add(app, ("אייפון חדש", ""))
     assert ids(app, "ואייפון") == [phone]  # ו + a word Hspell does not list, stripped by rule

@@ -243,18 +243,22 @@ def test_highlighting_cannot_inject_markup(browser, live):
 
 @sqlite_only
 def test_the_page_reads_words_as_the_server_does(browser, live):
-    """hebrew.js mirrors app/hebrew.py: the same words and the same match kinds on tricky input."""
+    """hebrew.js mirrors app/hebrew.py: the same words and prefix stems on tricky input, and the match
+    kinds it highlights by."""
     from app import hebrew
 
     browser.get(live() + "/")
     texts = ["וּבַסְּפָרִים", "צה\"ל וצה״ל", "בית־ספר", "CAFÉ\u200fמילה", "שׁ֑לוֹם", "a_b 100%"]
     got = browser.execute_script("return arguments[0].map((t) => window.memfitHebrew.words(t))", texts)
-    assert got == [hebrew.words(t) for t in texts]
+    assert got == [hebrew.raw_terms(t) for t in texts]
+    words = ["והספרים", "וכשהלכנו", "ולב", "בו", "מלך", "בךמה", "ובcafé"]  # no stem starts with ך
+    got = browser.execute_script("return arguments[0].map((w) => window.memfitHebrew.stems(w))", words)
+    assert got == [[w, *hebrew.prefix_stems(w)] for w in words]
     pairs = [("ספרים", "והספרים"), ("והספרים", "בספרים"), ("ספר", "הספרייה"), ("ספרים", "מחברת"),
              ("ושל", "של"), ("הם", "מהם"), ("ב", "בב")]
     scores = browser.execute_script(
         "return arguments[0].map(([q, d]) => window.memfitHebrew.wordScore(q, d))", pairs)
-    assert scores == [hebrew.word_score(q, d) for q, d in pairs]
+    assert scores == [0.8, 0.8, 0.4, 0, 0.8, 0.8, 0]
 
 
 @sqlite_only

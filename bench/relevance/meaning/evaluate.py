@@ -9,14 +9,19 @@ per query class and per half to ``bench/results/relevance-meaning.json`` (one en
 the reciprocal rank fusion hybrid used before (``rrf``) over the same two rankings. Only the test half
 is the reported figure: the tuning half chose the fusion's weight.
 
-The same run reads the two rankings hybrid fuses, as hybrid reads them (``hybrid.rankings``), and
-scores the fusion over a grid of text weights on each half (``fusion_grid``): how the weight in
-app/search/hybrid.py was chosen, and whether the tuning half still picks it. ``--pool FILE`` lists, per
-query, the items any mode ranks in its top 10 that have no grade yet: what pooling reviews.
+The same run reads the two rankings hybrid fuses and the text ranking's coverage of each query, as
+hybrid reads them (``hybrid.rankings``), and scores the fusion on each half over a grid of text shares
+(a full match's) and coverage powers (``fusion_grid``). ``tuning_choice`` picks from the tuning half of
+every back end recorded: the best mean nDCG@10 among the settings that keep every class at or above the
+better of text and semantic alone on each back end; it is how ``hybrid.TEXT_WEIGHT`` and
+``hybrid.COVERAGE_POWER`` were chosen, and the run says whether the tuning half still picks them.
+``--pool FILE`` lists, per query, the items any mode ranks in its top 10 that have no grade yet: what
+pooling reviews.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import sys
@@ -30,7 +35,8 @@ RESULTS = common.RESULTS.with_name("relevance-meaning.json")
 MODES = ("text", "semantic", "hybrid")
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 20  # the issue's number: the same intervals on every run over the same rankings
-GRID = [round(w / 20, 2) for w in range(21)]  # text weights 0, 0.05, …, 1
+GRID = [round(w / 20, 2) for w in range(21)]  # text shares 0, 0.05, …, 1 (a full match's)
+POWERS = (1, 2, 3, 4)  # how fast text's share falls with its coverage of the query
 RRF_K = 60  # reciprocal rank fusion as hybrid ran it before issue 20, scored on the same rankings
 BEFORE = "hybrid (RRF, before)"
 
@@ -51,18 +57,19 @@ def run_modes(app, queries: list[dict]) -> dict[str, dict[str, list[int]]]:
         return {q["id"]: {mode: common.ranked_ids(run(mode, q["q"], common.K)) for mode in MODES} for q in queries}
 
 
-def read_rankings(app, queries: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """query id -> the (item id, score) rankings hybrid fuses for a top 10, read the way hybrid reads them."""
+def read_rankings(app, queries: list[dict]) -> dict[str, tuple[dict[str, list[tuple[int, float]]], float]]:
+    """query id -> (the (item id, score) rankings hybrid fuses for a top 10, the text ranking's coverage of
+    the query), read the way hybrid reads them."""
     from app.db import db
     from app.search import hybrid
 
     with app.app_context():
         found = {}
         for q in queries:
-            rankings, fallback = hybrid.rankings(q["q"], hybrid.depth(common.K))
+            rankings, coverage, fallback = hybrid.rankings(q["q"], hybrid.depth(common.K))
             if fallback:
                 raise RuntimeError(f"semantic search did not answer: {fallback}")
-            found[q["id"]] = rankings
+            found[q["id"]] = (rankings, coverage)
             db.session.commit()
         return found
 
@@ -120,29 +127,49 @@ def intervals(scores: dict, queries: list[dict]) -> dict:
     return out
 
 
-def fusion_grid(rankings: dict, queries: list[dict], graded, ids, weights=GRID) -> dict:
-    """half -> text weight -> mean nDCG@10 of hybrid.fuse over the rankings read, and per class."""
+def fusion_grid(rankings: dict, queries: list[dict], graded, ids, weights=GRID, powers=POWERS) -> dict:
+    """half -> coverage power -> text share -> mean nDCG@10 of hybrid.fuse over the rankings read, and per class."""
     from app.search import hybrid
 
     grid = {}
     for which in HALVES:
         in_half = [q for q in queries if half(q["id"]) == which]
         grid[which] = {}
-        for weight in weights:
-            per_class: dict[str, list[float]] = {}
-            for q in in_half:
-                fused = [item_id for _, item_id, _ in hybrid.fuse(rankings[q["id"]], common.K, text_weight=weight)]
-                per_class.setdefault(q["class"], []).append(
-                    common.ndcg_at_k(fused, relevant_ids(graded[q["id"]], ids)))
-            every = [v for values in per_class.values() for v in values]
-            grid[which][str(weight)] = {"ndcg@10": round(statistics.fmean(every), 4),
-                                        "by_class": {c: round(statistics.fmean(v), 4) for c, v in per_class.items()}}
+        for power in powers:
+            grid[which][str(power)] = row = {}
+            for weight in weights:
+                per_class: dict[str, list[float]] = {}
+                for q in in_half:
+                    scored, coverage = rankings[q["id"]]
+                    share = hybrid.text_share(coverage, weight, power)
+                    fused = [item_id for _, item_id, _ in hybrid.fuse(scored, common.K, text_weight=share)]
+                    per_class.setdefault(q["class"], []).append(
+                        common.ndcg_at_k(fused, relevant_ids(graded[q["id"]], ids)))
+                every = [v for values in per_class.values() for v in values]
+                row[str(weight)] = {"ndcg@10": round(statistics.fmean(every), 4),
+                                    "by_class": {c: round(statistics.fmean(v), 4) for c, v in per_class.items()}}
     return grid
 
 
-def best_weight(grid: dict, which: str = "tuning") -> float:
-    """The text weight with the best mean nDCG@10 on a half (the smaller weight on a tie)."""
-    return float(max(grid[which], key=lambda w: (grid[which][w]["ndcg@10"], -float(w))))
+def tuning_choice(entries: dict) -> dict:
+    """The text share and coverage power the tuning half picks from the back ends' entries: the best mean
+    nDCG@10 over them among the settings that keep every class, on each back end, at or above the better
+    of text and semantic alone (among all settings if none does); on a tie the smaller share, then power."""
+    def parts_best(entry, cls):
+        modes = entry["halves"]["tuning"]
+        return max(modes[m]["by_class"][cls]["ndcg@10"] for m in ("text", "semantic"))
+
+    settings = []
+    for power, row in next(iter(entries.values()))["fusion"]["grid"]["tuning"].items():
+        for weight in row:
+            cells = [entry["fusion"]["grid"]["tuning"][power][weight] for entry in entries.values()]
+            holds = all(cell["by_class"][cls] >= parts_best(entry, cls)
+                        for entry, cell in zip(entries.values(), cells) for cls in cell["by_class"])
+            mean = statistics.fmean(cell["ndcg@10"] for cell in cells)
+            settings.append((holds, round(mean, 4), -float(weight), -int(power), float(weight), int(power)))
+    holds, mean, _, _, weight, power = max(settings)
+    return {"text_weight": weight, "coverage_power": power, "tuning_ndcg@10": mean,
+            "every_class_holds": holds, "back_ends": sorted(entries)}
 
 
 def rrf(rankings: dict[str, list[tuple[int, float]]], limit: int = common.K) -> list[int]:
@@ -195,7 +222,7 @@ def main(args) -> int:
         rankings = read_rankings(app, queries)
         model_status = common.describe_model(app)
     for q in queries:
-        ranked[q["id"]][BEFORE] = rrf(rankings[q["id"]])
+        ranked[q["id"]][BEFORE] = rrf(rankings[q["id"]][0])
     scores = per_query_scores(ranked, queries, graded, ids)
     report = by_half_and_class(scores, queries, (*MODES, BEFORE))
     grid = fusion_grid(rankings, queries, graded, ids)
@@ -205,13 +232,16 @@ def main(args) -> int:
         "pooled_grades": sum(len(v) for v in load(ITEMS.with_name("pooled.json")).values()),
         "embed_seconds": embed_seconds, "semantic_model": {**model_status, "model": str(model)},
         "halves": report, "hybrid_gain": intervals(scores, queries),
-        "fusion": {"text_weight": hybrid.TEXT_WEIGHT, "tuning_best_text_weight": best_weight(grid),
-                   "grid": grid},
+        "fusion": {"text_weight": hybrid.TEXT_WEIGHT, "coverage_power": hybrid.COVERAGE_POWER, "grid": grid},
         "per_query": {qid: {m: round(v[0], 4) for m, v in s.items()} for qid, s in scores.items()},
     }
     common.update(output, backend, entry)
+    every = {name: e for name, e in json.loads(output.read_text(encoding="utf-8")).items() if "coverage_power" in e.get("fusion", {})}
+    choice = tuning_choice(every)
     print_report(backend, report)
-    print(f"fusion text weight {hybrid.TEXT_WEIGHT}; the tuning half's best {best_weight(grid)}", file=sys.stderr)
+    print(f"fusion: text share {hybrid.TEXT_WEIGHT} × coverage^{hybrid.COVERAGE_POWER}; the tuning half of "
+          f"{', '.join(choice['back_ends'])} picks {choice['text_weight']} × coverage^{choice['coverage_power']}",
+          file=sys.stderr)
     if args.pool:
         args.pool.write_text(pool_listing(ranked, queries, graded, items), encoding="utf-8")
     return 0
