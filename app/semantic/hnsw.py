@@ -33,8 +33,8 @@ class Hnsw(NamedTuple):
         return f"{self.type}_cosine_ops"
 
 
-# Half precision: 2 bytes a dimension in the graph instead of 4. The stored vectors are float16 already
-# (db.py), so the index loses nothing but the query's own rounding; scores stay full precision.
+# Half precision: 2 bytes a dimension in the graph instead of 4, as precise as the float16 blobs every
+# vector is kept as (db.py); the search still scores at full precision (index.PgVectorIndex.top).
 HALFVEC = Hnsw("halfvec", "_half")
 VECTOR = Hnsw("vector", "")
 KINDS = (HALFVEC, VECTOR)  # best first: a search goes through the first one that is valid
