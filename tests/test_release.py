@@ -215,15 +215,21 @@ def test_a_second_release_waits_for_the_first(app):
     thread.join(30)
 
 
-@pytest.mark.postgres
-@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
-def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
-    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url, SEMANTIC_MODEL=str(tiny_onnx)))
+def seeded_on(url, model, tmp_path):
+    """An app on a fresh schema of that PostgreSQL with the sample data, the model set, no release run yet."""
+    app = create_app(make_settings(tmp_path, DATABASE_URL=url, SEMANTIC_MODEL=str(model)))
     with app.app_context():
         db.drop_all()
         db.session.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
         db.session.commit()
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    return app
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
+def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
+    app = seeded_on(pgvector_url, tiny_onnx, tmp_path)
     first = invoke(app, "--hnsw-min-rows", "50")
     assert first.exit_code == 0, first.output
     assert "pgvector: ready" in first.output and "index ix_embeddings_vec_hnsw_d32 built" in first.output
@@ -463,3 +469,19 @@ def test_the_half_precision_index_needs_pgvector_0_7():
     assert hnsw.kind_for((0, 6)) == hnsw.VECTOR
     assert hnsw.kind_for((0, 7)) == hnsw.kind_for((0, 8)) == hnsw.HALFVEC
     assert hnsw.kind_for((0,)) == hnsw.VECTOR  # no extension: nothing is built, nothing half
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
+def test_release_on_a_pgvector_with_halfvec_builds_the_half_precision_index_and_search_answers(
+        pgvector_halfvec_url, tiny_onnx, tmp_path):
+    app = seeded_on(pgvector_halfvec_url, tiny_onnx, tmp_path)
+    first = invoke(app, "--hnsw-min-rows", "50")
+    assert first.exit_code == 0, first.output
+    assert "pgvector: ready" in first.output and f"index {HALF} built" in first.output, first.output
+    assert f"index {HALF} present" in invoke(app, "--hnsw-min-rows", "50").output
+    response = app.test_client().get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"})
+    assert response.status_code == 200 and response.get_json()["count"] == 10
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
