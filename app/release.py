@@ -10,7 +10,8 @@ In order, under one lock (``pg_advisory_lock`` on PostgreSQL, an flock file besi
 4. the embedding backfill for the configured model's fingerprint, one transaction per batch, so
    that Ctrl-C or a crash keeps whole batches only and a rerun resumes; vectors of older
    fingerprints are pruned only once the new ones are complete;
-5. the HNSW index on the typed vector expression, once the corpus is large enough to need it;
+5. the HNSW index on the typed vector expression, once the corpus is large enough to need it
+   (half precision where the server's pgvector has it, replacing a full-precision one);
    without pgvector, a new generation of the instance's shared vector index (semantic/shared.py)
    when one is due, so that workers start with it rather than build it while they serve.
 
@@ -37,6 +38,7 @@ from sqlalchemy.pool import NullPool
 
 from . import textindex
 from .db import MIGRATIONS_DIR, Embedding, Item, Tag, db
+from .semantic import hnsw
 from .state import get_service, get_settings, get_state
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ ADVISORY_LOCK_KEY = 0x6D656D666974
 # Below this many vectors of one model, pgvector's exact scan answers in milliseconds and an HNSW
 # index would only slow the writes down; past it the scan grows linearly and the index pays off.
 HNSW_MIN_ROWS = 20_000
-# Indexes the release command makes (not migrations): env.py keeps autogenerate away from them.
-RELEASE_MANAGED_INDEX_PREFIX = "ix_embeddings_vec_hnsw"
 # Rows read per round of the backfill: bounds the memory of a large backfill.
 BACKFILL_CHUNK = 512
 # Items analysed again per transaction by the text index step.
@@ -139,7 +139,7 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:
         return False
     if table == "items" and name in textindex.PG_COLUMNS + textindex.PG_INDEXES:
         return False
-    return not (type_ == "index" and name and name.startswith(RELEASE_MANAGED_INDEX_PREFIX))
+    return not (type_ == "index" and name and name.startswith(hnsw.PREFIX))
 
 
 @functools.lru_cache(maxsize=4)
@@ -208,41 +208,48 @@ def ensure_pgvector() -> str | None:
 
 
 
-def hnsw_index_name(dim: int) -> str:
-    return f"{RELEASE_MANAGED_INDEX_PREFIX}_d{dim}"
-
-
-def ensure_hnsw(fingerprint: str, dim: int, min_rows: int, build_memory: str = "256MB") -> str:
-    """Build the HNSW index on vec::vector(dim) (PgVectorIndex.top's expression) once the model has
-    min_rows vectors; returns what happened. Built CONCURRENTLY: the running release keeps writing."""
-    name = hnsw_index_name(dim)
+def ensure_hnsw(fingerprint: str, dim: int, min_rows: int, build_memory: str = "256MB",
+                kind: hnsw.Hnsw | None = None) -> str:
+    """Build the HNSW index of dim's vectors once the model has min_rows of them, of `kind` (by default
+    half precision where the server's pgvector has it), and move an index of another kind to it;
+    returns what happened. Built CONCURRENTLY: the running release keeps writing, and searches go
+    through the other kind's index until this one is valid, and only then is that one dropped."""
+    kind = kind or hnsw.kind_for(hnsw.pgvector_version())
+    name = kind.name(dim)
+    present = hnsw.present(dim)
+    others = sorted(other for other in present if other != name)
     n = db.session.scalar(select(func.count()).select_from(Embedding).where(
         Embedding.model_fp == fingerprint, Embedding.dim == dim))
-    valid = db.session.execute(text(
-        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = :n"),
-        {"n": name}).scalar()
     db.session.commit()
-    if valid:
+    if present.get(name) is True and not others:
         return f"index {name} present"
-    if n < min_rows:
+    replacing = any(present[other] for other in others)  # a valid index of another kind serves today
+    if present.get(name) is not True and n < min_rows and not replacing:
         return f"no index yet: {n} vectors < {min_rows} (HNSW_MIN_ROWS); the exact scan is fast enough"
     # CONCURRENTLY cannot run inside a transaction; an interrupted build leaves an invalid index,
     # which is dropped and rebuilt here rather than skipped by IF NOT EXISTS.
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        if valid is False:
-            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-        # The graph is built in maintenance_work_mem (past it, pgvector builds on disk, several times
-        # slower) by up to two parallel workers; both only for this connection, reset before it goes back.
-        conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"), {"m": build_memory})
-        conn.execute(text("SELECT set_config('max_parallel_maintenance_workers', '2', false)"))
-        try:
-            # Partial on dim: the cast fails on vectors of another size (an older model's).
-            conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
-                              f"USING hnsw ((vec::vector({dim})) vector_cosine_ops) WHERE dim = {dim}"))
-        finally:
-            conn.execute(text("RESET maintenance_work_mem"))
-            conn.execute(text("RESET max_parallel_maintenance_workers"))
-    return f"index {name} built on {n} vectors"
+        if present.get(name) is True:
+            done = f"index {name} present"
+        else:
+            if name in present:
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+            # The graph is built in maintenance_work_mem (past it, pgvector builds on disk, several times
+            # slower) by up to two parallel workers; both only for this connection, reset before it goes back.
+            conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"), {"m": build_memory})
+            conn.execute(text("SELECT set_config('max_parallel_maintenance_workers', '2', false)"))
+            try:
+                # Partial on dim: the cast fails on vectors of another size (an older model's).
+                conn.execute(text(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON embeddings "
+                                  f"USING hnsw (({kind.expression(dim)}) {kind.ops()}) WHERE dim = {dim}"))
+            finally:
+                conn.execute(text("RESET maintenance_work_mem"))
+                conn.execute(text("RESET max_parallel_maintenance_workers"))
+            done = f"index {name} built on {n} vectors"
+        # Only once the new index is valid: searches now go through it (PgVectorIndex.top reads which is).
+        for other in others:
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {other}"))
+    return done + "".join(f", {other} dropped" for other in others)
 
 
 # --- Backfill with progress -------------------------------------------------------------------

@@ -191,6 +191,12 @@ def vectors_scale_section(data: dict) -> str:
     return section(data)
 
 
+def halfvec_section(data: dict) -> str:
+    from bench.halfvec import section
+
+    return section(data)
+
+
 def remote_section(data: dict) -> str:
     from bench.remote import section
 
@@ -212,6 +218,7 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
             "slowclients-results": ("slowclients.json", slowclients_section),
             "vectors-scale-results": ("vectors-scale.json", vectors_scale_section),
+            "halfvec-results": ("halfvec.json", halfvec_section),
             "remote-results": ("remote.json", remote_section)}
 
 

@@ -241,6 +241,7 @@ def measure(backend: str, n: int, dim: int, passages, queries, truth, url: str) 
         disk = (WORK / "shared" / manifest["file"]).stat().st_size
     elif backend == "pgvector-hnsw":
         from app import release
+        from app.semantic import hnsw
 
         with app.app_context():
             started = time.monotonic()
@@ -248,7 +249,8 @@ def measure(backend: str, n: int, dim: int, passages, queries, truth, url: str) 
             row["build_s"] = round(time.monotonic() - started, 1)
             from app.db import db
 
-            disk = db.session.scalar(db.text("SELECT pg_relation_size(:n)"), {"n": release.hnsw_index_name(dim)})
+            name = hnsw.kind_for(hnsw.pgvector_version()).name(dim)
+            disk = db.session.scalar(db.text("SELECT pg_relation_size(:n)"), {"n": name})
             db.session.execute(db.text("ANALYZE embeddings"))
             db.session.commit()
         row["build"] = outcome

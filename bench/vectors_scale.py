@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app import release
     from app.db import db
-    from app.semantic import index
+    from app.semantic import hnsw, index
     from bench.vectors import WARMUP, WORK, app_for, e5_vectors, fill, pct, store_for, timed_searches
 
     real, queries = e5_vectors(100_000)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             result["build"] = release.ensure_hnsw("bench", passages.shape[1], min_rows=1,
                                                   build_memory=args.build_memory)
             result["build_s"] = round(time.monotonic() - started, 1)
-            name = release.hnsw_index_name(passages.shape[1])
+            name = hnsw.kind_for(hnsw.pgvector_version()).name(passages.shape[1])
             result["index_mb"] = round(db.session.scalar(db.text("SELECT pg_relation_size(:n)"), {"n": name}) / 2**20, 1)
             result["table_mb"] = round(db.session.scalar(db.text(
                 "SELECT pg_total_relation_size('embeddings') - pg_relation_size(:n)"), {"n": name}) / 2**20, 1)

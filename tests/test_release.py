@@ -8,9 +8,9 @@ import pytest
 import sqlalchemy as sa
 
 from app import create_app, release
-from app.semantic import index
+from app.semantic import hnsw, index
 from app.state import get_service, get_settings
-from app.db import MIGRATIONS_DIR, Embedding, Item, Tag, db
+from app.db import MIGRATIONS_DIR, Embedding, Item, Tag, create_schema, db
 from support import make_settings, postgres_url
 
 HEADS = release._script(MIGRATIONS_DIR)[0]
@@ -215,15 +215,21 @@ def test_a_second_release_waits_for_the_first(app):
     thread.join(30)
 
 
-@pytest.mark.postgres
-@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
-def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
-    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url, SEMANTIC_MODEL=str(tiny_onnx)))
+def seeded_on(url, model, tmp_path):
+    """An app on a fresh schema of that PostgreSQL with the sample data, the model set, no release run yet."""
+    app = create_app(make_settings(tmp_path, DATABASE_URL=url, SEMANTIC_MODEL=str(model)))
     with app.app_context():
         db.drop_all()
         db.session.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
         db.session.commit()
     assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    return app
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
+def test_release_on_pgvector_fills_vec_builds_hnsw_and_is_then_a_noop(pgvector_url, tiny_onnx, tmp_path):
+    app = seeded_on(pgvector_url, tiny_onnx, tmp_path)
     first = invoke(app, "--hnsw-min-rows", "50")
     assert first.exit_code == 0, first.output
     assert "pgvector: ready" in first.output and "index ix_embeddings_vec_hnsw_d32 built" in first.output
@@ -367,3 +373,115 @@ def test_release_analyses_old_rows_again_and_resumes_after_an_interruption(make_
     assert stale() == 0 and found("עכבר") == [1]
     again = invoke(app)
     assert "text index: every item analysed by" in again.output
+
+
+@pytest.fixture
+def halfvec_app(pgvector_halfvec_url, tmp_path):
+    """An app on a fresh schema of the PostgreSQL whose pgvector has halfvec, with 400 32-d vectors in vec."""
+    import numpy as np
+
+    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_halfvec_url))
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((400, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with app.app_context():
+        db.drop_all()
+        db.session.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+        db.session.commit()
+        create_schema()
+        db.session.add_all(Embedding(model_fp="fp", kind="item", ref_id=i + 1, text_hash="h", dim=32,
+                                     vector=index.to_blob(v)) for i, v in enumerate(vectors))
+        db.session.commit()
+        assert index.enable_pgvector()
+    yield app, vectors[0]
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+# What a release built before half precision, on every server: kept by name until the index replacing it is valid.
+FULL, HALF = "ix_embeddings_vec_hnsw_d32", "ix_embeddings_vec_hnsw_half_d32"
+BUILD_FULL = f"CREATE INDEX {FULL} ON embeddings USING hnsw ((vec::vector(32)) vector_cosine_ops) WHERE dim = 32"
+
+
+def index_used(query) -> str:
+    """The HNSW index PgVectorIndex.top's search went through (the b-trees and scans left out of the plan,
+    as on a large table; rolled back after)."""
+    from support import search_plan
+
+    db.session.execute(sa.text("SET LOCAL enable_seqscan = off"))
+    db.session.execute(sa.text("DROP INDEX ix_embedding_fp_kind"))
+    db.session.execute(sa.text("ALTER TABLE embeddings DROP CONSTRAINT uq_embedding_ref"))
+    hits, plan = search_plan(index.PgVectorIndex(), "fp", "item", query, 10)
+    db.session.rollback()
+    assert hits[0][0] == 1, hits  # the query is the first vector
+    used = [name for name in (FULL, HALF) if f"Index Scan using {name} " in plan]
+    assert len(used) == 1, plan
+    return used[0]
+
+
+@pytest.mark.postgres
+def test_release_moves_a_full_precision_index_to_half_precision_where_pgvector_has_it(halfvec_app):
+    app, query = halfvec_app
+    with app.app_context():
+        db.session.execute(sa.text(BUILD_FULL))
+        db.session.commit()
+        assert index_used(query) == FULL  # the search follows the index there is
+        # However few vectors: an index serves today, and the half-precision one replaces it.
+        assert release.ensure_hnsw("fp", 32, min_rows=10**6) == f"index {HALF} built on 400 vectors, {FULL} dropped"
+        assert hnsw.present(32) == {HALF: True}
+        definition = db.session.scalar(sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = :n"), {"n": HALF})
+        assert "(vec)::halfvec(32)" in definition and "halfvec_cosine_ops" in definition, definition
+        assert index_used(query) == HALF
+        assert release.ensure_hnsw("fp", 32, min_rows=1) == f"index {HALF} present"
+        # A release stopped between the build and the drop left both: the search takes the half-precision
+        # one, and the next release drops the other.
+        db.session.execute(sa.text(BUILD_FULL))
+        db.session.commit()
+        assert index_used(query) == HALF
+        assert release.ensure_hnsw("fp", 32, min_rows=1) == f"index {HALF} present, {FULL} dropped"
+        assert hnsw.present(32) == {HALF: True}
+
+
+@pytest.mark.postgres
+def test_a_failed_half_precision_build_leaves_the_search_on_the_old_index_and_the_next_release_finishes(halfvec_app):
+    app, query = halfvec_app
+    with app.app_context():
+        db.session.execute(sa.text(BUILD_FULL))
+        # A value no float16 holds: the half-precision build fails half way (as a killed one would), leaving
+        # an invalid index behind. The app never stores one: its vectors come from float16 blobs.
+        db.session.execute(sa.text("UPDATE embeddings SET vec = CAST(:v AS vector) WHERE ref_id = 400"),
+                           {"v": "[" + ",".join(["1e6"] * 32) + "]"})
+        db.session.commit()
+        with pytest.raises(sa.exc.DBAPIError):
+            release.ensure_hnsw("fp", 32, min_rows=1)
+        db.session.rollback()
+        assert hnsw.present(32) == {FULL: True, HALF: False}
+        assert index_used(query) == FULL  # never the invalid one, nor an exact scan
+        db.session.execute(sa.text("UPDATE embeddings SET vec = NULL WHERE ref_id = 400"))
+        db.session.commit()
+        assert release.ensure_hnsw("fp", 32, min_rows=1) == f"index {HALF} built on 400 vectors, {FULL} dropped"
+        assert hnsw.present(32) == {HALF: True}
+        assert index_used(query) == HALF
+
+
+def test_the_half_precision_index_needs_pgvector_0_7():
+    assert hnsw.kind_for((0, 6)) == hnsw.VECTOR
+    assert hnsw.kind_for((0, 7)) == hnsw.kind_for((0, 8)) == hnsw.HALFVEC
+    assert hnsw.kind_for((0,)) == hnsw.VECTOR  # no extension: nothing is built, nothing half
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Did not recognize type 'vector'")  # reflection of vec: excluded anyway
+def test_release_on_a_pgvector_with_halfvec_builds_the_half_precision_index_and_search_answers(
+        pgvector_halfvec_url, tiny_onnx, tmp_path):
+    app = seeded_on(pgvector_halfvec_url, tiny_onnx, tmp_path)
+    first = invoke(app, "--hnsw-min-rows", "50")
+    assert first.exit_code == 0, first.output
+    assert "pgvector: ready" in first.output and f"index {HALF} built" in first.output, first.output
+    assert f"index {HALF} present" in invoke(app, "--hnsw-min-rows", "50").output
+    response = app.test_client().get("/search", query_string={"q": "ספרים לילדים", "mode": "semantic"})
+    assert response.status_code == 200 and response.get_json()["count"] == 10
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()

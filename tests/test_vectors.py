@@ -6,7 +6,7 @@ import pytest
 
 from app import create_app
 from app.db import Embedding, create_schema, db
-from app.semantic import index
+from app.semantic import hnsw, index
 from app.state import get_service, get_settings
 from support import make_settings
 
@@ -30,9 +30,8 @@ def expected_top(vectors, query, k):
     return [int(i) + 1 for i in order]
 
 
-@pytest.fixture
-def pg_app(pgvector_url, tmp_path):
-    app = create_app(make_settings(tmp_path, DATABASE_URL=pgvector_url))
+def fresh_app(url: str, tmp_path):
+    app = create_app(make_settings(tmp_path, DATABASE_URL=url))
     with app.app_context():
         db.drop_all()
         db.session.execute(db.text("DROP TABLE IF EXISTS alembic_version"))
@@ -42,6 +41,24 @@ def pg_app(pgvector_url, tmp_path):
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
+
+
+@pytest.fixture
+def pg_app(pgvector_url, tmp_path):
+    yield from fresh_app(pgvector_url, tmp_path)
+
+
+# Each pgvector the tests have, with the HNSW index the release builds there for 32-d vectors.
+SERVERS = {"pgvector 0.6": ("pgvector_url", "ix_embeddings_vec_hnsw_d32"),
+           "pgvector 0.8": ("pgvector_halfvec_url", "ix_embeddings_vec_hnsw_half_d32")}
+
+
+@pytest.fixture(params=list(SERVERS))
+def each_pg(request, tmp_path):
+    """(an app on a fresh database of that server, the name of the index the release builds there)."""
+    server, index_name = SERVERS[request.param]
+    for app in fresh_app(request.getfixturevalue(server), tmp_path):
+        yield app, index_name
 
 
 def test_pgvector_search_matches_exact_search(pg_app):
@@ -81,11 +98,14 @@ def test_semantic_search_on_pgvector_end_to_end(pg_app, tiny_onnx, tmp_path):
     assert {r for r, _ in theirs} <= {r for r, _ in mine}, (mine, theirs)
 
 
-def test_pgvector_hnsw_returns_every_row_asked_for(pg_app):
+def test_pgvector_hnsw_returns_every_row_asked_for(each_pg):
     """Through an HNSW index a query gets the rows it asks for: pgvector's default ef_search (40) gave
-    39-40 of 50, and a filter (another model's vectors of the same size) can leave fewer still."""
+    39-40 of 50, and a filter (another model's vectors of the same size) can leave fewer still. The index
+    is half precision where pgvector has halfvec (0.7+), and the search goes through it whichever it is."""
     from app import release
+    from support import search_plan
 
+    pg_app, index_name = each_pg
     fill(pg_app, 400)  # this model's vectors
     rng = np.random.default_rng(9)
     with pg_app.app_context():
@@ -95,7 +115,8 @@ def test_pgvector_hnsw_returns_every_row_asked_for(pg_app):
              "vector": index.to_blob(v / np.linalg.norm(v))} for i, v in enumerate(others)])
         db.session.commit()
         assert index.enable_pgvector()
-        assert "built" in release.ensure_hnsw("fp", 32, min_rows=1)
+        assert release.ensure_hnsw("fp", 32, min_rows=1) == f"index {index_name} built on 400 vectors"
+        assert list(hnsw.present(32)) == [index_name]
         store = index.PgVectorIndex()
         query = rng.standard_normal(32).astype(np.float32)
         query /= np.linalg.norm(query)
@@ -104,12 +125,8 @@ def test_pgvector_hnsw_returns_every_row_asked_for(pg_app):
         db.session.execute(db.text("SET LOCAL enable_seqscan = off"))
         db.session.execute(db.text("DROP INDEX ix_embedding_fp_kind"))
         db.session.execute(db.text("ALTER TABLE embeddings DROP CONSTRAINT uq_embedding_ref"))
-        plan = "\n".join(db.session.scalars(db.text(
-            "EXPLAIN SELECT ref_id FROM embeddings WHERE model_fp = 'fp' AND kind = 'item' AND dim = 32 "
-            "AND vec IS NOT NULL ORDER BY vec::vector(32) <=> CAST(:q AS vector(32)) LIMIT 50"),
-            {"q": index._literal(query)}))
-        assert "ix_embeddings_vec_hnsw_d32" in plan, plan
-        hits = store.top("fp", "item", query, 50)
+        hits, plan = search_plan(store, "fp", "item", query, 50)
+        assert f"Index Scan using {index_name}" in plan, plan
         assert len(hits) == 50 and len({r for r, _ in hits}) == 50
         assert db.session.scalar(db.text("SHOW hnsw.ef_search")) == "200"  # PGVECTOR_EF_SEARCH's default
         db.session.rollback()
@@ -117,8 +134,10 @@ def test_pgvector_hnsw_returns_every_row_asked_for(pg_app):
         assert db.session.scalar(db.text("SHOW hnsw.ef_search")) == "40"
         stored = np.stack([np.frombuffer(b, dtype="<f2").astype(np.float32) for b in db.session.scalars(
             db.text("SELECT vector FROM embeddings WHERE model_fp = 'fp' ORDER BY ref_id"))])
-    exact = np.argsort(-(stored @ query))[:10] + 1
-    assert len(set(exact) & {r for r, _ in hits[:10]}) >= 9  # recall@10 of what came back
+    exact = stored @ query / np.linalg.norm(stored, axis=1)  # cosines: float16 leaves norms off 1 by ~1e-4
+    assert len(set(np.argsort(-exact)[:10] + 1) & {r for r, _ in hits[:10]}) >= 9  # recall@10 of what came back
+    # Scores at full precision, whichever index ordered the rows: a half-precision query is off by ~1e-4.
+    assert max(abs(score - exact[ref - 1]) for ref, score in hits) < 1e-5
 
 
 def test_postgres_without_pgvector_falls_back(tmp_path):

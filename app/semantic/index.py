@@ -26,6 +26,7 @@ from sqlalchemy import and_, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from ..db import Embedding, Item, Tag, db, item_tags, text_hash
+from . import hnsw
 from .encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -324,28 +325,33 @@ class PgVectorIndex:
         return 0
 
     def top(self, fingerprint: str, kind: str, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        # The typed expression vec::vector(<dim>) is what an HNSW index is built on (docs/vectors.md):
-        # with the index the search is approximate and fast, without it exact.
+        # The HNSW indexes are built on a typed expression of vec (release.ensure_hnsw, docs/vectors.md):
+        # ordered by the expression of a valid one, the search is approximate and fast, otherwise exact.
         dim = int(query.shape[0])
         params = {"q": _literal(query), "fp": fingerprint, "kind": kind, "k": k, "dim": dim}
+        # An HNSW scan returns at most hnsw.ef_search rows, before the WHERE drops other kinds and
+        # models: at pgvector's default (40) a top-50 came back with 39-40 rows. Local to this
+        # transaction, so nothing leaks to the pooled connection's next user. The same statement reads
+        # which index is valid now: a release may have just moved dim's index to half precision.
+        valid = db.session.execute(text(
+            f"SELECT set_config('hnsw.ef_search', :ef, true), ARRAY(SELECT name FROM ({hnsw.PRESENT}) p WHERE valid)"),
+            {"ef": str(min(1000, max(self.ef_search, k))), "names": hnsw.names(dim)}).one()[1]
+        through = next((kind for kind in hnsw.KINDS if kind.name(dim) in valid), None)
 
         def nearest(exact: bool):
-            # "+ 0" orders by an expression no index has: the exact scan, whatever the planner's settings.
-            order = f"vec::vector({dim}) <=> CAST(:q AS vector({dim}))"
-            order = f"({order}) + 0" if exact else order
+            # Scores at full precision whichever expression orders the rows; "+ 0" orders by an
+            # expression no index has: the exact scan, whatever the planner's settings.
+            score = f"{hnsw.VECTOR.expression(dim)} <=> CAST(:q AS vector({dim}))"
+            order = f"({score}) + 0"
+            if not exact and through is not None:
+                order = f"{through.expression(dim)} <=> CAST(:q AS {through.type}({dim}))"
             return [(int(ref_id), float(score)) for ref_id, score in db.session.execute(text(
-                f"SELECT ref_id, 1 - (vec::vector({dim}) <=> CAST(:q AS vector({dim}))) AS score FROM embeddings "
+                f"SELECT ref_id, 1 - ({score}) AS score FROM embeddings "
                 f"WHERE model_fp = :fp AND kind = :kind AND dim = :dim AND vec IS NOT NULL ORDER BY {order} LIMIT :k"),
                 params)]
 
-        # An HNSW scan returns at most hnsw.ef_search rows, before the WHERE drops other kinds and
-        # models: at pgvector's default (40) a top-50 came back with 39-40 rows. Local to this
-        # transaction, so nothing leaks to the pooled connection's next user.
-        db.session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"),
-                           {"ef": str(min(1000, max(self.ef_search, k)))})
         if self._iterative is None:
-            version = db.session.scalar(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'"))
-            self._iterative = _version(version) >= (0, 8)
+            self._iterative = hnsw.pgvector_version() >= (0, 8)
         if self._iterative:
             db.session.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
         rows = nearest(exact=False)
@@ -360,13 +366,6 @@ class PgVectorIndex:
             "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_fp = :fp AND kind = :kind AND dim = :dim "
             "AND vec IS NOT NULL LIMIT :enough) s"), {"fp": fingerprint, "kind": kind, "dim": dim, "enough": got + 1})
         return have > got
-
-
-def _version(text_version: str | None) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in (text_version or "0").split(".")[:2])
-    except ValueError:
-        return (0,)
 
 
 def pgvector_ready() -> bool:
