@@ -248,8 +248,11 @@ def dry_make(tmp_path):
     (venv / ".installed").touch()
 
     def run(target: str, *args: str, env: dict | None = None) -> str:
-        environ = {k: v for k, v in os.environ.items() if k != "SEMANTIC_MODEL"} | (env or {})
-        out = subprocess.run(["make", "-n", target, f"VENV={venv}", f"MODEL_DIR={tmp_path / 'model'}", *args],
+        # Under `make test` the parent's MAKELEVEL would make this make print directory lines around its commands.
+        environ = {k: v for k, v in os.environ.items()
+                   if k not in ("SEMANTIC_MODEL", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")} | (env or {})
+        out = subprocess.run(["make", "-n", "--no-print-directory", target, f"VENV={venv}",
+                              f"MODEL_DIR={tmp_path / 'model'}", *args],
                              cwd=ROOT, env=environ, text=True, capture_output=True, check=True)
         return out.stdout
 

@@ -49,7 +49,8 @@ def test_monitoring_runs_on_its_declared_settings_alone(tmp_path, caplog):
     from monitoring import history, hooks, sentry
     from monitoring.watchdog import MemoryWatchdog
 
-    app_settings = make_settings(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"))
+    # The threshold far above this test process, which the watchdog measures (it has no cgroup limit).
+    app_settings = make_settings(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"), MAX_MEMORY_MB="1048576")
     own = SimpleNamespace(**{name: getattr(app_settings, name) for name in DECLARED})
     os.makedirs(own.prometheus_multiproc_dir)
 
