@@ -132,6 +132,29 @@ def relevance_meaning_section(data: dict) -> str:
     return "\n".join(rows)
 
 
+def model_quality_section(data: dict) -> str:
+    """The default model's quality beside text and hybrid, from the same run as the per-class table
+    (docs/search.md): nDCG@10 of each mode, test half, per back end."""
+    modes = {"semantic": "semantic, this model", "text": "text", "hybrid": "hybrid"}
+    names = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+    backends = [b for b in names if b in data]
+    rows = ["| mode | " + " | ".join(f"nDCG@10, {names[b]}" for b in backends) + " | recall@10, SQLite |",
+            "| --- | " + "--- | " * len(backends) + "--- |"]
+    for mode, label in modes.items():
+        scores = [data[b]["halves"]["test"][mode] for b in backends]
+        rows.append(f"| {label} | " + " | ".join(f"{s['ndcg@10']:.3f}" for s in scores)
+                    + f" | {data['sqlite']['halves']['test'][mode]['recall@10']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def model_quality_line(data: dict) -> str:
+    """The README's one sentence of the same figures."""
+    test = data["sqlite"]["halves"]["test"]
+    return (f"nDCG@10 {test['semantic']['ndcg@10']:.3f} on Hebrew queries written by meaning against "
+            f"{test['text']['ndcg@10']:.3f} for text search and {test['hybrid']['ndcg@10']:.3f} for hybrid "
+            f"(SQLite, test half).")
+
+
 def fuzz_section(data: dict) -> str:
     suites = ", ".join(f"{name} {count:,}" for name, count in sorted(data["by_suite"].items()))
     return (f"Last run: **{data['inputs_tried']:,} generated requests** ({suites}), "
@@ -210,6 +233,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "textscale-results": ("textscale.json", textscale_section),
             "relevance-results": ("relevance.json", relevance_section),
             "relevance-meaning-results": ("relevance-meaning.json", relevance_meaning_section),
+            "model-quality": ("relevance-meaning.json", model_quality_section),
+            "model-quality-line": ("relevance-meaning.json", model_quality_line),
             "fuzz-results": ("fuzz.json", fuzz_section),
             "faults-results": ("faults.json", faults_section),
             "serving-results": ("serving.json", serving_section),
