@@ -261,6 +261,22 @@ def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folde
             assert [r for r, _ in store.top("fp", "item", q, 10)] == expected_top(vectors, q, 10)
 
 
+def test_a_graph_that_needs_a_wider_search_gets_it_in_its_manifest_and_every_reader(app, folder, monkeypatch):
+    """Probes that miss at the base breadth are taken again wider; the breadth that passes is the one
+    the generation is published with and every worker searches with."""
+    fill(app, 3_000, dim=32)
+    monkeypatch.setattr(shared, "probe_recall", lambda index, probes: 0.99 if index.expansion_search >= 256 else 0.9)
+    with app.app_context():
+        manifest = shared.publish(folder, "fp", "item")
+        assert (manifest["search"], manifest["expansion_search"]) == ("hnsw", 256)
+        generation = store_in(folder).generation("fp", "item")
+        assert not generation.exact and generation.index.expansion_search == 256
+    monkeypatch.setattr(shared, "probe_recall", lambda index, probes: 0.5)
+    with app.app_context():
+        manifest = shared.publish(folder, "fp", "item")
+        assert (manifest["search"], manifest["expansion_search"]) == ("exact", shared.EXPANSIONS[-1])
+
+
 def test_the_publisher_lock_goes_with_the_child(app, folder):
     """Two workers that find a generation due at the same moment start one build: the first takes the
     instance's lock and hands it to its child, which holds it until it exits."""
