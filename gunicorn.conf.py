@@ -22,7 +22,7 @@ from monitoring.hooks import guarded, leaves_without_teardown
 # PROMETHEUS_MULTIPROC_DIR. Unless it is set, on_starting (below) makes /dev/shm/memfit-metrics-<pid>
 # and sets it in the environment, which every worker inherits when forked; on_exit removes it. Not
 # here: this file is also loaded by `gunicorn --check-config` and on every reload (SIGHUP), and a
-# folder made at load time would be left behind in /dev/shm each time (issue 10).
+# folder made at load time would be left behind in /dev/shm each time.
 #
 
 

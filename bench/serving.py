@@ -1,4 +1,4 @@
-"""Serving, side by side in one run (issue 11 item 7): today's design against the new one, in memory
+"""Serving, side by side in one run: today's design against the new one, in memory
 cgroups of each tier's size, under the 16-client mix of docs/reliability.md's load run, then an overload run.
 
     python -m bench.serving                 # make load: both designs, both tiers, then the overload run
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MB = 1024 * 1024
 TIERS = {"512mb": 512, "1gb": 1024}
-# The goals of issue 11, written once; report() checks every run against those that apply to it.
+# The serving goals, written once; report() checks every run against those that apply to it.
 GOALS = {
     "text_p50_ms": 30, "tags_p50_ms": 30, "all_p99_ms": 500, "throughput_vs_today": 2.0,
     "peak_mb": {"512mb": 400, "1gb": 800}, "first_semantic_ms": 150, "overload_text_p99_ms": 1000,

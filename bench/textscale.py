@@ -1,4 +1,4 @@
-"""Text search latency, index size and write cost against the number of items, per back end (issue 12).
+"""Text search latency, index size and write cost against the number of items, per back end.
 
     python -m bench.textscale                                   # SQLite, 1k / 10k / 100k items
     python -m bench.textscale --sizes 1000 10000 100000 1000000 --database-url postgresql://...
@@ -49,7 +49,7 @@ SIZES = (1_000, 10_000, 100_000)
 BATCH = 1_000
 RANDOM_QUERIES = 200
 AGREEMENT_QUERIES = 40  # every n-th query of the set, scored both ways (the exhaustive way is slow at 1M)
-GOALS_MS = {100_000: 20, 1_000_000: 100}  # issue 12 item 6: p50 goals
+GOALS_MS = {100_000: 20, 1_000_000: 100}  # p50 goals
 
 
 def items(rng: random.Random, count: int):

@@ -1,4 +1,4 @@
-"""Memory accounting that sees sharing (issue 11 item 2): PSS and private memory per process, the instance
+"""Memory accounting that sees sharing: PSS and private memory per process, the instance
 judged on its cgroup working set or PSS sum, recycling decided on private memory, and the bench's cgroup
 (v1 and v2) failing loudly when it gives no peak."""
 

@@ -1,4 +1,4 @@
-"""The version 2 model artifact (issue 11 items 1 and 6): weights in memory-mapped external-data files
+"""The version 2 model artifact: weights in memory-mapped external-data files
 shared by every process that loads them, the optimized variant checked by its probe with a fallback
 to the portable model, old artifacts still served, and batches bounded by padded tokens."""
 
@@ -155,7 +155,7 @@ def test_processes_loading_the_artifact_share_its_weights(wide_artifact, tmp_pat
     assert two["pss_mb"] < 1.6 * one["pss_mb"], (one, two)
 
 
-# Prompts (issue 12 item 5): e5 is trained with "query: " before queries and "passage: " before documents.
+# Prompts: e5 is trained with "query: " before queries and "passage: " before documents.
 E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
 # The tiny model's tokenizer knows only Hebrew (e5's two Latin prompts would both be [UNK] ":" to it).
 TINY_PROMPTS = {"query": "שאלה: ", "passage": "קטע: "}

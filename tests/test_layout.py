@@ -285,3 +285,26 @@ def test_the_sys_path_check_sees_an_edit(line):
                                   "assert sys.path == before", "paths = list(sys.path)"])
 def test_the_sys_path_check_lets_a_reading_pass(line):
     assert edited_lines(line) == []
+
+
+# --- words with nothing to look up ------------------------------------------------------------------------
+
+ISSUE_CITATION = re.compile(r"\bissues? #?\d+", re.I)
+
+
+def test_no_file_cites_an_issue_number():
+    """The issues live outside the repository: a comment, docstring or page says what and why instead,
+    and a change's history is in its commit message. bench/results holds measurements, not prose."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    cited = []
+    for rel in out.splitlines():
+        path = ROOT / rel
+        if rel.startswith("bench/results/") or not path.is_file() or path.resolve() == Path(__file__).resolve():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        cited += [f"{rel}:{n}" for n, line in enumerate(text.splitlines(), 1) if ISSUE_CITATION.search(line)]
+    assert cited == [], "issue numbers cited: " + ", ".join(cited)

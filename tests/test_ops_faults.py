@@ -1,4 +1,4 @@
-"""Ops faults (issue 10): a worker's exit never waits long on a hanging Sentry, gunicorn's timeouts are
+"""Ops faults: a worker's exit never waits long on a hanging Sentry, gunicorn's timeouts are
 counted as timeouts, the metric files stay bounded with totals intact, the metrics folder lives and dies
 with the master, and a failing master-side hook never stops the master."""
 

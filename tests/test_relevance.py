@@ -1,5 +1,5 @@
 """bench/relevance/evaluate.py: every free-text search mode scored through the API's entry point,
-semantic with a real model's prompts, and the comparison without them (issue 12 item 5)."""
+semantic with a real model's prompts, and the comparison without them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""bench/relevance/meaning/: the relevance set written by meaning (issue 20, part 1) — its paraphrase
+"""bench/relevance/meaning/: the relevance set written by meaning — its paraphrase
 share checked mechanically, its grades well formed and fixed before any system ran, pooling that only
 adds, and a split into tuning and test halves within each class."""
 

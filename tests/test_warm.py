@@ -1,5 +1,5 @@
 """SEMANTIC_WARM: a new gunicorn worker loads the model and answers one query before it takes requests,
-so a recycled worker's first semantic user pays no model load (issue 11 item 5). Real gunicorn, tiny
+so a recycled worker's first semantic user pays no model load. Real gunicorn, tiny
 ONNX model; the lazy default is tests/test_lazy.py's."""
 
 import json

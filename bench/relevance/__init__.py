@@ -1,1 +1,1 @@
-"""A labelled Hebrew relevance set (issue 12): a generated corpus, graded queries, nDCG@10 / recall@10."""
+"""A labelled Hebrew relevance set: a generated corpus, graded queries, nDCG@10 / recall@10."""

@@ -1,4 +1,4 @@
-"""The Hebrew text index (issue 12): items.index_text, and over it the FTS5 table (SQLite) or the
+"""The Hebrew text index: items.index_text, and over it the FTS5 table (SQLite) or the
 weighted tsvector column with its GIN index (PostgreSQL), filled for the rows already there.
 
 Existing rows are analysed here, in batches, before the index is built over them, so a populated

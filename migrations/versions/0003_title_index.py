@@ -1,4 +1,4 @@
-"""The text index's title tier (issue 12, bounded ranking): on PostgreSQL, a generated tsvector of the
+"""The text index's title tier: on PostgreSQL, a generated tsvector of the
 title's exact forms and alternates with its own GIN index, so that a query finds the items holding its
 words in their titles without visiting every row that holds them anywhere. SQLite's FTS5 index has
 column filters already: nothing to do there.

@@ -16,7 +16,7 @@ from devtools.http import fetch_json
 DOCKER = os.environ.get("DOCKER") or shutil.which("docker") or "docker"
 IMAGE = os.environ.get("MEMFIT_TEST_IMAGE", "memfit:container-test")
 TIERS = yaml.safe_load((ROOT / "deploy" / "tiers.yaml").read_text())["tiers"]
-# Disk, not memory: since the shared-weights artifact (issue 11) the image carries the model twice, the
+# Disk, not memory: since the shared-weights artifact the image carries the model twice, the
 # portable q8 weights and the optimized prepacked variant (~380 MB together for AlephBERT size), so that
 # a worker can fall back when the probe fails on another CPU. The budget was 800 MB before that.
 IMAGE_BUDGET_MB = 900

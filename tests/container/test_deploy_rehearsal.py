@@ -1,4 +1,4 @@
-"""Deploy rehearsal (issue 13 item 5): the image against PostgreSQL with pgvector, as a platform runs it.
+"""Deploy rehearsal: the image against PostgreSQL with pgvector, as a platform runs it.
 
 release on an empty database -> seed -> release (backfill) -> app up, every item and every semantic
 result recorded -> release again (a no-op) -> a schema change (a test-only revision 0002, mounted over

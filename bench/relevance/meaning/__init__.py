@@ -1,4 +1,4 @@
-"""A relevance set written by meaning (issue 20, part 1): everyday Hebrew items and queries as people
+"""A relevance set written by meaning: everyday Hebrew items and queries as people
 type them, graded 0–3 by what the query wants, not by which words it shares.
 
 - ``items.json``: 326 items in 20 domains (home, cooking, health, travel, kids, tech support, cars,

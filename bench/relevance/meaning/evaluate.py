@@ -37,7 +37,7 @@ BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 20  # the issue's number: the same intervals on every run over the same rankings
 GRID = [round(w / 20, 2) for w in range(21)]  # text shares 0, 0.05, …, 1 (a full match's)
 POWERS = (1, 2, 3, 4)  # how fast text's share falls with its coverage of the query
-RRF_K = 60  # reciprocal rank fusion as hybrid ran it before issue 20, scored on the same rankings
+RRF_K = 60  # reciprocal rank fusion as hybrid ran it before score fusion, scored on the same rankings
 BEFORE = "hybrid (RRF, before)"
 
 
