@@ -243,6 +243,7 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
             "slowclients-results": ("slowclients.json", slowclients_section),
             "vectors-scale-results": ("vectors-scale.json", vectors_scale_section),
+            "vectors-scale-768-results": ("vectors-scale-768.json", vectors_scale_section),
             "halfvec-results": ("halfvec.json", halfvec_section),
             "remote-results": ("remote.json", remote_section)}
 
