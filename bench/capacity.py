@@ -787,12 +787,15 @@ def checks(data: dict) -> list[tuple[str, bool]]:
 
 
 def table(data: dict) -> str:
-    lines = [f"# Serving capacity: today ({BASELINE}) against new (the working tree)", "",
+    both = {run["design"] for run in data["runs"]} >= {"new", "today"}
+    lines = [f"# Serving capacity: today ({BASELINE}) against new (the working tree)" if both
+             else "# Serving capacity of the working tree", "",
              f"Measured {data['measured_at']}, {data['settings']['step_seconds']:g} s per step"
              + (" (**--quick: a smoke test, not the figures**)" if data["settings"]["quick"] else "")
              + f", {data['machine']['cores']} cores, load average {data['machine']['load_average_end'][0]:.1f} at the "
-             f"end ({data['machine']['load_average_start'][0]:.1f} at the start). Same model for both designs: "
-             f"`{Path(data['model']).name}`. new = {data['designs']['new']['source']}"
+             f"end ({data['machine']['load_average_start'][0]:.1f} at the start). "
+             + ("Same model for both designs" if both else "Model") +
+             f": `{Path(data['model']).name}`. new = {data['designs']['new']['source']}"
              + (f" with {len(data['designs']['new'].get('uncommitted_changes') or [])} uncommitted changed files"
                 if data['designs']['new'].get('uncommitted_changes') is not None else "") + ".", ""]
     notes = sorted({f"- {r['name']}: {r['cpu']['cpu_note']}" for r in data["runs"] if r.get("cpu")

@@ -174,7 +174,7 @@ def serving_section(data: dict) -> str:
     return table(data)
 
 
-def capacity_section(data: dict) -> str:
+def capacity_section(data: dict, steps: str = "capacity.md") -> str:
     from bench.capacity import table
 
     # capacity.md is a page of its own: its title goes, its sections become bold lines inside docs/capacity.md's,
@@ -186,7 +186,7 @@ def capacity_section(data: dict) -> str:
             line = f"**{line[3:]}**"
         if not skipping:
             out.append(line)
-    out += ["", "Every step of every ladder: [bench/results/capacity.md](../bench/results/capacity.md)."]
+    out += ["", f"Every step of every ladder: [bench/results/{steps}](../bench/results/{steps})."]
     return "\n".join(out).strip()
 
 
@@ -239,6 +239,8 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "faults-results": ("faults.json", faults_section),
             "serving-results": ("serving.json", serving_section),
             "capacity-results": ("capacity.json", capacity_section),
+            "capacity-e5-results": ("capacity-e5/capacity.json",
+                                    lambda data: capacity_section(data, "capacity-e5/capacity.md")),
             "batching-results": ("batching.json", batching_section),
             "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
             "slowclients-results": ("slowclients.json", slowclients_section),
