@@ -7,9 +7,11 @@ the last run's figures and nothing typed by hand.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from devtools.markers import replace_section, section_file
 
@@ -168,10 +170,13 @@ def faults_section(data: dict) -> str:
             f"**{data['data_lost']} lost**.")
 
 
-def serving_section(data: dict) -> str:
-    from bench.serving import table
+def from_script(module: str, function: str = "section") -> Callable[[dict], str]:
+    """A section the bench script renders itself (bench.<module>.<function>), imported when its results
+    are there: the scripts import what they measure, this command only the ones it needs."""
+    def render(data: dict) -> str:
+        return getattr(importlib.import_module(f"bench.{module}"), function)(data)
 
-    return table(data)
+    return render
 
 
 def capacity_section(data: dict, steps: str = "capacity.md") -> str:
@@ -190,42 +195,6 @@ def capacity_section(data: dict, steps: str = "capacity.md") -> str:
     return "\n".join(out).strip()
 
 
-def batching_section(data: dict) -> str:
-    from bench.batching import table
-
-    return table(data)
-
-
-def instance_vectors_section(data: dict) -> str:
-    from bench.instance_vectors import section
-
-    return section(data)
-
-
-def slowclients_section(data: dict) -> str:
-    from bench.slowclients import section
-
-    return section(data)
-
-
-def vectors_scale_section(data: dict) -> str:
-    from bench.vectors_scale import section
-
-    return section(data)
-
-
-def halfvec_section(data: dict) -> str:
-    from bench.halfvec import section
-
-    return section(data)
-
-
-def remote_section(data: dict) -> str:
-    from bench.remote import section
-
-    return section(data)
-
-
 SECTIONS = {"container-results": ("container.json", container_section), "load-results": ("load.json", load_section),
             # bench/release.py; a page needs <!-- release-results:start/end --> markers for it.
             "release-results": ("release.json", release_section),
@@ -237,17 +206,17 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "model-quality-line": ("relevance-meaning.json", model_quality_line),
             "fuzz-results": ("fuzz.json", fuzz_section),
             "faults-results": ("faults.json", faults_section),
-            "serving-results": ("serving.json", serving_section),
+            "serving-results": ("serving.json", from_script("serving", "table")),
             "capacity-results": ("capacity.json", capacity_section),
             "capacity-e5-results": ("capacity-e5/capacity.json",
                                     lambda data: capacity_section(data, "capacity-e5/capacity.md")),
-            "batching-results": ("batching.json", batching_section),
-            "instance-vectors-results": ("instance-vectors.json", instance_vectors_section),
-            "slowclients-results": ("slowclients.json", slowclients_section),
-            "vectors-scale-results": ("vectors-scale.json", vectors_scale_section),
-            "vectors-scale-768-results": ("vectors-scale-768.json", vectors_scale_section),
-            "halfvec-results": ("halfvec.json", halfvec_section),
-            "remote-results": ("remote.json", remote_section)}
+            "batching-results": ("batching.json", from_script("batching", "table")),
+            "instance-vectors-results": ("instance-vectors.json", from_script("instance_vectors")),
+            "slowclients-results": ("slowclients.json", from_script("slowclients")),
+            "vectors-scale-results": ("vectors-scale.json", from_script("vectors_scale")),
+            "vectors-scale-768-results": ("vectors-scale-768.json", from_script("vectors_scale")),
+            "halfvec-results": ("halfvec.json", from_script("halfvec")),
+            "remote-results": ("remote.json", from_script("remote"))}
 
 
 def main() -> int:

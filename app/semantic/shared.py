@@ -302,7 +302,7 @@ def publish(folder: Path, fingerprint: str, kind: str, progress: Callable[[int],
         db.session.commit()  # ends the read transaction before the file work
         if index is None:
             return {"count": 0}
-        recall, expansion = widest_needed(index, probes)
+        recall, expansion = search_breadth(index, probes)
         stamp = f"{max_id}-{time.time_ns()}"
         name = f"{fingerprint}-{kind}-{stamp}.usearch"
         temporary = folder / f".{name}.tmp"
@@ -325,7 +325,7 @@ def publish(folder: Path, fingerprint: str, kind: str, progress: Callable[[int],
         return manifest
 
 
-def widest_needed(index, sample: list) -> tuple[float, int]:
+def search_breadth(index, sample: list) -> tuple[float, int]:
     """(probe recall, search breadth): the narrowest of EXPANSIONS whose probes pass MIN_RECALL, or the
     widest one's recall when none does."""
     for expansion in EXPANSIONS:
