@@ -148,6 +148,16 @@ def test_semantic_search_returns_ranked_results_with_matched_tags(semantic_app):
         assert {m["name"] for m in r["matched_tags"]} <= set(r["tags"])
 
 
+def test_a_close_tag_lifts_its_items_and_never_lowers_one():
+    from app.semantic.service import blend_tags
+
+    # 2 carries a tag closer than itself: 0.6 × 0.5 + 0.4 × 0.8. 3's tag is farther than 3: it keeps its own
+    # 0.4. 4 was reached only through its tag: its own cosine is the farthest read (0.4).
+    scored = blend_tags({1: 0.9, 2: 0.5, 3: 0.4}, {10: 0.8, 11: 0.3}, {2: {10}, 3: {11}, 4: {10}})
+    assert [item_id for _, item_id in scored] == [1, 2, 4, 3]
+    assert [score for score, _ in scored] == pytest.approx([0.9, 0.62, 0.56, 0.4])
+
+
 def test_the_service_answers_with_ids_and_the_endpoint_keeps_its_order(semantic_app):
     with semantic_app.app_context():
         hits = get_service(semantic_app).search("ספרים לילדים", 5)
