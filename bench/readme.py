@@ -202,6 +202,7 @@ SECTIONS = {"container-results": ("container.json", container_section), "load-re
             "textscale-results": ("textscale.json", textscale_section),
             "relevance-results": ("relevance.json", relevance_section),
             "relevance-meaning-results": ("relevance-meaning.json", relevance_meaning_section),
+            "relevance-variants-results": ("relevance-meaning-variants.json", from_script("relevance.meaning.variants")),
             "model-quality": ("relevance-meaning.json", model_quality_section),
             "model-quality-line": ("relevance-meaning.json", model_quality_line),
             "fuzz-results": ("fuzz.json", fuzz_section),

@@ -216,7 +216,8 @@ BENCH_SUBJECTS = {
     "test_e5.py": {"bench.e5"},
     "test_load.py": {"bench.load"},
     "test_relevance.py": {"bench.relevance.evaluate"},
-    "test_relevance_meaning.py": {"bench.relevance.meaning", "bench.relevance.meaning.evaluate"},
+    "test_relevance_meaning.py": {"bench.relevance.meaning", "bench.relevance.meaning.evaluate",
+                                  "bench.relevance.meaning.variants"},
 }
 TEST_FILES = package_files("tests")
 # What `import support` and the like mean: tests/ is on sys.path, so its files are top-level modules.

@@ -143,3 +143,75 @@ def test_the_fusion_is_the_tuning_halfs_choice_over_both_back_ends():
                "postgresql": entry({"0.1": 0.55, "0.2": 0.7, "0.4": 0.7, "0.6": 0.64}, text=0.65)}
     assert evaluate.tuning_choice(entries) == {"text_weight": 0.2, "coverage_power": 2, "tuning_ndcg@10": 0.7,
                                                "every_class_holds": True, "back_ends": ["postgresql", "sqlite"]}
+
+
+# --- the recipes measured beside the shipped one (bench/relevance/meaning/variants.py) ----------
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request) -> str:
+    # The replay reads stored vectors, whichever database holds them: one back end is enough.
+    return request.param
+
+
+def test_the_replay_ranks_and_scores_as_semantic_search_does(make_app, tiny_onnx):
+    """variants.py's figures are the shipped scoring's only if its numpy replay (own cosine, closest tags'
+    blend, candidates) ranks as SemanticService.search does."""
+    import numpy as np
+
+    from app.db import Embedding, Item, db
+    from app.state import get_service
+    from bench.relevance.meaning.variants import Replay
+    from support import embed_all
+
+    app = make_app(SEMANTIC_MODEL=str(tiny_onnx))
+    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
+    embed_all(app)
+    with app.app_context():
+        service = get_service(app)
+        fingerprint, dim = service.encoder().fingerprint, service.encoder().dim
+        stored = {(e.kind, e.ref_id): np.frombuffer(e.vector, dtype="<f2").astype(np.float32)
+                  for e in db.session.query(Embedding).filter(Embedding.model_fp == fingerprint)}
+        item_ids = sorted(i for kind, i in stored if kind == "item")
+        assert item_ids == list(range(1, len(item_ids) + 1)), "the replay numbers items 1..N"
+        tag_ids = sorted(i for kind, i in stored if kind == "tag")
+        carriers: dict[int, set[int]] = {}
+        for item in db.session.query(Item):
+            for tag in item.tags:
+                carriers.setdefault(tag.id, set()).add(item.id)
+        replay = Replay(np.stack([stored["item", i] for i in item_ids]), np.stack([stored["tag", t] for t in tag_ids]),
+                        tag_ids, carriers)
+        blended = 0
+        for query in ("ספרים לילדים", "מתכון לעוגה", "תיקון ברז", "טיול בצפון"):
+            vector = np.asarray(service.encoder().encode([query], 1, kind="query")[0], dtype=np.float32)
+            served = service.search(query, 10)
+            replayed = replay.semantic(vector, 10, blend=True)
+            assert [i for i, _ in replayed] == [i for _, i in served.scored], query
+            assert [s for _, s in replayed] == pytest.approx([s for s, _ in served.scored], abs=1e-3), query
+            blended += bool(served.item_tags)
+        assert blended, "no query reached an item through its tags: the blend went untested"
+        assert dim == replay.items.shape[1]
+
+
+def test_the_tuning_half_alone_chooses_the_recipe_and_the_table_bolds_it():
+    from bench.relevance.meaning import variants
+
+    def recipe(passage, tuning, holds, test):
+        halves = {"tuning": {m: {"ndcg@10": tuning} for m in ("semantic", "hybrid")},
+                  "test": {m: {"ndcg@10": test} for m in ("semantic", "hybrid")}}
+        return {"passage": passage, "tag_blend": True, "feedback": None, "fusion": {"text_weight": 0.4, "coverage_power": 3},
+                "tuning_holds": holds, "tuning_ndcg@10": tuning,
+                "back_ends": {"sqlite": halves, "postgresql": {**halves, "test": {
+                    m: {"ndcg@10": test - 0.1} for m in ("semantic", "hybrid")}}},
+                "semantic_test_gain_over_shipped": {"gain": 0.0, "low": 0.0, "high": 0.0}}
+
+    # The best test half and the best tuning half that lets a class fall below its parts are both passed over.
+    recipes = [recipe("a", 0.70, True, 0.50), recipe("b", 0.60, True, 0.90), recipe("c", 0.80, False, 0.50)]
+    chosen = variants.choose(recipes)
+    assert chosen["passage"] == "a"
+    table = variants.section({"back_ends": ["postgresql", "sqlite"], "queries": 3, "items": 9, "recipes": recipes,
+                              "chosen_on_tuning": {k: chosen[k] for k in ("passage", "tag_blend", "feedback", "fusion")}})
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "SQLite / PostgreSQL" in rows[0]
+    assert [row.startswith("| **") for row in rows[2:]] == [True, False, False], table
+    assert "| 0.500 / 0.400 |" in rows[2], "SQLite's test figure first, as the header says"
