@@ -639,6 +639,32 @@ def capacity_of(steps: list[dict]) -> dict | None:
             "a_lower_rate_failed": any(r < best["rate"] for r in failed)}
 
 
+def cpu_per_answer_ms(step: dict) -> float | None:
+    """Server CPU (every process of the tree, user and system) per answered request in a step: what one
+    answer costs, sheds and idle work included."""
+    answered = (step.get("all") or step).get("answered")
+    return round(1000 * step["server_cpu_s"] / answered, 2) if step.get("server_cpu_s") and answered else None
+
+
+def capacity_cost(run: dict) -> float | None:
+    cap = run.get("capacity")
+    step = next((s for s in run["steps"] if cap and s["rate"] == cap["rate"]), None)
+    return cpu_per_answer_ms(step) if step else None
+
+
+def quota_ceiling(run: dict) -> dict | None:
+    """The most a CPU-limited run's quota answers of the mix at its cost per answer at capacity, with all
+    of the quota busy (no headroom for p99): a bound from the CPU alone, whatever the design's queueing."""
+    cap = run.get("capacity")
+    if not cap or not run.get("cpus"):
+        return None
+    cost = capacity_cost(run)
+    if not cost:
+        return None
+    rate = run["cpus"] * 1000 / cost
+    return {"cpu_ms_per_answer": cost, "rate": round(rate, 1), "semantic": round(rate * MIX["semantic"] / 100, 1)}
+
+
 def step_line(step: dict) -> str:
     a, k = step["all"], step["by_kind"]
     return (f"  {step['rate']:>5g} req/s: answered {a['answered_per_s']:.1f}/s (semantic "
@@ -753,7 +779,8 @@ def checks(data: dict) -> list[tuple[str, bool]]:
             out.append((f"{run['tier']} cpu {c}: semantic goodput at capacity {new_g:.1f}/s vs today's {old_g:.1f}/s = "
                         f"{_v(ratio, '×', 2)} (goal ≥ {GOALS['semantic_goodput_vs_today']:g}×; today's best at any "
                         f"passing rate {old_best:.1f}/s: {_v(new_g / old_best if old_best else None, '×', 2)})"
-                        + (f"; {' and '.join(capped)} passed the ladder's top rate: its capacity is higher" if capped else ""),
+                        + (f"; {' and '.join(capped)} passed the ladder's top rate: its capacity is higher" if capped else "")
+                        + _ceiling_note(run, old_best),
                         (ratio is not None and ratio >= GOALS["semantic_goodput_vs_today"]) or (old_g == 0 and new_g > 0)))
         p50 = cap["text_p50_ms"] if cap else None
         out.append((f"{run['tier']} cpu {c}: new text p50 at capacity ({_v(cap and cap['rate'])} req/s) {_v(p50, ' ms')} "
@@ -786,6 +813,17 @@ def checks(data: dict) -> list[tuple[str, bool]]:
     return out
 
 
+def _ceiling_note(run: dict, old_best: float) -> str:
+    """What the quota allows at the new design's measured cost per answer, against what the goal needs."""
+    ceiling = quota_ceiling(run)
+    if not ceiling or not old_best:
+        return ""
+    need = GOALS["semantic_goodput_vs_today"] * old_best
+    return (f"; at new's {ceiling['cpu_ms_per_answer']:.1f} ms of server CPU per answer the {run['cpus']:g}-CPU quota "
+            f"answers at most {ceiling['rate']:.0f} req/s of the mix with every cycle busy, {ceiling['semantic']:.1f} "
+            f"semantic/s, where the goal needs {need:.1f}/s ({100 * need / MIX['semantic']:.0f} req/s)")
+
+
 def table(data: dict) -> str:
     both = {run["design"] for run in data["runs"]} >= {"new", "today"}
     lines = [f"# Serving capacity: today ({BASELINE}) against new (the working tree)" if both
@@ -808,13 +846,15 @@ def table(data: dict) -> str:
     closed = [r for r in data["runs"] if r["kind"] == "closed"]
     if closed:
         lines += ["## Closed loop: semantic searches back to back (512 MB)", "",
-                  "| design | cpu | clients | answered/s | shed % | other errors | p50 | p99 | CPU throttled |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| design | cpu | clients | answered/s | shed % | other errors | p50 | p99 | CPU throttled "
+                  "| server CPU per answer |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in closed:
             for s in run["steps"]:
                 lines.append(f"| {run['design']} | {cpu_text(run)} | {s['clients']} | {s['answered_per_s']:.1f} "
                              f"| {_v(s['shed_pct'], ' %', 1)} | {s['errors']} | {_v(s['p50_ms'], ' ms')} "
-                             f"| {_v(s['p99_ms'], ' ms')} | {_v(s.get('throttled_pct'), ' %')} |")
+                             f"| {_v(s['p99_ms'], ' ms')} | {_v(s.get('throttled_pct'), ' %')} "
+                             f"| {_v(cpu_per_answer_ms(s), ' ms', 1)} |")
         lines.append("")
     opens = [r for r in data["runs"] if r["kind"] == "open"]
     if opens:
@@ -822,8 +862,8 @@ def table(data: dict) -> str:
                   "", f"Capacity: the highest rate whose step had p99 of all answered requests ≤ {P99_LIMIT_MS} ms and "
                   "no errors other than sheds. Goodput: answered semantic searches per second in that step.", "",
                   "| tier | cpu | design | capacity | semantic goodput there | text p50 there | all p99 there "
-                  "| PSS peak | cgroup peak | OOM kills | semantic goodput new/today |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| server CPU per answer there | PSS peak | cgroup peak | OOM kills | semantic goodput new/today |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in opens:
             cap = run.get("capacity") or {}
             ratio = ""
@@ -837,7 +877,8 @@ def table(data: dict) -> str:
                          f"{'≥ ' if cap.get('top_of_ladder') else ''}{_v(cap.get('rate'), ' req/s')}"
                          + (" (a lower rate failed)" if cap.get("a_lower_rate_failed") else "")
                          + f" | {_v(cap.get('semantic_goodput'), '/s', 1)} | {_v(cap.get('text_p50_ms'), ' ms')} "
-                         f"| {_v(cap.get('all_p99_ms'), ' ms')} | {_v(run.get('pss_peak_mb'), ' MB')} "
+                         f"| {_v(cap.get('all_p99_ms'), ' ms')} | {_v(capacity_cost(run), ' ms', 1)} "
+                         f"| {_v(run.get('pss_peak_mb'), ' MB')} "
                          f"| {_v(run.get('cgroup_peak_mb'), ' MB')} | {_v(run.get('oom_kills'))} | {ratio} |")
         lines += ["", "Backlog of items without a vector after the last step (nothing sent):", ""]
         for run in opens:
@@ -945,7 +986,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve the new design from this folder instead of the working tree")
     parser.add_argument("--results", type=Path, help="output folder (default bench/results; --quick bench/work/results-quick)")
     parser.add_argument("--quick", action="store_true", help="a smoke test: 5 s steps, clients 1,8,32, rates 5,40,160")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: write capacity.md, the goals and capacity.png again from the results "
+                             "folder's capacity.json (after a change to the report, not to what is served)")
     args = parser.parse_args(argv)
+    if args.report:
+        return report(args.results or RESULTS)
 
     tiers = [t for t in args.tiers.split(",") if t]
     designs = [d for d in DESIGNS if d in args.designs.split(",")]
@@ -1010,13 +1056,29 @@ def main(argv: list[str] | None = None) -> int:
                          "fresh_fraction": FRESH_FRACTION, "poll_s": POLL_SECONDS, "fresh_max_s": FRESH_MAX_SECONDS,
                          "drain_max_s": drain_seconds, "tiers": tiers, "cpus": args.cpus, "only": patterns},
             "goals": GOALS, "runs": runs}
+    write(data, results)
+    log(f"results in {results} ({data['wall_seconds']} s)")
+    return 0
+
+
+def write(data: dict, results: Path) -> None:
+    """capacity.json (with the goals checked), capacity.md and capacity.png in results."""
     data["checks"] = [{"goal": text, "met": ok} for text, ok in checks(data)]
     results.mkdir(parents=True, exist_ok=True)
     (results / "capacity.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
     (results / "capacity.md").write_text(table(data))
     plot(data, results / "capacity.png")
     print(table(data))
-    log(f"results in {results} ({data['wall_seconds']} s)")
+
+
+def report(results: Path) -> int:
+    """The report of the run recorded in results/capacity.json, written again."""
+    try:
+        data = json.loads((results / "capacity.json").read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench.capacity --report: no readable run in {results / 'capacity.json'}: {exc}", file=sys.stderr)
+        return 2
+    write(data, results)
     return 0
 
 
