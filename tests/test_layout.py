@@ -213,6 +213,7 @@ def reached_modules(path: Path) -> set[str]:
 # Everything else a test shares with the benchmarks (cgroups, samplers, servers, models) is in devtools/.
 BENCH_SUBJECTS = {
     "test_bench_readme.py": {"bench.readme"},
+    "test_capacity_report.py": {"bench.capacity"},
     "test_e5.py": {"bench.e5"},
     "test_load.py": {"bench.load"},
     "test_relevance.py": {"bench.relevance.evaluate"},
