@@ -647,6 +647,7 @@ def cpu_per_answer_ms(step: dict) -> float | None:
 
 
 def capacity_cost(run: dict) -> float | None:
+    """Server CPU per answer in the step at the run's capacity (None without one)."""
     cap = run.get("capacity")
     step = next((s for s in run["steps"] if cap and s["rate"] == cap["rate"]), None)
     return cpu_per_answer_ms(step) if step else None
@@ -655,11 +656,8 @@ def capacity_cost(run: dict) -> float | None:
 def quota_ceiling(run: dict) -> dict | None:
     """The most a CPU-limited run's quota answers of the mix at its cost per answer at capacity, with all
     of the quota busy (no headroom for p99): a bound from the CPU alone, whatever the design's queueing."""
-    cap = run.get("capacity")
-    if not cap or not run.get("cpus"):
-        return None
     cost = capacity_cost(run)
-    if not cost:
+    if not cost or not run.get("cpus"):
         return None
     rate = run["cpus"] * 1000 / cost
     return {"cpu_ms_per_answer": cost, "rate": round(rate, 1), "semantic": round(rate * MIX["semantic"] / 100, 1)}
@@ -1066,9 +1064,10 @@ def write(data: dict, results: Path) -> None:
     data["checks"] = [{"goal": text, "met": ok} for text, ok in checks(data)]
     results.mkdir(parents=True, exist_ok=True)
     (results / "capacity.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    (results / "capacity.md").write_text(table(data))
+    page = table(data)
+    (results / "capacity.md").write_text(page)
     plot(data, results / "capacity.png")
-    print(table(data))
+    print(page)
 
 
 def report(results: Path) -> int:

@@ -102,16 +102,22 @@ def by_half_and_class(scores: dict, queries: list[dict], modes) -> dict:
     return report
 
 
+def percentile_bootstrap(statistic, qids: list[str], samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """statistic(qids) as "gain", and its 95 % percentile bootstrap interval over the queries resampled
+    with replacement (a fixed seed: the same interval on every run over the same scores)."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    draws = sorted(statistic([rng.choice(qids) for _ in qids]) for _ in range(samples))
+    return {"gain": round(statistic(qids), 4), "low": round(draws[int(0.025 * samples)], 4),
+            "high": round(draws[int(0.975 * samples) - 1], 4)}
+
+
 def bootstrap_gain(scores: dict, qids: list[str], samples: int = BOOTSTRAP_SAMPLES) -> dict:
     """hybrid − max(text, semantic) in mean nDCG@10 over qids, and its 95 % percentile bootstrap interval."""
     def gain(sample):
         mean = {m: statistics.fmean(scores[q][m][0] for q in sample) for m in MODES}
         return mean["hybrid"] - max(mean["text"], mean["semantic"])
 
-    rng = random.Random(BOOTSTRAP_SEED)
-    draws = sorted(gain([rng.choice(qids) for _ in qids]) for _ in range(samples))
-    return {"gain": round(gain(qids), 4), "low": round(draws[int(0.025 * samples)], 4),
-            "high": round(draws[int(0.975 * samples) - 1], 4), "queries": len(qids)}
+    return {**percentile_bootstrap(gain, qids, samples), "queries": len(qids)}
 
 
 def intervals(scores: dict, queries: list[dict]) -> dict:

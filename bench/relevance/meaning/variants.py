@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import statistics
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 
 from .. import scoring as common
 from . import CLASSES, HALVES, ITEMS, QUERIES, grades, half, load
-from .evaluate import BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, GRID, POWERS, corpus, relevant_ids
+from .evaluate import GRID, POWERS, corpus, percentile_bootstrap, relevant_ids
 
 RESULTS = common.RESULTS.with_name("relevance-meaning-variants.json")
 PASSAGES = {
@@ -160,11 +159,7 @@ def class_means(values: dict[str, float], queries: list[dict], which: str) -> di
 
 def paired_bootstrap(a: dict[str, float], b: dict[str, float], qids: list[str]) -> dict:
     """mean(a − b) over qids and its 95 % percentile bootstrap interval."""
-    rng = random.Random(BOOTSTRAP_SEED)
-    diff = [a[q] - b[q] for q in qids]
-    draws = sorted(statistics.fmean(rng.choice(diff) for _ in diff) for _ in range(BOOTSTRAP_SAMPLES))
-    return {"gain": round(statistics.fmean(diff), 4), "low": round(draws[int(0.025 * BOOTSTRAP_SAMPLES)], 4),
-            "high": round(draws[int(0.975 * BOOTSTRAP_SAMPLES) - 1], 4)}
+    return percentile_bootstrap(lambda sample: statistics.fmean(a[q] - b[q] for q in sample), qids)
 
 
 def choose(recipes: list[dict]) -> dict:
