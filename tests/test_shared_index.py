@@ -245,10 +245,13 @@ def test_under_gunicorn_the_workers_publish_and_search_one_shared_generation(tmp
         wait_until(lambda: item_id in semantic_ids(server, f"{title} {body}"), "the new item found by meaning")
 
 
-def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folder):
+def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folder, monkeypatch):
     """Random 768-d vectors are equidistant: a graph walk finds few of the true neighbours (recall 0.50
     at 10 k in bench/vectors.py). The probe at publication sees it, and that generation is searched
     exactly, through the same shared file."""
+    # The base breadth only: at the widest one such a graph comes near the bar, and a graph built on
+    # several threads differs from run to run, so the probe there passed in some runs and not in others.
+    monkeypatch.setattr(shared, "EXPANSIONS", shared.EXPANSIONS[:1])
     vectors = fill(app, 10_000, dim=768)
     rng = np.random.default_rng(5)
     store = store_in(folder)
