@@ -65,3 +65,30 @@ def test_tag_search_by_prefix(seeded):
 
 def test_unknown_tag_finds_nothing(seeded):
     assert titles(search(seeded.test_client(), "אין-תגית-כזאת", mode="tags")) == []
+
+
+def test_a_result_shows_its_own_tags_by_name(app):
+    client = app.test_client()
+    client.post("/items", json={"title": "עוגת גבינה", "tags": ["קינוח", "אפייה", "גבינות"]})
+    client.post("/items", json={"title": "סלט ירקות", "tags": ["ירקות"]})
+    [found] = search(client, "עוגת").get_json()["results"]
+    assert found["tags"] == ["אפייה", "גבינות", "קינוח"]
+
+
+@pytest.mark.parametrize("mode, q", [("text", "ספר"), ("tags", "ספרים")])
+def test_an_item_deleted_between_ranking_and_reading_is_skipped(seeded, monkeypatch, mode, q):
+    from app.search import results, tags, text
+    client = seeded.test_client()
+    before = [r["id"] for r in search(client, q, mode).get_json()["results"]]
+    assert len(before) >= 2
+    gone = before[0]
+
+    def load_without_the_first(ids):
+        found = results.load(ids)
+        found.pop(gone, None)  # as if deleted after the ranking's read
+        return found
+
+    monkeypatch.setattr({"text": text, "tags": tags}[mode], "load", load_without_the_first)
+    response = search(client, q, mode)
+    assert response.status_code == 200
+    assert [r["id"] for r in response.get_json()["results"]] == before[1:]

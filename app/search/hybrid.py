@@ -15,13 +15,11 @@ the text ranking alone, and says so: hybrid never answers 503 for the model's sa
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from .. import textindex
-from ..db import Item, db
+from ..db import db
 from ..semantic.service import SemanticUnavailable
 from ..state import get_service
-from .results import Answer, result
+from .results import Answer, load, result
 
 # Text's share of the fused score when its best match holds the whole query, and how fast it falls with
 # the share held (``text_share``: 0.4 at a full match, 0.05 at half). Chosen on the tuning half of
@@ -107,7 +105,7 @@ def search(query: str, limit: int) -> Answer:
     text alone, with a fallback field, without the model."""
     found, coverage, fallback = rankings(query, depth(limit))
     fused = fuse(found, limit, text_weight=1.0 if fallback else text_share(coverage))
-    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for _, i, _ in fused])))}
+    items = load(i for _, i, _ in fused)
     results = []
     for score, item_id, ranks in fused:
         if item_id in items:  # an item deleted between the rankings and this read is skipped, not an error

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
-from ..db import Item, db
 from ..state import get_service
-from .results import result
+from .results import load, result
 
 
 def search(query: str, limit: int) -> list[dict]:
@@ -15,14 +12,14 @@ def search(query: str, limit: int) -> list[dict]:
     Raises SemanticUnavailable (a 503 with its reason) when the model is off or failed to load.
     """
     hits = get_service().search(query, limit)
-    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for _, i in hits.scored])))}
+    items = load(i for _, i in hits.scored)
     results = []
     for score, item_id in hits.scored:
         item = items.get(item_id)
         if item is None:  # removed since its vector was read
             continue
         close = hits.item_tags.get(item_id, ())
-        matched = sorted(({"name": t.name, "score": round(hits.tag_scores[t.id], 4)} for t in item.tags
-                          if t.id in close), key=lambda m: -m["score"])
+        matched = sorted(({"name": name, "score": round(hits.tag_scores[tag_id], 4)}
+                          for tag_id, name in item.tags if tag_id in close), key=lambda m: -m["score"])
         results.append(result(item, score, matched))
     return results

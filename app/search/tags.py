@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 
 from .. import hebrew
-from ..db import Item, Tag, db, item_tags
-from .results import result
+from ..db import Tag, db, item_tags
+from .results import load, result
 
 
 def parse_tags(query: str) -> list[str]:
@@ -44,6 +44,7 @@ def search(query: str, limit: int) -> list[dict]:
 
     ranked = sorted(((coverage(m), len(m), item_id, m) for item_id, m in item_scores.items()),
                     key=lambda r: (-r[0], -r[1], -r[2]))[:limit]
-    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([r[2] for r in ranked])))}
+    items = load(r[2] for r in ranked)
+    # An item deleted between the tag read and this one is skipped, not an error.
     return [result(items[item_id], score, [{"name": n, "score": s} for n, s in sorted(matched.items())])
-            for score, _, item_id, matched in ranked]
+            for score, _, item_id, matched in ranked if item_id in items]

@@ -6,16 +6,14 @@ length; this module loads the ranked items and shapes them.
 
 from __future__ import annotations
 
-from sqlalchemy import select
-
 from .. import textindex
-from ..db import Item, db
-from .results import result
+from ..db import db
+from .results import load, result
 
 
 def search(query: str, limit: int) -> list[dict]:
     """Items ranked by the index for the query's words (niqqud ignored, prefixes understood), best first."""
     hits = textindex.search(db.session, query, limit).hits
-    items = {i.id: i for i in db.session.scalars(select(Item).where(Item.id.in_([i for i, _ in hits])))}
+    items = load(i for i, _ in hits)
     # An item deleted between the index read and this one is skipped, not an error.
     return [result(items[item_id], score) for item_id, score in hits if item_id in items]
