@@ -4,7 +4,8 @@
     python -m deploy.generate --check    # exit 1 and name the files that drifted from tiers.yaml
 
 Either way it exits 1 when a fact copied outside tiers.yaml disagrees with its source (copies_drift()).
-    python -m deploy.generate --schema ../shared/schemas/render.yaml.schema.json   # also validate Blueprints
+    python -m deploy.generate --schema      # also validate Blueprints against Render's schema in ../shared
+    python -m deploy.generate --schema PATH # ... against that schema file
 
 The 512mb tier's files sit where each platform's one-click flow looks for them (render.yaml and
 app.json at the root); the 1gb tier's beside them under deploy/.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -319,6 +321,19 @@ def blueprints(data: dict | None = None) -> list[str]:
     return [paths(tier)["render"] for tier in data["tiers"]]
 
 
+def find_shared_schema(root: Path = ROOT) -> Path | None:
+    """Render's Blueprint schema in the shared folder beside the project (../shared/schemas), or, for a
+    clone made elsewhere (a clean clone in a temporary folder), beside the local repository it was
+    cloned from; None where neither has it."""
+    rel = Path("shared") / "schemas" / "render.yaml.schema.json"
+    places = [root.parent]
+    origin = subprocess.run(["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip().removeprefix("file://")
+    if origin and Path(origin).is_dir():
+        places.append(Path(origin).resolve().parent)
+    return next((place / rel for place in places if (place / rel).is_file()), None)
+
+
 def validate_schema(schema_path: Path, data: dict | None = None) -> list[str]:
     """Errors of every generated Blueprint against Render's JSON Schema (empty: all valid)."""
     import jsonschema
@@ -400,7 +415,8 @@ def copies_drift(data: dict | None = None, files: dict[str, str] | None = None) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail on drift instead of writing")
-    parser.add_argument("--schema", type=Path, help="validate every Blueprint against this JSON Schema")
+    parser.add_argument("--schema", type=Path, nargs="?", const="shared",
+                        help="validate every Blueprint against this JSON Schema (no path: Render's, in ../shared)")
     args = parser.parse_args(argv)
     files = render_all(load_tiers())
     stale = drifted(files)
@@ -419,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
+    if args.schema == Path("shared"):
+        args.schema = find_shared_schema()
+        if args.schema is None:
+            print("Render's Blueprint schema (shared/schemas/render.yaml.schema.json) is neither beside the "
+                  "project nor beside the repository it was cloned from: pass --schema PATH", file=sys.stderr)
+            return 2
     if args.schema:
         errors = validate_schema(args.schema)
         for error in errors:

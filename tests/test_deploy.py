@@ -21,7 +21,7 @@ from support import ROOT, require
 
 DATA = generate.load_tiers()
 RENDER_WEB_PLANS = {"free", "starter", "standard", "pro", "pro plus", "pro max", "pro ultra"}
-SCHEMA = ROOT.parent / "shared" / "schemas" / "render.yaml.schema.json"
+SCHEMA = generate.find_shared_schema()
 
 
 @pytest.mark.parametrize("rel", sorted(generate.render_all()))
@@ -116,8 +116,33 @@ def test_render_1gb_tier_uses_the_smallest_plan_above_and_says_so():
 
 
 def test_blueprints_validate_against_renders_schema():
-    require(SCHEMA.exists(), f"{SCHEMA} (shared/ beside the clone) is missing")
+    require(SCHEMA is not None, "Render's schema (shared/ beside the clone, or beside its origin) is missing")
     assert generate.validate_schema(SCHEMA) == []
+
+
+def test_a_clone_made_elsewhere_finds_the_schema_beside_its_origin(tmp_path):
+    def git(*args, cwd=tmp_path):
+        subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+    origin = tmp_path / "work" / "project"
+    origin.mkdir(parents=True)
+    git("init", "-q", str(origin))
+    git("clone", "-q", str(origin), str(tmp_path / "tmp" / "clone"))
+    assert generate.find_shared_schema(tmp_path / "tmp" / "clone") is None  # nowhere yet: --schema says so
+    schema = tmp_path / "work" / "shared" / "schemas" / "render.yaml.schema.json"
+    schema.parent.mkdir(parents=True)
+    schema.write_text("{}")
+    assert generate.find_shared_schema(tmp_path / "tmp" / "clone") == schema
+    beside = tmp_path / "tmp" / "shared" / "schemas" / "render.yaml.schema.json"
+    beside.parent.mkdir(parents=True)
+    beside.write_text("{}")
+    assert generate.find_shared_schema(tmp_path / "tmp" / "clone") == beside  # ../shared goes first
+
+
+def test_schema_flag_without_a_schema_anywhere_names_the_problem(monkeypatch, capsys):
+    monkeypatch.setattr(generate, "find_shared_schema", lambda root=generate.ROOT: None)
+    assert generate.main(["--check", "--schema"]) == 2
+    assert "pass --schema PATH" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tier, size", [("512mb", "standard-1x"), ("1gb", "standard-2x")])
@@ -386,7 +411,7 @@ def test_database_plans_grow_with_the_corpus_and_are_renders():
     sizes = [step["up_to_vectors"] for step in plans]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert plans[0]["plan"] == DATA["render"]["database_plan"]  # the Blueprints' own plan is the first step
-    schema_plans = set(json.loads(SCHEMA.read_text())["definitions"]["plan"]["enum"]) if SCHEMA.exists() else None
+    schema_plans = set(json.loads(SCHEMA.read_text())["definitions"]["plan"]["enum"]) if SCHEMA else None
     if schema_plans is not None:
         assert {step["plan"] for step in plans} <= schema_plans
 
