@@ -107,8 +107,8 @@ def worker_started(worker, settings: MonitoringSettings) -> None:
 
 
 # Reading private memory walks the worker's page tables (/proc/self/smaps_rollup: milliseconds of CPU for a
-# few hundred MB), too dear for every request once the shared weights lift RSS past the bound: a reading
-# is reused for this long, so a worker that grew is recycled at most this much later.
+# few hundred MB), too dear for every request once a worker's upper bound (memory.private_bound) is past
+# the limit: a reading is reused for this long, so a worker that grew is recycled at most this much later.
 PRIVATE_READING_MAX_AGE = 1.0  # seconds
 
 
@@ -163,7 +163,7 @@ def after_request(worker, settings: MonitoringSettings) -> None:
     limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
         return
-    if memory.process_rss() <= limit * MB:  # private memory is part of RSS: the cheap reading settles it
+    if memory.private_bound() <= limit * MB:  # the cheap upper bound settles it
         return
     figures = _private_memory(time.monotonic())
     if figures.private <= limit * MB:

@@ -185,10 +185,24 @@ def read_process(pid: int | None = None, proc: str | Path = "/proc") -> ProcessM
     return ProcessMemory(pid, rss, None, rss, "psutil")
 
 
-def process_rss(pid: int | None = None) -> int:
-    """RSS alone, cheaply (/proc/PID/statm, no page-table walk): an upper bound of private memory.
+def private_bound(pid: int | None = None) -> int:
+    """An upper bound of private memory from counters the kernel keeps (no page-table walk): RssAnon +
+    RssShmem of /proc/PID/status. Cheap enough for every request, where smaps_rollup costs ~3 ms of CPU
+    a read for a worker that maps the weights.
 
-    Read directly: it runs after every request, and psutil's Process object costs ten times the read."""
+    A page only this process has written is anonymous (its heap, its copies of the master's pages) or
+    shared memory; a file's page is written in place only through a writable shared mapping, and the
+    only ones memfit makes are prometheus_client's files, in /dev/shm (shared memory) unless
+    PROMETHEUS_MULTIPROC_DIR puts them on a disk. The bound also counts anonymous pages still shared
+    with the master since fork, so it reads above Private_Dirty (88 against 54 MB in a worker under
+    load): it only decides whether smaps_rollup is read. RSS where status lacks those lines.
+    Read directly: psutil's Process object costs ten times the read."""
+    try:
+        with open(f"/proc/{pid or 'self'}/status", "rb") as status:
+            fields = dict(line.split(b":", 1) for line in status.read().splitlines() if line.startswith(b"Rss"))
+        return (int(fields[b"RssAnon"].split()[0]) + int(fields[b"RssShmem"].split()[0])) * 1024
+    except (OSError, ValueError, IndexError, KeyError):
+        pass
     try:
         with open(f"/proc/{pid or 'self'}/statm", "rb") as statm:
             return int(statm.read().split()[1]) * PAGE_SIZE

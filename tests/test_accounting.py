@@ -166,28 +166,28 @@ def test_private_growth_past_the_bound_is_recycled(sharing):
     assert "memfit recycle: worker pid=" in log and "private=" in log and "MAX_WORKER_MEMORY_MB=" in log, log
 
 
-def test_private_memory_is_read_only_past_the_rss_bound_and_at_most_once_a_second(monkeypatch, tmp_path):
+def test_private_memory_is_read_only_past_the_cheap_bound_and_at_most_once_a_second(monkeypatch, tmp_path):
     import logging
     from types import SimpleNamespace
 
     from monitoring import hooks
 
-    state = {"rss": 100 * MB, "private": 100 * MB, "now": 1000.0, "reads": 0}
+    state = {"bound": 100 * MB, "private": 100 * MB, "now": 1000.0, "reads": 0}
 
     def read_process(pid=None, proc="/proc"):
         state["reads"] += 1
-        return memory.ProcessMemory(1, state["rss"], state["private"], state["private"], "smaps_rollup")
+        return memory.ProcessMemory(1, 400 * MB, state["private"], state["private"], "smaps_rollup")
 
     monkeypatch.setattr(hooks, "_state", {})
     monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: state["now"]))
-    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: state["rss"])
+    monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: state["bound"])
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
     settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
 
     hooks.after_request(worker, settings)
-    assert (state["reads"], worker.alive) == (0, True)  # RSS under the bound: private memory is not read
-    state["rss"] = 400 * MB  # shared pages
+    assert (state["reads"], worker.alive) == (0, True)  # the cheap bound under the limit: smaps is not read
+    state["bound"] = 160 * MB  # anonymous pages, some still shared with the master
     hooks.after_request(worker, settings)
     assert (state["reads"], worker.alive) == (1, True)
     state["private"], state["now"] = 200 * MB, state["now"] + 0.5
@@ -207,7 +207,7 @@ def test_workers_past_the_bound_together_recycle_one_after_the_other(monkeypatch
     from monitoring import hooks
 
     monkeypatch.setattr(hooks, "_state", {})
-    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
+    monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process",
                         lambda pid=None, proc="/proc": memory.ProcessMemory(1, 400 * MB, 300 * MB, 200 * MB, "smaps_rollup"))
     settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
@@ -369,7 +369,7 @@ def test_threads_ending_past_the_bound_together_recycle_the_worker_once(monkeypa
 
     monkeypatch.setattr(hooks, "_state", {})
     monkeypatch.setattr(hooks, "PRIVATE_READING_MAX_AGE", 0)
-    monkeypatch.setattr(hooks.memory, "process_rss", lambda pid=None: 400 * MB)
+    monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
     monkeypatch.setattr(hooks, "_recycle", lambda worker, *args: (count.append(1), setattr(worker, "alive", False)))
     settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))

@@ -77,14 +77,24 @@ def test_effective_limit_is_the_smaller_of_cgroup_and_host(v1):
     assert memory.effective_limit(v1(str(host * 4))) == host
 
 
-def test_process_rss_reads_what_psutil_reads():
-    """The per-request reading (/proc/self/statm) is the RSS psutil gives, of this process and another."""
-    import psutil
+def test_the_cheap_private_bound_is_above_private_memory_and_blind_to_mapped_files(tmp_path):
+    """The per-request reading (/proc/PID/status) is never below Private_Dirty (this process's or another's),
+    grows with written pages, and not with a file's pages mapped and read (the weights)."""
+    import mmap
 
     from monitoring import memory
 
-    ballast = bytearray(32 * 1024 * 1024)  # touched pages: RSS far from zero and from a page count
-    for pid in (None, os.getppid()):
-        theirs = psutil.Process(pid or os.getpid()).memory_info().rss
-        assert abs(memory.process_rss(pid) - theirs) < 4 * 1024 * 1024, (pid, memory.process_rss(pid), theirs)
-    del ballast
+    ballast = bytearray(b"x") * (32 * MB)  # written: private
+    for pid in (None, os.getppid()):  # read a moment apart: the reading itself allocates a page or two
+        assert memory.private_bound(pid) >= memory.read_process(pid).private - MB, pid
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * (64 * MB // 256))
+    before = memory.private_bound(), memory.read_process().rss
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        sum(mapped[i] for i in range(0, len(mapped), mmap.PAGESIZE))  # every page resident here
+        mapped_bound, mapped_rss = memory.private_bound(), memory.read_process().rss
+    assert mapped_rss - before[1] > 60 * MB  # the file is in RSS ...
+    assert mapped_bound - before[0] < 8 * MB  # ... and not in the bound
+    grown = bytearray(b"y") * (48 * MB)
+    assert memory.private_bound() - mapped_bound > 40 * MB
+    del ballast, grown
