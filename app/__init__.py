@@ -52,6 +52,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_headers(app)
     register_cli(app)
     register_monitoring(app, settings)
+    if settings.request_concurrency:
+        from .concurrency import Gate
+
+        # Outermost, so that a request's whole run in the app (hooks included) is in its turn.
+        app.wsgi_app = Gate(app.wsgi_app, settings.request_concurrency, settings.max_content_length)
     return app
 
 

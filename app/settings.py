@@ -351,6 +351,10 @@ FIELDS: tuple[Field, ...] = (
     Field("GUNICORN_THREADS", "1", _int(1, 64),
           "Request threads per gunicorn worker (above 1, gunicorn's gthread worker): handlers that wait "
           "for the model sleep without holding a worker's only thread."),
+    Field("REQUEST_CONCURRENCY", "0", _int(0, 1024),
+          "Requests of one worker that run the app at once (app/concurrency.py); the others wait for a turn "
+          "in their threads, a semantic query gives its turn back while it waits for the model, and bodies "
+          "are read before a turn is taken. Fewer at once cost less CPU each under load. 0: no bound."),
     Field("GUNICORN_BACKLOG", "64", _int(1, 65535), "Connections waiting to be accepted by gunicorn."),
     Field("GUNICORN_MAX_REQUESTS", "100", _int(0, 1000000),
           "Requests after which gunicorn replaces a worker (0: never)."),

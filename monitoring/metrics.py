@@ -63,6 +63,9 @@ semantic_runs = Counter(PREFIX + "semantic_model_runs_total", "Model runs, by ki
 semantic_run_texts = Counter(PREFIX + "semantic_model_run_texts_total", "Texts encoded by model runs, by kind; "
                              "divided by memfit_semantic_model_runs_total, the mean batch.", ["kind"])
 semantic_embedded = Counter(PREFIX + "semantic_embedded_total", "Vectors stored by the background embedder.")
+requests_waiting_turn = Gauge(PREFIX + "requests_waiting_for_turn", "Requests of the instance waiting for a turn "
+                              "to run (REQUEST_CONCURRENCY): accepted, in a thread, not yet computed.",
+                              multiprocess_mode="livesum")
 semantic_backlog = Gauge(PREFIX + "semantic_backlog", "Tags and items without a vector for the served model, as "
                          "the background embedder last counted them (0: every row is found by meaning).",
                          multiprocess_mode="livemostrecent")

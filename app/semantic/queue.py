@@ -25,6 +25,7 @@ import time
 from collections import deque
 from typing import Callable, Sequence
 
+from ..concurrency import released
 from .slots import Slots
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,9 @@ class ModelQueue:
             self._thread.start()
 
     def _await(self, job: _Job, timeout: float | None):
-        if not job.done.wait(timeout):
+        with released():  # a request waiting for the model computes nothing: its turn goes to another
+            answered = job.done.wait(timeout)
+        if not answered:
             with self._cond:
                 job.cancelled = True  # the model thread skips it if it has not started it
                 if not job.done.is_set():  # answered between the wait's end and the lock: take it
