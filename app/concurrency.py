@@ -17,6 +17,11 @@ A turn is held only while the request computes:
 * the answer is written to the client after the turn is returned (gunicorn writes what the app
   returned), so a slow reader holds none either.
 
+Turns go to quick reads first (any GET but a semantic or hybrid search: a few ms of CPU each), so text
+stays fast while the CPU is full; a slower request (a write, a search that runs the model) waits at
+most PASS_LIMIT_S while quick ones pass it, then goes next. A semantic query back from the model asks
+as a quick one: it has waited already.
+
 A request never waits for a turn while holding something another turn holder needs (no database
 transaction is open when a request asks), so turns cannot deadlock.
 """
@@ -26,9 +31,62 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import time
+from collections import deque
 from typing import Callable, Iterator
+from urllib.parse import parse_qs
 
 _local = threading.local()  # whether this thread holds a turn, and of which gate
+
+
+# A request that is not a quick read waits at most this long while quick ones pass it: then it goes
+# next, so a flood of searches cannot starve writes (it only delays them).
+PASS_LIMIT_S = 0.25
+
+
+class _Waiter:
+    __slots__ = ("since", "event")
+
+    def __init__(self, since: float):
+        self.since, self.event = since, threading.Event()
+
+
+class Turns:
+    """``count`` turns, handed directly to waiters: quick reads first, each class in arrival order, and a
+    slower request first once quick ones have passed it for PASS_LIMIT_S."""
+
+    def __init__(self, count: int, clock: Callable[[], float] = time.monotonic):
+        self._lock, self._free, self._clock = threading.Lock(), count, clock
+        self._quick: deque[_Waiter] = deque()
+        self._slow: deque[_Waiter] = deque()
+
+    def take(self, quick: bool) -> None:
+        with self._lock:
+            if self._free:
+                self._free -= 1
+                return
+            waiter = _Waiter(self._clock())
+            (self._quick if quick else self._slow).append(waiter)
+        gauge = _waiting_gauge()  # only when waiting: a free turn, the usual case, costs no metric
+        if gauge is not None:
+            gauge.inc()
+        try:
+            waiter.event.wait()
+        finally:
+            if gauge is not None:
+                gauge.dec()
+
+    def give(self) -> None:
+        with self._lock:
+            quick, slow = self._quick, self._slow
+            if slow and (not quick or self._clock() - slow[0].since >= PASS_LIMIT_S):
+                waiter = slow.popleft()
+            elif quick:
+                waiter = quick.popleft()
+            else:
+                self._free += 1
+                return
+        waiter.event.set()  # the turn passes to it without being free in between
 
 
 class Gate:
@@ -36,39 +94,42 @@ class Gate:
 
     def __init__(self, app: Callable, turns: int, max_body: int | None):
         self.app, self.turns, self.max_body = app, turns, max_body
-        self._semaphore = threading.BoundedSemaphore(turns)
+        self._turns = Turns(turns)
 
     def __call__(self, environ: dict, start_response: Callable):
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             return self.app(environ, start_response)  # read by the app (app/bodies.py): no turn
         _prefetch(environ, self.max_body)
-        self._take()
+        self._take(_quick(environ))
         try:
             return self.app(environ, start_response)
         finally:
             self._give()
 
-    def _take(self) -> None:
-        if not self._semaphore.acquire(blocking=False):  # a free turn, the usual case, costs no metric
-            gauge = _waiting_gauge()
-            if gauge is not None:
-                gauge.inc()
-            try:
-                self._semaphore.acquire()
-            finally:
-                if gauge is not None:
-                    gauge.dec()
+    def _take(self, quick: bool) -> None:
+        self._turns.take(quick)
         _local.gate = self
 
     def _give(self) -> None:
         if getattr(_local, "gate", None) is self:
             _local.gate = None
-            self._semaphore.release()
+            self._turns.give()
+
+
+def _quick(environ: dict) -> bool:
+    """A read that costs a few ms of CPU: any GET but a search that runs the model (semantic, hybrid)."""
+    if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+        return False
+    if environ.get("PATH_INFO") != "/search":
+        return True
+    mode = parse_qs(environ.get("QUERY_STRING", "")).get("mode", ["text"])[-1]
+    return mode not in ("semantic", "hybrid")
 
 
 @contextlib.contextmanager
 def released() -> Iterator[None]:
-    """Give this thread's turn back for the block (a wait that computes nothing); no-op without one."""
+    """Give this thread's turn back for the block (a wait that computes nothing); no-op without one. The
+    turn asked for after it is a quick one: the request has waited already, and has little left to do."""
     gate = getattr(_local, "gate", None)
     if gate is None:
         yield
@@ -77,7 +138,7 @@ def released() -> Iterator[None]:
     try:
         yield
     finally:
-        gate._take()
+        gate._take(quick=True)
 
 
 def _waiting_gauge():

@@ -209,3 +209,61 @@ def test_the_setting_puts_the_gate_in_front_of_the_app(value, turns, tmp_path):
                                   "ENABLE_SEMANTIC_SEARCH": "false"}, instance_path=str(tmp_path))
     app = create_app(settings)
     assert (app.wsgi_app.turns if isinstance(app.wsgi_app, Gate) else 0) == turns
+
+
+def queued(turns) -> int:
+    return len(turns._quick) + len(turns._slow)
+
+
+def waiter(turns, quick: bool, order: list, name: str) -> threading.Thread:
+    def run():
+        turns.take(quick)
+        order.append(name)
+        turns.give()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_quick_reads_pass_slower_requests_waiting_for_a_turn():
+    from app.concurrency import Turns
+
+    turns, order = Turns(1), []
+    turns.take(quick=False)  # the one turn, held
+    threads = [waiter(turns, False, order, "create")]
+    assert wait_for(lambda: queued(turns) == 1)
+    threads.append(waiter(turns, True, order, "text"))
+    assert wait_for(lambda: queued(turns) == 2)
+    turns.give()
+    for thread in threads:
+        thread.join(WAIT)
+    assert order == ["text", "create"]
+
+
+def test_a_slower_request_passed_for_long_enough_goes_next():
+    from app import concurrency
+    from app.concurrency import Turns
+
+    now = [100.0]
+    turns, order = Turns(1, clock=lambda: now[0]), []
+    turns.take(quick=False)
+    threads = [waiter(turns, False, order, "create")]
+    assert wait_for(lambda: queued(turns) == 1)
+    threads.append(waiter(turns, True, order, "text"))
+    assert wait_for(lambda: queued(turns) == 2)
+    now[0] += concurrency.PASS_LIMIT_S
+    turns.give()
+    for thread in threads:
+        thread.join(WAIT)
+    assert order == ["create", "text"]
+
+
+@pytest.mark.parametrize("method, path, query, quick", [
+    ("GET", "/search", "q=x&mode=text", True), ("GET", "/search", "q=x", True), ("GET", "/search", "mode=tags&q=x", True),
+    ("GET", "/search", "q=x&mode=semantic", False), ("GET", "/search", "q=x&mode=hybrid", False),
+    ("POST", "/items", "", False), ("GET", "/items/3", "", True), ("GET", "/healthz", "", True)])
+def test_which_requests_are_quick_reads(method, path, query, quick):
+    from app.concurrency import _quick
+
+    assert _quick({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query}) is quick
