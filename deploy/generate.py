@@ -299,9 +299,10 @@ def tier_table(data: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, spec in data["tiers"].items():
         env, platforms = spec["env"], spec["platforms"]
+        turns = f", {env['REQUEST_CONCURRENCY']} computing at once" if env.get("REQUEST_CONCURRENCY", "0") != "0" else ""
         rows.append(f"| `{name}` | {spec['memory_mb']} MB, alert at {env['MAX_MEMORY_MB']}, recycle a worker past "
                     f"{env['MAX_WORKER_MEMORY_MB']} MB of private memory | {env['WEB_CONCURRENCY']} × "
-                    f"{env['GUNICORN_THREADS']} threads | {spec['semantic']} | `{platforms['render']['plan']}` | "
+                    f"{env['GUNICORN_THREADS']} threads{turns} | {spec['semantic']} | `{platforms['render']['plan']}` | "
                     f"`{platforms['heroku']['size']}` | `memory = \"{platforms['fly']['memory']}\"` |")
     return "\n".join(rows) + "\n"
 
