@@ -267,3 +267,32 @@ def test_which_requests_are_quick_reads(method, path, query, quick):
     from app.concurrency import _quick
 
     assert _quick({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query}) is quick
+
+
+def test_a_query_back_from_the_model_passes_slower_requests():
+    """Its first turn was a slow one; the one it asks for after the model wait is a quick one."""
+    model_go = threading.Event()
+    order: list[str] = []
+
+    def encode(texts, batch_size, kind="query"):
+        assert model_go.wait(WAIT)
+        return [[1.0] for _ in texts]
+
+    queue = ModelQueue(encode, slots=None, max_batch=4, deadline_s=60.0)
+    gate = Gate(lambda environ, start_response: [b""], turns=1, max_body=1024)
+    gate._take(quick=False)  # the one turn, held by a request computing
+    semantic = threading.Thread(target=lambda: (gate._take(quick=False), queue.encode_query("שאלה"),
+                                                order.append("semantic"), gate._give()), daemon=True)
+    semantic.start()
+    assert wait_for(lambda: queued(gate._turns) == 1)
+    gate._give()  # the semantic request gets the turn, then gives it back while the model runs
+    assert wait_for(lambda: queue.depth() == 0 and queued(gate._turns) == 0)
+    gate._take(quick=False)  # a computing request holds the turn again
+    create = waiter(gate._turns, False, order, "create")
+    assert wait_for(lambda: queued(gate._turns) == 1)
+    model_go.set()  # the query comes back from the model and asks for a turn
+    assert wait_for(lambda: queued(gate._turns) == 2)
+    gate._give()
+    semantic.join(WAIT)
+    create.join(WAIT)
+    assert order == ["semantic", "create"]
