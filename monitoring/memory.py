@@ -198,10 +198,9 @@ def private_bound(pid: int | None = None) -> int:
     load): it only decides whether smaps_rollup is read. RSS where status lacks those lines.
     Read directly: psutil's Process object costs ten times the read."""
     try:
-        with open(f"/proc/{pid or 'self'}/status", "rb") as status:
-            fields = dict(line.split(b":", 1) for line in status.read().splitlines() if line.startswith(b"Rss"))
-        return (int(fields[b"RssAnon"].split()[0]) + int(fields[b"RssShmem"].split()[0])) * 1024
-    except (OSError, ValueError, IndexError, KeyError):
+        status = _read_kb_fields(Path(f"/proc/{pid or 'self'}/status"))
+        return status["RssAnon"] + status["RssShmem"]
+    except (OSError, KeyError):
         pass
     try:
         with open(f"/proc/{pid or 'self'}/statm", "rb") as statm:
