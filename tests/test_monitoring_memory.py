@@ -84,7 +84,15 @@ def test_the_cheap_private_bound_is_above_private_memory_and_blind_to_mapped_fil
 
     from monitoring import memory
 
-    ballast = bytearray(b"x") * (32 * MB)  # written: private
+    def written(size: int) -> mmap.mmap:
+        """Fresh anonymous pages, each written: private, whatever the allocator already holds (in a long
+        test run malloc hands out freed memory that is resident already, and RSS would not move)."""
+        pages = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            pages[offset] = 1
+        return pages
+
+    ballast = written(32 * MB)
     for pid in (None, os.getppid()):  # read a moment apart: the reading itself allocates a page or two
         assert memory.private_bound(pid) >= memory.read_process(pid).private - MB, pid
     path = tmp_path / "weights.bin"
@@ -95,6 +103,7 @@ def test_the_cheap_private_bound_is_above_private_memory_and_blind_to_mapped_fil
         mapped_bound, mapped_rss = memory.private_bound(), memory.read_process().rss
     assert mapped_rss - before[1] > 60 * MB  # the file is in RSS ...
     assert mapped_bound - before[0] < 8 * MB  # ... and not in the bound
-    grown = bytearray(b"y") * (48 * MB)
+    grown = written(48 * MB)
     assert memory.private_bound() - mapped_bound > 40 * MB
-    del ballast, grown
+    ballast.close()
+    grown.close()
