@@ -1,4 +1,5 @@
-"""What a batched model run saves: 8 short queries encoded together against 8 runs of one.
+"""What a batched model run saves: 8 short queries encoded together against 8 runs of one; and what
+batching by length saves when one of the eight is long.
 
     python -m bench.batching            # the AlephBERT-size q8 artifact (devtools/project.py models())
     python -m bench.batching --e5       # also multilingual-e5-small q8 (bench/e5.py, built on first use)
@@ -6,7 +7,10 @@
 Each model is loaded as a worker loads it (app/semantic/encoders.py, SEMANTIC_THREADS 1: one runtime
 thread per worker, as the tiers run it), warmed, then timed ROUNDS times each way on the same queries:
 eight encode() calls of one query, and one call of all eight (the model queue's run when eight
-queries wait). Results: bench/results/batching.json and .md. Nothing is asserted.
+queries wait). Then seven of the queries and one of MAX_QUERY_LENGTH (500 characters, ~100 tokens):
+one call as the encoder makes it (texts batched by length, padding bounded), against the same call
+with the eight padded into one batch as they arrived. Results: bench/results/batching.json and .md.
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ RESULTS = ROOT / "bench" / "results"
 QUERIES = ["ספרים לילדים", "טיול בצפון", "מתכון לעוגה בלי קמח", "מחשב נייד זול", "איך מחליפים גלגל",
            "מוזיקה קלאסית", "רופא שיניים בחיפה", "חופשה משפחתית באילת"]
 ROUNDS = 30
+# A query of MAX_QUERY_LENGTH characters: Hebrew words of one or two tokens each.
+LONG_QUERY = " ".join(QUERIES * 20)[:500]
+LONG_QUERY_NOTE = "the eight queries repeated to 500 characters (MAX_QUERY_LENGTH)"
 
 
 def measure(model_dir: Path, name: str) -> dict:
+    from app.semantic import encoders
     from app.semantic.encoders import load_encoder
     from app.settings import Settings
 
@@ -46,10 +54,27 @@ def measure(model_dir: Path, name: str) -> dict:
         encoder.encode(QUERIES, len(QUERIES), kind="query")
         batches.append((time.perf_counter() - started) * 1000)
     single, batch = statistics.median(singles), statistics.median(batches)
+    mixed = QUERIES[:7] + [LONG_QUERY]
+    by_length, padded = [], []
+    as_built = encoders.token_batches
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        encoder.encode(mixed, len(mixed), kind="query")
+        by_length.append((time.perf_counter() - started) * 1000)
+        encoders.token_batches = lambda lengths, size, *bounds: [list(range(len(lengths)))]
+        try:
+            started = time.perf_counter()
+            encoder.encode(mixed, len(mixed), kind="query")
+            padded.append((time.perf_counter() - started) * 1000)
+        finally:
+            encoders.token_batches = as_built
     return {"model": name, "dim": encoder.dim, "queries": len(QUERIES), "rounds": ROUNDS,
             "eight_single_runs_ms": round(single, 1), "one_batch_of_eight_ms": round(batch, 1),
             "speedup": round(single / batch, 2), "per_query_single_ms": round(single / len(QUERIES), 1),
-            "per_query_batched_ms": round(batch / len(QUERIES), 1)}
+            "per_query_batched_ms": round(batch / len(QUERIES), 1),
+            "long_query_tokens": encoder.tokens(LONG_QUERY, "query"),
+            "mixed_padded_ms": round(statistics.median(padded), 1),
+            "mixed_by_length_ms": round(statistics.median(by_length), 1)}
 
 
 def table(data: dict) -> str:
@@ -57,7 +82,12 @@ def table(data: dict) -> str:
             "| --- | --- | --- | --- | --- |"]
     rows += [f"| {r['model']} ({r['dim']}-d) | {r['eight_single_runs_ms']} ms | {r['one_batch_of_eight_ms']} ms "
              f"| {r['per_query_single_ms']} → {r['per_query_batched_ms']} ms | {r['speedup']}× |" for r in data["runs"]]
-    return "\n".join(rows + ["", f"Medians of {ROUNDS} rounds, one runtime thread, measured {data['measured_at']}."])
+    rows += ["", "| model | 7 short queries and 1 long, padded as one batch | the same, batched by length | gain |",
+             "| --- | --- | --- | --- |"]
+    rows += [f"| {r['model']} | {r['mixed_padded_ms']} ms | {r['mixed_by_length_ms']} ms "
+             f"| {r['mixed_padded_ms'] / r['mixed_by_length_ms']:.2f}× |" for r in data["runs"] if "mixed_padded_ms" in r]
+    return "\n".join(rows + ["", f"Medians of {ROUNDS} rounds, one runtime thread, measured {data['measured_at']}. "
+                              f"The long query: {LONG_QUERY_NOTE}."])
 
 
 def main(argv: list[str] | None = None) -> int:

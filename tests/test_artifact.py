@@ -84,15 +84,28 @@ def test_unloadable_optimized_variant_falls_back_and_readyz_says_why(make_app, a
     assert semantic["variant"] == "portable" and encoders.OPTIMIZED_MODEL in semantic["fallback_reason"]
 
 
-@pytest.mark.parametrize("lengths, size, cap, expected", [
-    ([10, 10, 10], 2, 1000, [[0, 1], [2]]),        # count alone
-    ([100, 100, 100, 100], 10, 250, [[0, 1], [2, 3]]),  # padded tokens alone
-    ([5, 5, 200, 5], 10, 300, [[0, 1], [2], [3]]),  # one long text pads the whole batch: split around it
-    ([600, 10], 10, 512, [[0], [1]]),              # longer than the cap alone: a batch of one
-    ([], 4, 100, []),
+@pytest.mark.parametrize("lengths, size, cap, padding, expected", [
+    ([10, 10, 10], 2, 1000, 0, [[0, 1], [2]]),        # count alone
+    ([100, 100, 100, 100], 10, 250, 0, [[0, 1], [2, 3]]),  # padded tokens alone
+    ([5, 5, 200, 5], 10, 300, 1000, [[0, 1, 3], [2]]),  # one long text pads the whole batch: it goes alone
+    ([50, 3, 50, 3], 2, 1000, 1000, [[1, 3], [0, 2]]),  # short with short, long with long, whatever the order
+    ([9, 3, 10, 4, 5], 10, 1000, 8, [[1, 3, 4], [0, 2]]),  # padding alone: 3, 4, 5 then 9, 10
+    ([9, 3, 10, 4, 5], 10, 1000, 100, [[1, 3, 4, 0, 2]]),
+    ([600, 10], 10, 512, 1000, [[1], [0]]),              # longer than the cap alone: a batch of one
+    ([], 4, 100, 0, []),
 ])
-def test_token_batches_bound_count_and_padded_tokens(lengths, size, cap, expected):
-    assert [list(r) for r in encoders.token_batches(lengths, size, cap)] == expected
+def test_token_batches_bound_count_padded_tokens_and_padding(lengths, size, cap, padding, expected):
+    assert encoders.token_batches(lengths, size, cap, padding) == expected
+
+
+@pytest.mark.parametrize("model", ["tiny_onnx", "tiny_model"])
+def test_texts_batched_by_length_come_back_in_the_callers_order(model, request, tmp_path):
+    """Batches go by length, not in the order given: each row must still be its own text's vector."""
+    encoder = load(request.getfixturevalue(model), tmp_path)
+    texts = [LONG[0], TEXTS[0], LONG[1], TEXTS[1], TEXTS[3]]
+    alone = np.vstack([encoder.encode([text], 1) for text in texts])
+    together = encoder.encode(texts, 2)
+    assert together.shape == alone.shape and np.allclose(together, alone, atol=1e-5)
 
 
 class Recording:
@@ -318,3 +331,22 @@ def test_a_model_without_prompts_keeps_the_fingerprint_it_had_before_prompts(tin
     encoder = load(tiny_onnx, tmp_path)
     served = f"{encoder.manifest['fingerprint']}:{encoder.max_seq_length}"
     assert encoder.fingerprint == hashlib.sha256(served.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("model, prompted", [("tiny_onnx", "prompted_onnx"), ("tiny_model", "prompted_model")])
+def test_an_encoder_counts_the_tokens_the_model_reads(model, prompted, request, tmp_path):
+    """The model queue weighs each query by this count: the prompt is read too, and truncation caps it."""
+    plain, with_prompts = (load(request.getfixturevalue(name), tmp_path) for name in (model, prompted))
+    assert plain.tokens(LONG[0], "query") == plain.max_seq_length
+    assert 2 < plain.tokens(TEXTS[0], "query") < plain.tokens(TEXTS[1], "query") < plain.max_seq_length
+    assert with_prompts.tokens(TEXTS[0], "query") > plain.tokens(TEXTS[0], "query")
+
+
+def test_the_model_queue_weighs_queries_by_the_encoders_tokens(make_app, tiny_onnx):
+    from app.semantic.queue import _Job
+    from app.state import get_state
+
+    service = get_state(make_app(SEMANTIC_MODEL=str(tiny_onnx))).semantic
+    queue, encoder = service.queue(), service.encoder()
+    long, short = _Job(LONG[:1], "query", 1, queue._measure), _Job(TEXTS[:1], "query", 1, queue._measure)
+    assert long.units - short.units == encoder.tokens(LONG[0], "query") - encoder.tokens(TEXTS[0], "query")

@@ -121,17 +121,21 @@ def test_before_its_first_timed_run_a_queue_takes_one_batch_and_says_why_it_refu
     assert answers == {"a": "vec:a", "b": "vec:b"}
 
 
-def test_a_long_query_counts_for_the_work_it_is():
+def test_a_query_counts_for_the_tokens_its_encoder_reads():
+    # The encoder's count decides, not the characters: a 4-character text of many rare pieces is long.
+    tokens = {"מילה " * 100: 200, "ארוך": 300}
     model = Model()
-    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0)
-    queue.seconds_per_unit = 0.001
-    first = hold_first_run(queue, model)  # "q0": 18 units in flight, 18 ms
+    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0,
+                       measure=lambda text, kind: tokens.get(text, 2))
+    queue.seconds_per_unit = 0.004
+    first = hold_first_run(queue, model)  # "q0": 2 + UNIT_OVERHEAD units in flight, 24 ms
     answers: dict = {}
-    long = "מילה " * 100  # 500 characters: 516 units, about half a second
+    long = "מילה " * 100  # 204 units: about 0.8 s
     threads = enqueue(queue, [long], answers)
-    with pytest.raises(QueueFull):  # a second one would end past the deadline (1.05 s)
-        queue.encode_query(long + " ")
-    threads += enqueue(queue, ["קצר", "עוד"], answers)  # short ones still fit: 19 units each
+    for refused in ("ארוך", long):  # either would end past the deadline
+        with pytest.raises(QueueFull):
+            queue.encode_query(refused)
+    threads += enqueue(queue, ["קצר", "עוד"], answers)  # short ones still fit: 6 units each
     model.gate.set()
     for thread in (first, *threads):
         thread.join(30)

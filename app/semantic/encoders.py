@@ -57,6 +57,10 @@ POOLING_MODES = ("mean", "cls", "max")
 # batch of long texts is split instead of lifting the worker's peak. At least the longest
 # SEMANTIC_MAX_SEQ_LENGTH (512), so that a single text always fits.
 MAX_BATCH_TOKENS = 1024
+# Padding (tokens the batch pads its shorter texts with) that one runtime call may carry. A padded token
+# costs what a real one does (AlephBERT q8, one thread: about 0.6 ms a token row, short or long), and a
+# call's own overhead is about 2.5 ms: past a few rows of padding, two calls cost less than one.
+MAX_PADDING_TOKENS = 8
 
 
 # What a text is encoded as: a search query, or a passage (an item or a tag) that queries look for.
@@ -80,6 +84,9 @@ class Encoder(Protocol):
 
     def encode(self, texts: Sequence[str], batch_size: int, kind: str = "passage") -> "np.ndarray":  # noqa: F821
         """L2-normalised float32 embeddings, one row per text, each prefixed with the prompt of its kind."""
+
+    def tokens(self, text: str, kind: str) -> int:
+        """The tokens the model reads for the text (prompt included, truncated): its share of a run."""
 
     def describe(self) -> dict: ...
 
@@ -291,19 +298,35 @@ def runtime_threads(settings: Settings) -> int:
     return settings.semantic_threads or max(1, min(4, available_cpus() // settings.web_concurrency))
 
 
-def token_batches(lengths: Sequence[int], size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[range]:
-    """Consecutive index ranges of at most ``size`` texts whose padded size (texts x longest) stays
-    within ``max_tokens``; a text longer than the cap on its own still gets a batch of one."""
-    batches, start, longest = [], 0, 0
-    for i, length in enumerate(lengths):
-        grown = max(longest, length)
-        if i > start and (i - start >= size or (i - start + 1) * grown > max_tokens):
-            batches.append(range(start, i))
-            start, grown = i, length
-        longest = grown
-    if start < len(lengths):
-        batches.append(range(start, len(lengths)))
+def token_batches(lengths: Sequence[int], size: int, max_tokens: int = MAX_BATCH_TOKENS,
+                  max_padding: int = MAX_PADDING_TOKENS) -> list[list[int]]:
+    """The texts' indices in batches of at most ``size`` texts whose padded size (texts x longest)
+    stays within ``max_tokens`` and whose padding within ``max_padding``; a text longer than the cap on
+    its own still gets a batch of one. Texts go in order of length, as sentence-transformers' encode
+    does: a batch pads every text to its longest, so one long query among fifteen short ones would make
+    all sixteen cost as much as it does."""
+    batches, batch, longest, total = [], [], 0, 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        grown = max(longest, lengths[i])
+        padded = (len(batch) + 1) * grown
+        if batch and (len(batch) >= size or padded > max_tokens or padded - total - lengths[i] > max_padding):
+            batches.append(batch)
+            batch, grown, total = [], lengths[i], 0
+        batch.append(i)
+        longest, total = grown, total + lengths[i]
+    if batch:
+        batches.append(batch)
     return batches
+
+
+def in_order(parts: list, batches: list[list[int]], count: int, dim: int) -> "np.ndarray":  # noqa: F821
+    """The rows of each batch's result put back in the order of the texts the batches index."""
+    import numpy as np
+
+    out = np.zeros((count, dim), dtype=np.float32)
+    for rows, batch in zip(parts, batches):
+        out[batch] = rows
+    return out
 
 
 class TorchEncoder:
@@ -336,14 +359,18 @@ class TorchEncoder:
 
         texts = with_prompt(texts, self.prompts, kind)
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_seq_length)["input_ids"]
-        out = []
+        batches, out = token_batches([len(i) for i in ids], batch_size), []
         with self._torch.inference_mode():
-            for batch in token_batches([len(i) for i in ids], batch_size):
-                enc = self.tokenizer(texts[batch.start : batch.stop], padding=True, truncation=True,
+            for batch in batches:
+                enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                      max_length=self.max_seq_length, return_tensors="pt")
                 hidden = self.model(**enc).last_hidden_state
                 out.append(pool(hidden, enc["attention_mask"], self.layout.pooling).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+        return in_order(out, batches, len(texts), self.dim)
+
+    def tokens(self, text: str, kind: str) -> int:
+        return len(self.tokenizer(with_prompt([text], self.prompts, kind)[0], truncation=True,
+                                  max_length=self.max_seq_length)["input_ids"])
 
     def describe(self) -> dict:
         described = {"backend": self.backend, "precision": "fp32", "dim": self.dim,
@@ -442,9 +469,9 @@ def run_session(session, tokenizer, texts: Sequence[str], batch_size: int, pad_i
 
     encodings = tokenizer.encode_batch(list(texts))
     wants_types = any(i.name == "token_type_ids" for i in session.get_inputs())
-    out = []
-    for batch in token_batches([len(e.ids) for e in encodings], batch_size):
-        chunk = encodings[batch.start : batch.stop]
+    batches, out = token_batches([len(e.ids) for e in encodings], batch_size), []
+    for batch in batches:
+        chunk = [encodings[i] for i in batch]
         ids = np.full((len(chunk), max(len(e.ids) for e in chunk)), pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, e in enumerate(chunk):
@@ -453,8 +480,8 @@ def run_session(session, tokenizer, texts: Sequence[str], batch_size: int, pad_i
         feed = {"input_ids": ids, "attention_mask": mask}
         if wants_types:
             feed["token_type_ids"] = np.zeros_like(ids)
-        out.append(session.run(["sentence_embedding"], feed)[0].astype(np.float32, copy=False))
-    return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
+        out.append(session.run(["sentence_embedding"], feed)[0])
+    return in_order(out, batches, len(texts), dim)
 
 
 def read_manifest(root: Path) -> dict:
@@ -543,6 +570,9 @@ class OnnxEncoder:
     def encode(self, texts: Sequence[str], batch_size: int, kind: str = "passage"):
         return run_session(self.session, self.tokenizer, with_prompt(texts, self.prompts, kind), batch_size,
                            self.pad_id, self.dim)
+
+    def tokens(self, text: str, kind: str) -> int:
+        return len(self.tokenizer.encode(with_prompt([text], self.prompts, kind)[0]).ids)
 
     def describe(self) -> dict:
         described = {"backend": self.backend, "precision": self.manifest.get("precision"), "dim": self.dim,

@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 # queue's drain rate). A ratio of sums, not an average of each run's ratio: a run of one query that waited
 # for another worker's run to free the slot says little of what a full run costs, and is weighed as one.
 RECENT_RUNS = 8
-# A text's work, in units: its characters plus a fixed part (the prompt, the run's own overhead). A model
-# run costs about its tokens, and a 500-character query tens of times a one-word one: counting queries
-# alone let a queue of long queries admit waits many times the deadline.
-UNIT_OVERHEAD = 16
+# A text's work, in units: the tokens the model reads for it (the encoder's count: prompt included,
+# truncated) plus a fixed part, its share of a run's own overhead. A model run costs about its padded
+# tokens (and the encoder batches texts of like length, so padding stays small): a 500-character query
+# costs twenty times a one-word one, and counting queries alone let a queue of long queries admit waits
+# many times the deadline. Characters were no better: Hebrew words of the same length are one token or four.
+UNIT_OVERHEAD = 4
 # How long an admitted query waits at most, as a multiple of the deadline (plus a floor): only a model
 # thread that stopped answering gets there, since admission already checked the expected wait.
 STUCK_FACTOR, STUCK_FLOOR_S = 4, 10.0
@@ -70,9 +72,9 @@ class QueueStuck(Exception):
 class _Job:
     __slots__ = ("texts", "kind", "batch_size", "units", "done", "result", "error", "cancelled")
 
-    def __init__(self, texts: Sequence[str], kind: str, batch_size: int):
+    def __init__(self, texts: Sequence[str], kind: str, batch_size: int, measure: Callable[[str, str], int]):
         self.texts, self.kind, self.batch_size = list(texts), kind, batch_size
-        self.units = sum(len(text) + UNIT_OVERHEAD for text in self.texts)
+        self.units = sum(measure(text, kind) + UNIT_OVERHEAD for text in self.texts)
         self.done = threading.Event()
         self.result = self.error = None
         self.cancelled = False
@@ -80,11 +82,14 @@ class _Job:
 
 class ModelQueue:
     """The queue and the model thread of one process. ``encode`` is the encoder's encode(texts,
-    batch_size, kind=...); the thread starts on first use (after gunicorn's fork)."""
+    batch_size, kind=...) and ``measure`` its tokens(text, kind), a text's work; the thread starts on
+    first use (after gunicorn's fork)."""
 
     def __init__(self, encode: Callable, slots: Slots | None, max_batch: int, deadline_s: float, nice: int = 0,
-                 on_run: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 on_run: Callable[[str, int], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 measure: Callable[[str, str], int] = lambda text, kind: len(text)):
         self._encode, self._slots, self._on_run, self._clock = encode, slots, on_run, clock
+        self._measure = measure
         self.max_batch, self.deadline_s, self.nice = max(1, max_batch), deadline_s, nice
         self._cond = threading.Condition()
         self._queries: deque[_Job] = deque()
@@ -106,7 +111,7 @@ class ModelQueue:
 
     def encode_query(self, text: str):
         """The query's vector, after the queries ahead of it; QueueFull when it would wait past the deadline."""
-        job = _Job([text], "query", self.max_batch)
+        job = _Job([text], "query", self.max_batch, self._measure)  # tokenized outside the lock
         with self._cond:
             self._ensure_thread()
             wait = self.expected_wait(self._waiting_units + job.units)
@@ -121,7 +126,7 @@ class ModelQueue:
 
     def encode_background(self, texts: Sequence[str], batch_size: int, timeout: float | None = None):
         """Vectors of passages, computed when no query waits; waits as long as that takes (or timeout)."""
-        job = _Job(texts, "passage", batch_size)
+        job = _Job(texts, "passage", batch_size, self._measure)
         with self._cond:
             self._ensure_thread()
             self._background.append(job)

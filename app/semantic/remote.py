@@ -280,6 +280,10 @@ class RemoteEncoder:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
+    def tokens(self, text: str, kind: str) -> int:
+        """Estimated from characters, as the request bound is: the service's tokenizer is not here."""
+        return len(with_prompt([text], self.prompts, kind)[0]) // CHARS_PER_TOKEN + TOKENS_PER_TEXT
+
     def _request(self, texts: list[str]):
         """One batch, with the breaker's leave and the bounded retries."""
         self.breaker.allow()

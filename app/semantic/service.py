@@ -269,7 +269,8 @@ class SemanticService:
                 # Looked up per run, not bound now: the encoder's method is what runs (tests wrap it).
                 self._queue = ModelQueue(lambda *args, **kw: encoder.encode(*args, **kw), self.slots(), self.settings.semantic_batch_max,
                                          self.settings.semantic_deadline_ms / 1000, self.settings.semantic_nice,
-                                         on_run=_count_run)
+                                         on_run=_count_run,
+                                         measure=lambda text, kind: encoder.tokens(text, kind))
             return self._queue
 
     def pending(self, kind: str, check_text: bool = False, limit: int | None = None) -> list:
