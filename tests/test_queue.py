@@ -30,6 +30,11 @@ class Model:
         return [f"vec:{text}" for text in texts]
 
 
+def measured(queue: ModelQueue, seconds_per_unit: float) -> None:
+    """As if a full batch of queries had been timed at this rate: admission goes by the deadline alone."""
+    queue.seconds_per_unit, queue.batched = seconds_per_unit, queue.max_batch
+
+
 def hold_first_run(queue: ModelQueue, model: Model) -> threading.Thread:
     """One query in flight, held at the model's gate, so that later queries queue behind it."""
     model.gate.clear()
@@ -59,7 +64,7 @@ def enqueue(queue: ModelQueue, texts: list[str], answers: dict) -> list[threadin
 def test_waiting_queries_are_encoded_together_in_arrival_order(tmp_path):
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=3, deadline_s=60)
-    queue.seconds_per_unit = 0.001  # measured already: admission goes by the deadline alone
+    measured(queue, 0.001)
     first = hold_first_run(queue, model)
     answers: dict = {}
     threads = enqueue(queue, [f"q{i}" for i in range(1, 8)], answers)
@@ -68,7 +73,7 @@ def test_waiting_queries_are_encoded_together_in_arrival_order(tmp_path):
         thread.join(30)
     # Oldest first, up to max_batch per run: no query overtakes one that arrived before it.
     assert [texts for _, texts in model.runs] == [["q0"], ["q1", "q2", "q3"], ["q4", "q5", "q6"], ["q7"]]
-    assert queue.runs == 4 and queue.batched == 8
+    assert queue.runs == 4 and queue.batched == queue.max_batch + 8
 
 
 def test_each_caller_of_a_batch_gets_its_own_vector(tmp_path):
@@ -88,7 +93,7 @@ def test_each_caller_of_a_batch_gets_its_own_vector(tmp_path):
 def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.05, clock=lambda: 0.0)
-    queue.seconds_per_unit = 0.1 / (3 + UNIT_OVERHEAD)  # as measured: a 3-character query takes 0.1 s
+    measured(queue, 0.1 / (3 + UNIT_OVERHEAD))  # a 3-character query takes 0.1 s
     model.gate.clear()
     first = threading.Thread(target=queue.encode_query, args=("q00",))
     first.start()
@@ -114,11 +119,29 @@ def test_before_its_first_timed_run_a_queue_takes_one_batch_and_says_why_it_refu
     with pytest.raises(QueueFull) as refused:
         queue.encode_query("c")
     assert refused.value.unmeasured_waiting == 2
-    assert "first run" in refused.value.reason(60) and "0.0 s" not in refused.value.reason(60)
+    assert "not measured yet" in refused.value.reason(60) and "0.0 s" not in refused.value.reason(60)
     model.gate.set()
     for thread in (first, *threads):
         thread.join(30)
     assert answers == {"a": "vec:a", "b": "vec:b"}
+
+
+def test_until_a_full_batch_is_timed_a_queue_takes_one_batch_however_fast_its_first_run():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=2, deadline_s=60)
+    assert queue.encode_query("a") == "vec:a"  # timed: a drain rate, from one query on an idle model
+    model.entered.clear()
+    first = hold_first_run(queue, model)
+    answers: dict = {}
+    threads = enqueue(queue, ["b", "c"], answers)
+    with pytest.raises(QueueFull) as refused:
+        queue.encode_query("d")
+    assert refused.value.unmeasured_waiting == 2
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert answers == {"b": "vec:b", "c": "vec:c"}
+    assert queue.encode_query("e") == "vec:e"  # two batches timed (three queries): the rate decides now
 
 
 def test_a_query_counts_for_the_tokens_its_encoder_reads():
@@ -127,7 +150,7 @@ def test_a_query_counts_for_the_tokens_its_encoder_reads():
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0,
                        measure=lambda text, kind: tokens.get(text, 2))
-    queue.seconds_per_unit = 0.004
+    measured(queue, 0.004)
     first = hold_first_run(queue, model)  # "q0": 2 + UNIT_OVERHEAD units in flight, 24 ms
     answers: dict = {}
     long = "מילה " * 100  # 204 units: about 0.8 s
@@ -162,6 +185,49 @@ def test_background_work_waits_while_a_query_waits():
         thread.join(30)
     assert [kind for kind, _ in model.runs] == ["query", "query", "passage"], model.runs
     assert background["v"] == ["vec:passage"] and answers == {"late query": ["vec:late query"][0]}
+
+
+def test_background_work_runs_in_pieces_and_a_query_passes_between_them():
+    # Three passages of 100 tokens: each its own piece (BACKGROUND_PIECE_UNITS), so a query that arrives
+    # while the first is encoded waits for that piece only, not for the whole batch.
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=60,
+                       measure=lambda text, kind: 100 if text.startswith("passage") else 2)
+    model.gate.clear()
+    background: dict = {}
+    passages = ["passage 1", "passage 2", "passage 3"]
+    worker = threading.Thread(target=lambda: background.update(v=queue.encode_background(passages, 8)))
+    worker.start()
+    assert model.entered.wait(30), "the first piece never reached the model"
+    answers: dict = {}
+    threads = enqueue(queue, ["query"], answers)
+    model.gate.set()
+    for thread in (worker, *threads):
+        thread.join(30)
+    assert model.runs == [("passage", ["passage 1"]), ("query", ["query"]), ("passage", ["passage 2"]),
+                          ("passage", ["passage 3"])], model.runs
+    assert background["v"] == [f"vec:{p}" for p in passages] and answers == {"query": "vec:query"}
+
+
+def test_short_passages_share_a_piece_up_to_the_bound():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=60, measure=lambda text, kind: 40)
+    texts = [f"p{i}" for i in range(7)]  # 44 units each: two fit in 128, a third would not
+    assert queue.encode_background(texts, 8) == [f"vec:{t}" for t in texts]
+    assert [len(batch) for _, batch in model.runs] == [2, 2, 2, 1]
+
+
+def test_a_failed_piece_fails_its_background_job_and_the_queue_goes_on():
+    def encode(texts, batch_size, kind="passage"):
+        if "bad" in texts:
+            raise RuntimeError("the runtime failed on 'bad'")
+        return [f"vec:{text}" for text in texts]
+
+    queue = ModelQueue(encode, None, max_batch=4, deadline_s=60, measure=lambda text, kind: 100)
+    with pytest.raises(RuntimeError, match="'bad'"):
+        queue.encode_background(["good", "bad", "never"], 8)
+    assert queue.encode_background(["again"], 8) == ["vec:again"]
+    assert queue.encode_query("q") == "vec:q"
 
 
 def test_a_failed_run_fails_its_callers_and_the_queue_goes_on():

@@ -11,8 +11,8 @@ Admission is by deadline, not by a fixed wait: a query is refused (Overloaded: 5
 only when the queue's measured drain rate says it would wait longer than SEMANTIC_DEADLINE_MS. A
 query that is admitted is answered; it is never overtaken by a later one.
 
-Background work (the embedder's passages) runs only when no query waits, one bounded batch at a time,
-so a query waits at most for the run in flight.
+Background work (the embedder's passages) runs only when no query waits, in pieces of at most
+BACKGROUND_PIECE_UNITS, so a query that arrives meanwhile waits at most for one piece.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ RECENT_RUNS = 8
 # costs twenty times a one-word one, and counting queries alone let a queue of long queries admit waits
 # many times the deadline. Characters were no better: Hebrew words of the same length are one token or four.
 UNIT_OVERHEAD = 4
+# Most work (tokens, as above) of one run of background passages: a query that arrives while passages
+# are encoded waits for the piece in flight, not for the embedder's whole batch. About one passage at the
+# tiers' SEMANTIC_MAX_SEQ_LENGTH (128), ~80 ms of one core alone: under bench.serving's overload, where
+# the model thread gets a fraction of a core, a whole batch of ten such passages held queries for seconds.
+# A run's own overhead is ~2.5 ms, so the pieces cost the embedder a few per cent.
+BACKGROUND_PIECE_UNITS = 128
 # How long an admitted query waits at most, as a multiple of the deadline (plus a floor): only a model
 # thread that stopped answering gets there, since admission already checked the expected wait.
 STUCK_FACTOR, STUCK_FLOOR_S = 4, 10.0
@@ -55,12 +61,12 @@ class QueueFull(Exception):
     def __init__(self, expected_wait: float, retry_after: int, unmeasured_waiting: int = 0):
         super().__init__(f"expected wait {expected_wait:.2f} s")
         self.expected_wait, self.retry_after = expected_wait, retry_after
-        # Before the model's first run is timed there is no drain rate: a full first batch is the bound.
+        # Until a full batch of queries has been timed the drain rate is provisional: one batch is the bound.
         self.unmeasured_waiting = unmeasured_waiting
 
     def reason(self, deadline_s: float) -> str:
         if self.unmeasured_waiting:
-            return (f"the model is still on its first run here, with {self.unmeasured_waiting} queries already "
+            return (f"the model's pace here is not measured yet, with {self.unmeasured_waiting} queries already "
                     f"waiting")
         return f"this query would wait about {self.expected_wait:.1f} s, past the {deadline_s:g} s deadline"
 
@@ -70,14 +76,66 @@ class QueueStuck(Exception):
 
 
 class _Job:
-    __slots__ = ("texts", "kind", "batch_size", "units", "done", "result", "error", "cancelled")
+    __slots__ = ("texts", "kind", "batch_size", "text_units", "units", "done", "result", "error", "cancelled",
+                 "cursor", "parts")
 
     def __init__(self, texts: Sequence[str], kind: str, batch_size: int, measure: Callable[[str, str], int]):
         self.texts, self.kind, self.batch_size = list(texts), kind, batch_size
-        self.units = sum(measure(text, kind) + UNIT_OVERHEAD for text in self.texts)
+        self.text_units = [measure(text, kind) + UNIT_OVERHEAD for text in self.texts]
+        self.units = sum(self.text_units)
         self.done = threading.Event()
         self.result = self.error = None
         self.cancelled = False
+        self.cursor, self.parts = 0, []  # background work: texts handed to runs so far, and their results
+
+    def deliver(self, result) -> None:
+        self.result = result
+        self.done.set()
+
+    def next_piece(self, max_units: int) -> "_Piece":
+        """The next texts of a background job: at least one, at most batch_size and max_units of work."""
+        start = stop = self.cursor
+        units = 0
+        while stop < len(self.texts) and stop - start < self.batch_size and (
+                stop == start or units + self.text_units[stop] <= max_units):
+            units += self.text_units[stop]
+            stop += 1
+        self.cursor = stop
+        return _Piece(self, start, stop, units)
+
+
+class _Piece:
+    """One run's share of a background job; the job is answered when its last piece is."""
+
+    __slots__ = ("job", "texts", "kind", "batch_size", "units", "error", "last")
+
+    def __init__(self, job: _Job, start: int, stop: int, units: int):
+        self.job, self.texts, self.units = job, job.texts[start:stop], units
+        self.kind, self.batch_size, self.error = job.kind, job.batch_size, None
+        self.last = stop == len(job.texts)
+
+    def deliver(self, result) -> None:
+        job = self.job
+        if job.done.is_set():  # an earlier piece failed: the job has its answer
+            return
+        if self.error is not None:
+            job.error = self.error
+            job.done.set()
+            return
+        job.parts.append(result)
+        if self.last:
+            job.deliver(_joined(job.parts))
+
+
+def _joined(parts: list):
+    """The pieces' results as one: rows of vectors (the encoders' arrays), or a list of anything else."""
+    if len(parts) == 1:
+        return parts[0]
+    if hasattr(parts[0], "shape"):
+        import numpy as np
+
+        return np.concatenate(parts)
+    return [row for part in parts for row in part]
 
 
 class ModelQueue:
@@ -115,7 +173,11 @@ class ModelQueue:
         with self._cond:
             self._ensure_thread()
             wait = self.expected_wait(self._waiting_units + job.units)
-            if self.seconds_per_unit is None and len(self._queries) >= self.max_batch:
+            # A rate from a query or two timed on an idle instance says little of a full batch under load:
+            # under bench.serving's overload a worker's first run (one query, 7 ms) admitted two batches that
+            # then took 3.7 and 4.6 s. Until a full batch's worth is timed, one batch waits at most.
+            provisional = self.seconds_per_unit is None or self.batched < self.max_batch
+            if provisional and len(self._queries) >= self.max_batch:
                 raise QueueFull(wait, self.retry_after(wait), unmeasured_waiting=len(self._queries))
             if wait > self.deadline_s:
                 raise QueueFull(wait, self.retry_after(wait))
@@ -187,7 +249,7 @@ class ModelQueue:
         except OSError as exc:  # not Linux, or a sandbox that refuses it: run at normal priority
             log.warning("the model thread keeps normal priority: %s", exc)
 
-    def _next(self) -> list[_Job]:
+    def _next(self) -> list:
         """The next run: the oldest queries (up to max_batch), else one background job; waits for one."""
         with self._cond:
             while True:
@@ -207,13 +269,17 @@ class ModelQueue:
                     self._cond.wait(HANDOVER_PAUSE_S)  # another worker's queries go before our passages
                     continue
                 if self._background:
-                    job = self._background.popleft()
-                    if not job.cancelled:
-                        return self._started([job], self.seconds_per_passage_unit)
-                    continue
+                    job = self._background[0]
+                    if job.cancelled or job.done.is_set():  # its caller stopped waiting, or a piece failed
+                        self._background.popleft()
+                        continue
+                    piece = job.next_piece(BACKGROUND_PIECE_UNITS)
+                    if piece.last:
+                        self._background.popleft()
+                    return self._started([piece], self.seconds_per_passage_unit)
                 self._cond.wait()
 
-    def _started(self, run: list[_Job], per_unit: float | None) -> list[_Job]:
+    def _started(self, run: list, per_unit: float | None) -> list:
         self._run_started = self._clock()
         self._run_estimate = (per_unit or 0.0) * sum(job.units for job in run)
         return run
@@ -241,15 +307,14 @@ class ModelQueue:
                     elif units:
                         self.seconds_per_passage_unit = _per_unit(self._recent["passage"], took, units)
             for job, result in zip(run, results):
-                job.result = result
-                job.done.set()
+                job.deliver(result)
             if self._on_run is not None:
                 try:
                     self._on_run(run[0].kind, texts)
                 except Exception:  # noqa: BLE001 -- counting must never stop the model thread
                     log.debug("on_run failed", exc_info=True)
 
-    def _one_by_one(self, run: list[_Job]) -> list:
+    def _one_by_one(self, run: list) -> list:
         results = []
         for job in run:
             try:
@@ -258,7 +323,7 @@ class ModelQueue:
                 results.append(_failed(job, exc))
         return results
 
-    def _run(self, run: list[_Job]) -> list:
+    def _run(self, run: list) -> list:
         """One model run holding an instance slot: each job's result, in order."""
         slot = self._slot()
         try:
