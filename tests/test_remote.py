@@ -221,6 +221,10 @@ def test_the_service_gives_the_local_models_vectors(e5_folder, infinity, tmp_pat
     a, b = remote.encode(texts, 8, kind=kind), local.encode(texts, 8, kind=kind)
     assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     assert float((a * b).sum(axis=1).min()) > 0.9999
+    # The model queue weighs a query by tokens: the estimate from characters stays near the real count.
+    for text in texts:
+        real, estimate = local.tokens(text, kind), remote.tokens(text, kind)
+        assert real / 2 <= estimate <= real * 2, (text, real, estimate)
 
 
 def test_the_fingerprint_names_model_dimension_and_prompts(e5_folder, infinity, tmp_path):

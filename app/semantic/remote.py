@@ -75,12 +75,17 @@ class _Failure(Exception):
         self.reason, self.retry = reason, retry
 
 
+def estimated_tokens(text: str) -> int:
+    """A text's tokens, estimated from its characters: the service's tokenizer is not here."""
+    return len(text) // CHARS_PER_TOKEN + TOKENS_PER_TEXT
+
+
 def token_bounded_batches(texts: Sequence[str], count: int, tokens: int) -> list[range]:
     """Consecutive ranges of at most ``count`` texts and about ``tokens`` tokens (estimated from characters);
     a text over the bound on its own still gets a batch of one (the service truncates it)."""
     batches, start, used = [], 0, 0
     for i, text in enumerate(texts):
-        cost = len(text) // CHARS_PER_TOKEN + TOKENS_PER_TEXT
+        cost = estimated_tokens(text)
         if i > start and (i - start >= count or used + cost > tokens):
             batches.append(range(start, i))
             start, used = i, 0
@@ -281,8 +286,7 @@ class RemoteEncoder:
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
     def tokens(self, text: str, kind: str) -> int:
-        """Estimated from characters, as the request bound is: the service's tokenizer is not here."""
-        return len(with_prompt([text], self.prompts, kind)[0]) // CHARS_PER_TOKEN + TOKENS_PER_TEXT
+        return estimated_tokens(with_prompt([text], self.prompts, kind)[0])
 
     def _request(self, texts: list[str]):
         """One batch, with the breaker's leave and the bounded retries."""
