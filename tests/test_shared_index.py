@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.db import Embedding, db
-from app.semantic import index, shared
+from app.semantic import index, publisher, shared
 from app.state import get_service
 from support import make_settings
 from test_vectors import add_row, expected_top, fill
@@ -88,7 +88,7 @@ def test_a_damaged_generation_is_never_trusted_and_the_next_publication_replaces
     store = store_in(folder)
     with app.app_context():
         manifest = shared.publish(folder, "fp", "item")
-        file, path = folder / manifest["file"], shared.manifest_path(folder, "fp", "item")
+        file, path = folder / manifest["file"], publisher.manifest_path(folder, "fp", "item")
         if damage == "truncated":
             file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
         elif damage == "count":
@@ -124,20 +124,20 @@ def test_publication_is_due_for_enough_new_rows_or_any_other_change(app, folder,
         db.session.execute(Embedding.__table__.delete().where(Embedding.ref_id == 5))
         db.session.commit()
         assert shared.publish_reason(folder, "fp", "item", 3) is None  # a publication just happened
-        monkeypatch.setattr(shared, "MIN_PUBLISH_GAP_S", 0.0)
+        monkeypatch.setattr(publisher, "MIN_PUBLISH_GAP_S", 0.0)
         assert shared.publish_reason(folder, "fp", "item", 3) == "vectors were replaced or removed since it was built"
 
 
 def test_one_publisher_per_instance_at_a_time(app, folder):
     fill(app, 50)
     with app.app_context():
-        with shared.publish_lock(folder) as taken:
+        with publisher.publish_lock(folder) as taken:
             assert taken
             assert shared.publish(folder, "fp", "item") is None
-        assert not shared.manifest_path(folder, "fp", "item").exists()
+        assert not publisher.manifest_path(folder, "fp", "item").exists()
         assert shared.publish(folder, "fp", "item")["count"] == 50
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("fp-item-")) == [
-        "fp-item.json", shared.PUBLISH_LOCK]
+        "fp-item.json", publisher.PUBLISH_LOCK]
 
 
 def test_a_new_generation_removes_the_old_ones_and_leftovers(app, folder):
@@ -149,7 +149,7 @@ def test_a_new_generation_removes_the_old_ones_and_leftovers(app, folder):
         add_row(51, vectors[0])
         second = shared.publish(folder, "fp", "item")["file"]
     assert first != second
-    assert sorted(p.name for p in folder.iterdir()) == sorted([second, "fp-item.json", shared.PUBLISH_LOCK])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([second, "fp-item.json", publisher.PUBLISH_LOCK])
 
 
 def test_the_cli_publishes_and_the_store_of_the_app_uses_it(app, tmp_path):
@@ -179,7 +179,7 @@ def test_the_matrix_alone_when_the_shared_index_is_off(tmp_path):
 
 def test_the_background_path_publishes_in_a_child_process(tmp_path, monkeypatch, tiny_onnx):
     """maintain_index, as the embedder's loop calls it: a due generation is built by a child
-    (`flask --app app vectors publish`) on the same database, and is not started twice."""
+    (app/semantic/publisher.py) on the same database, and is not started twice."""
     from app import create_app
 
     db_url = f"sqlite:///{tmp_path / 'bg.sqlite3'}"
@@ -251,13 +251,13 @@ def test_a_generation_whose_graph_fails_its_probe_is_searched_exactly(app, folde
     exactly, through the same shared file."""
     # The base breadth only: at the widest one such a graph comes near the bar, and a graph built on
     # several threads differs from run to run, so the probe there passed in some runs and not in others.
-    monkeypatch.setattr(shared, "EXPANSIONS", shared.EXPANSIONS[:1])
+    monkeypatch.setattr(publisher, "EXPANSIONS", publisher.EXPANSIONS[:1])
     vectors = fill(app, 10_000, dim=768)
     rng = np.random.default_rng(5)
     store = store_in(folder)
     with app.app_context():
         manifest = shared.publish(folder, "fp", "item")
-        assert manifest["search"] == "exact" and manifest["probe_recall"] < shared.MIN_RECALL
+        assert manifest["search"] == "exact" and manifest["probe_recall"] < publisher.MIN_RECALL
         assert store.generation("fp", "item").exact
         for _ in range(10):
             q = unit(rng, 768)
@@ -268,33 +268,58 @@ def test_a_graph_that_needs_a_wider_search_gets_it_in_its_manifest_and_every_rea
     """Probes that miss at the base breadth are taken again wider; the breadth that passes is the one
     the generation is published with and every worker searches with."""
     fill(app, 3_000, dim=32)
-    monkeypatch.setattr(shared, "probe_recall", lambda index, probes: 0.99 if index.expansion_search >= 256 else 0.9)
+    monkeypatch.setattr(publisher, "probe_recall", lambda index, probes: 0.99 if index.expansion_search >= 256 else 0.9)
     with app.app_context():
         manifest = shared.publish(folder, "fp", "item")
         assert (manifest["search"], manifest["expansion_search"]) == ("hnsw", 256)
         generation = store_in(folder).generation("fp", "item")
         assert not generation.exact and generation.index.expansion_search == 256
-    monkeypatch.setattr(shared, "probe_recall", lambda index, probes: 0.5)
+    monkeypatch.setattr(publisher, "probe_recall", lambda index, probes: 0.5)
     with app.app_context():
         manifest = shared.publish(folder, "fp", "item")
-        assert (manifest["search"], manifest["expansion_search"]) == ("exact", shared.EXPANSIONS[-1])
+        assert (manifest["search"], manifest["expansion_search"]) == ("exact", publisher.EXPANSIONS[-1])
 
 
 def test_the_publisher_lock_goes_with_the_child(app, folder):
     """Two workers that find a generation due at the same moment start one build: the first takes the
     instance's lock and hands it to its child, which holds it until it exits."""
     url = app.extensions["memfit"].settings.database_url
-    first = shared.start_publisher(folder, url, "fp", ["item"], 0)
+    first = shared.start_publisher(folder, url, "fp", ["item"], 0, 100)
     try:
         assert first is not None
-        assert shared.start_publisher(folder, url, "fp", ["item"], 0) is None  # the child is still starting
-        with shared.publish_lock(folder) as taken:
+        assert shared.start_publisher(folder, url, "fp", ["item"], 0, 100) is None  # the child is still starting
+        with publisher.publish_lock(folder) as taken:
             assert not taken
     finally:
         first.wait(timeout=120)
-    third = shared.start_publisher(folder, url, "fp", ["item"], 0)
+    third = shared.start_publisher(folder, url, "fp", ["item"], 0, 100)
     assert third is not None
     third.wait(timeout=120)
+
+
+def test_the_publisher_child_builds_without_loading_the_app(app, folder, tmp_path, monkeypatch):
+    """The child beside the workers is publisher.py alone (the app's Flask, SQLAlchemy and text index were
+    51 MB of its 85 MB PSS): with flask, sqlalchemy and the app made unimportable it still reads the
+    database (SQLite, or PostgreSQL through psycopg2) and publishes what the table holds."""
+    fill(app, 300)
+    blocked = tmp_path / "blocked"
+    for name in ("flask", "sqlalchemy", "app"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('the publisher child imported {name}')\n")
+    monkeypatch.setenv("PYTHONPATH", str(blocked))
+    url = app.extensions["memfit"].settings.database_url
+    child = shared.start_publisher(folder, url, "fp", ["item"], 0, 100)
+    assert child is not None and child.wait(timeout=120) == 0
+    with app.app_context():
+        assert store_in(folder).generation("fp", "item").count == 300
+        assert shared.publish_reason(folder, "fp", "item", 100) is None
+
+
+def test_a_database_url_the_child_cannot_read_is_refused_before_the_lock(folder):
+    with pytest.raises(ValueError, match="mysql"):
+        shared.start_publisher(folder, "mysql://db/x", "fp", ["item"], 0, 100)
+    with publisher.publish_lock(folder) as taken:
+        assert taken
 
 
 def test_no_build_starts_where_the_instance_has_no_memory_for_it(tmp_path, monkeypatch, tiny_onnx, caplog):
@@ -315,7 +340,8 @@ def test_no_build_starts_where_the_instance_has_no_memory_for_it(tmp_path, monke
     with app.app_context():
         assert service.maintain_index() == []
         assert service._publisher is None
-    assert "needs about 90 MB to build, and the instance has 10 MB left under MAX_MEMORY_MB" in caplog.text
+    assert (f"needs about {shared.BUILD_BASE_BYTES // 2**20} MB to build, and the instance has 10 MB left under "
+            "MAX_MEMORY_MB") in caplog.text
     roomy = memory.CgroupMemory(version=2, usage=200 * 2**20, limit=512 * 2**20, working_set=200 * 2**20,
                                 peak=None, oom_kills=0)
     monkeypatch.setattr(memory, "read_cgroup", lambda *a, **k: roomy)

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from ..db import Embedding, Item, Tag, db, item_tags, text_hash
 from . import hnsw
 from .encoders import Encoder
+from .publisher import from_blobs
 
 log = logging.getLogger(__name__)
 KINDS = {"item": Item, "tag": Tag}
@@ -36,10 +37,6 @@ STREAM_CHUNK = 4096  # rows per chunk when streaming: ~6 MB of float16 at 768 di
 
 def to_blob(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype="<f2").tobytes()
-
-
-def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
-    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), dim)
 
 
 class Pending(NamedTuple):

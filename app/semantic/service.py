@@ -215,7 +215,7 @@ class SemanticService:
 
     def maintain_index(self) -> list[str]:
         """Start the build of a new generation of the shared index where one is due, in a child process
-        (`flask --app app vectors publish`, at SEMANTIC_NICE), unless one is building; returns the kinds
+        (app/semantic/publisher.py, at SEMANTIC_NICE), unless one is building; returns the kinds
         it started. Called by the background embedder's loop in every worker whose model is loaded."""
         store = self.vector_store()
         if getattr(store, "kind", None) != "shared":
@@ -245,8 +245,9 @@ class SemanticService:
                             "or run `flask --app app vectors publish` where there is room.",
                             " and ".join(due), need // 2**20, room // 2**20)
             return []
-        publisher = shared.start_publisher(store.folder, self.settings.database_url, fingerprint, due,
-                                           self.settings.semantic_nice)
+        publisher = shared.start_publisher(store.folder, db.engine.url.render_as_string(hide_password=False),
+                                           fingerprint, due, self.settings.semantic_nice,
+                                           self.settings.vector_index_rebuild_rows)
         if publisher is None:
             return []  # another worker's build is running
         self._publisher = publisher
