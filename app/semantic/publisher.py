@@ -5,8 +5,8 @@ The background publisher is a process of its own beside the workers, so its memo
 the instance. It is this file run as a script (``python -P app/semantic/publisher.py``, started by
 shared.start_publisher), which imports the standard library, numpy and USearch and nothing of the app:
 the child it replaced (``flask --app app vectors publish``) loaded Flask, SQLAlchemy and the app before
-its first vector, 85 MB PSS at its peak against 39 MB for a few hundred vectors, and took a fresh 512 MB instance to 412 MB PSS in
-bench.capacity. It reads the database through the DB-API (sqlite3, or psycopg2 for PostgreSQL), which
+its first vector, 85 MB PSS at its peak against 39 MB for a few hundred vectors, and took a fresh
+512 MB instance to 412 MB PSS in bench.capacity. It reads the database through the DB-API (sqlite3, or psycopg2 for PostgreSQL), which
 is why nothing here may import from the app's package: shared.py imports from here, not the reverse.
 `flask --app app vectors publish` and the release step build in-process with the app's session
 (shared.publish), through the same build.
@@ -144,6 +144,19 @@ def publish_reason(folder: Path, fingerprint: str, kind: str, rebuild_rows: int,
 
 # --- the build ----------------------------------------------------------------------------------
 
+def take_lock(folder: Path) -> int | None:
+    """The instance's publisher lock, not waited for: the descriptor that holds it (close it to let go),
+    or None when another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def publish_lock(folder: Path):
     """The instance's publisher lock, not waited for: yields whether it was taken."""
@@ -152,17 +165,12 @@ def publish_lock(folder: Path):
         # lock lasts as long as this process).
         yield True
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = take_lock(folder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield fd is not None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def publish(folder: Path, fingerprint: str, kind: str, source: Source, progress: Callable[[int], None] | None = None,

@@ -20,9 +20,9 @@ A viewed index cannot be added to, so new vectors are found another way until th
 the rows stored after it (``embeddings.id`` above the manifest's) are searched exactly, beside it,
 by each worker's small in-process matrix (``VectorIndex`` with ``after_id``). Publishing builds a
 whole new generation from the database in a separate process (publisher.py, which loads none of the
-app: its memory counts against the instance), started by the background embedder's loop when the rows after the generation pass
-VECTOR_INDEX_REBUILD_ROWS (or a tenth of the generation), when the table changed otherwise (a vector
-replaced or deleted), or when there is none. One publisher per instance at a time (a ``flock``).
+app: its memory counts against the instance), started by the background embedder's loop when the
+rows after the generation pass VECTOR_INDEX_REBUILD_ROWS (or a tenth of the generation), when the
+table changed otherwise (a vector replaced or deleted), or when there is none. One publisher per instance at a time (a ``flock``).
 
 Never trusted blindly: a manifest or index file that is missing, unreadable or does not match what
 its manifest says is ignored (the search falls back to the in-process matrix over every row) and
@@ -31,7 +31,6 @@ the next publication replaces it.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -45,7 +44,7 @@ from sqlalchemy import select
 from ..db import Embedding, db
 from . import publisher
 from .index import VectorIndex, table_version
-from .publisher import EXPANSION_SEARCH, PUBLISH_LOCK, checked_manifest, manifest_path
+from .publisher import EXPANSION_SEARCH, checked_manifest, manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +208,8 @@ def start_publisher(folder: Path, database_url: str, fingerprint: str, kinds: li
     import sys
 
     database = publisher.child_database(database_url)  # before the lock: a bad URL takes nothing
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / PUBLISH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = publisher.take_lock(folder)
+    if fd is None:
         return None
 
     # -P: the script's folder (app/semantic, with its queue.py) is not put first on sys.path.
