@@ -75,6 +75,30 @@ def test_the_instance_file_counts_for_every_process(tmp_path):
     assert one.get("k") == 0 and one.check()
 
 
+def test_a_process_counts_through_one_connection_whatever_its_threads(tmp_path, monkeypatch):
+    """A worker's request threads share one connection (each of its own held a page cache); a copy of the
+    storage inherited through fork opens its own."""
+    import sqlite3
+    import threading
+
+    from app import limits
+
+    opened, connect = [], sqlite3.connect
+    monkeypatch.setattr(limits.sqlite3, "connect", lambda *a, **k: opened.append(1) or connect(*a, **k))
+    storage = LocalStorage(f"memfit-local://{tmp_path / 'limits.sqlite3'}")
+    together = threading.Barrier(16)
+
+    def write(_):
+        together.wait()  # all sixteen at once, as a worker's threads under load
+        return [storage.incr("k", 60) for _ in range(5)]
+
+    with ThreadPoolExecutor(16) as pool:
+        counts = sorted(n for batch in pool.map(write, range(16)) for n in batch)
+    assert counts == list(range(1, 81)) and len(opened) == 1
+    monkeypatch.setattr(limits.os, "getpid", lambda: -1)  # as the child of a fork sees it
+    assert storage.incr("k", 60) == 81 and len(opened) == 2
+
+
 def test_under_gunicorn_two_workers_give_the_limit_once(tmp_path):
     with Gunicorn(tmp_path, {"WEB_CONCURRENCY": "2", "WRITE_RATE_LIMIT": "5 per minute"}) as g:
         wait_until(lambda: len(g.workers()) == 2, "two workers")
