@@ -321,6 +321,9 @@ FIELDS: tuple[Field, ...] = (
           "A worker whose private memory (its own written pages; the shared model weights and code not "
           "counted) passes this (MB) after a request exits gracefully and is replaced (0: off)."),
     Field("MEMORY_CHECK_INTERVAL", "15", _float(0.05, 3600), "Seconds between memory watchdog samples."),
+    Field("MEMORY_TRIM_INTERVAL", "1", _float(0, 3600),
+          "Least seconds between two returns of a worker's freed heap pages to the system (glibc's "
+          "malloc_trim, after a request; a no-op on other C libraries); 0: never."),
     Field("MEMORY_ALERT_COOLDOWN", "600", _float(0, 86400), "Least seconds between two memory alerts."),
     Field("MEMORY_REARM_RATIO", "0.9", _float(0.1, 1.0),
           "After an alert, memory must fall below MAX_MEMORY_MB times this to re-arm it."),

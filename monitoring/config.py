@@ -17,7 +17,8 @@ class MonitoringSettings(Protocol):
     """The settings monitoring reads: memory thresholds, the shared folder, Sentry and the tier's name."""
 
     # Memory: the instance's alert threshold, its re-arm ratio and cooldown, the watchdog's interval,
-    # and the private memory past which a worker is recycled (0: never).
+    # the private memory past which a worker is recycled (0: never), and how often a worker hands its
+    # freed heap pages back (0: never).
     @property
     def max_memory_mb(self) -> int: ...
     @property
@@ -28,6 +29,8 @@ class MonitoringSettings(Protocol):
     def memory_check_interval(self) -> float: ...
     @property
     def max_worker_memory_mb(self) -> int: ...
+    @property
+    def memory_trim_interval(self) -> float: ...
 
     # Where the workers meet: prometheus_client's multiprocess folder ("" for one process), the folder
     # of the recycle lock, and the status history's slot count.

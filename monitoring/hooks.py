@@ -159,7 +159,12 @@ def after_request(worker, settings: MonitoringSettings) -> None:
     gunicorn's own max_requests ends a worker: the response has been written and the connection
     closed, the worker leaves its loop, and the master starts a fresh one. Workers past the bound at
     the same time leave one after the other (_take_recycle_turn).
+
+    Before that, at most once per MEMORY_TRIM_INTERVAL, the worker hands its C heap's free pages back
+    (memory.release_free_heap): after a burst they would stay resident, counted in the instance's memory
+    and in this worker's private memory, and could recycle a worker that holds nothing live.
     """
+    _trim(settings)
     limit = settings.max_worker_memory_mb
     if not limit or not worker.alive:
         return
@@ -176,6 +181,17 @@ def after_request(worker, settings: MonitoringSettings) -> None:
         if not _take_recycle_turn(settings):
             return  # a sibling is draining: this one goes after it, at a later request
         _recycle(worker, settings, figures, limit)
+
+
+def _trim(settings: MonitoringSettings) -> None:
+    interval = settings.memory_trim_interval
+    if not interval:
+        return
+    now = time.monotonic()
+    if now - _state.get("trimmed", -interval) < interval:
+        return
+    _state["trimmed"] = now  # two threads passing here together both trim: harmless, and no lock is taken
+    memory.release_free_heap()
 
 
 def _recycle(worker, settings: MonitoringSettings, figures: "memory.ProcessMemory", limit: int) -> None:

@@ -111,7 +111,7 @@ def decide():
 hooks.PRIVATE_READING_MAX_AGE = 0  # read afresh at each decision (the reuse has its own test)
 start = memory.read_process()
 limit_mb = start.private // MB + 48
-settings = SimpleNamespace(max_worker_memory_mb=limit_mb, shared_folder=tempfile.mkdtemp())
+settings = SimpleNamespace(max_worker_memory_mb=limit_mb, memory_trim_interval=0, shared_folder=tempfile.mkdtemp())
 out = {"limit_mb": limit_mb, "start": decide()}
 with open(sys.argv[1], "rb") as f:
     m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
@@ -182,7 +182,7 @@ def test_private_memory_is_read_only_past_the_cheap_bound_and_at_most_once_a_sec
     monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: state["now"]))
     monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: state["bound"])
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
-    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
+    settings = SimpleNamespace(max_worker_memory_mb=150, memory_trim_interval=0, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
 
     hooks.after_request(worker, settings)
@@ -210,7 +210,7 @@ def test_workers_past_the_bound_together_recycle_one_after_the_other(monkeypatch
     monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process",
                         lambda pid=None, proc="/proc": memory.ProcessMemory(1, 400 * MB, 300 * MB, 200 * MB, "smaps_rollup"))
-    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
+    settings = SimpleNamespace(max_worker_memory_mb=150, memory_trim_interval=0, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
     # A sibling recycling: it holds the instance's turn (its own open file, as another process would).
     sibling = os.open(tmp_path / hooks.RECYCLE_LOCK, os.O_RDONLY | os.O_CREAT)
@@ -372,7 +372,7 @@ def test_threads_ending_past_the_bound_together_recycle_the_worker_once(monkeypa
     monkeypatch.setattr(hooks.memory, "private_bound", lambda pid=None: 400 * MB)
     monkeypatch.setattr(hooks.memory, "read_process", read_process)
     monkeypatch.setattr(hooks, "_recycle", lambda worker, *args: (count.append(1), setattr(worker, "alive", False)))
-    settings = SimpleNamespace(max_worker_memory_mb=150, shared_folder=str(tmp_path))
+    settings = SimpleNamespace(max_worker_memory_mb=150, memory_trim_interval=0, shared_folder=str(tmp_path))
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
     threads = [threading.Thread(target=hooks.after_request, args=(worker, settings)) for _ in range(8)]
     for t in threads:
@@ -381,3 +381,56 @@ def test_threads_ending_past_the_bound_together_recycle_the_worker_once(monkeypa
         t.join(timeout=60)
     assert not worker.alive and len(count) == 1, count
     os.close(hooks._state["recycle_turn"])  # this test process is not exiting: let go of the turn
+
+
+# --- Freed heap pages handed back --------------------------------------------------------------------
+
+# Freed pieces of glibc's heap between live ones stay resident until malloc_trim: a burst's leftovers.
+FRAGMENTED = """
+import ctypes, json
+from monitoring import memory
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+pieces = [libc.malloc(4000) for _ in range(20000)]  # 80 MB in pieces below the mmap threshold
+for piece in pieces[:-1]:
+    ctypes.memset(piece, 1, 4000)  # written: resident
+for i, piece in enumerate(pieces[:-1]):
+    if i % 16:
+        libc.free(piece)  # 15 in 16 freed; the rest, and the last, keep the heap from shrinking by itself
+before = memory.read_process().private
+ran = memory.release_free_heap()
+print(json.dumps({"ran": ran, "before": before, "after": memory.read_process().private}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's allocator only")
+def test_freed_heap_pages_go_back_to_the_system():
+    out = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["ran"] and report["before"] - report["after"] > 48 * MB, report
+
+
+def test_a_worker_trims_after_a_request_at_most_once_an_interval(monkeypatch, tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from monitoring import hooks
+
+    clock, trims = {"now": 1000.0}, []
+    monkeypatch.setattr(hooks, "_state", {})
+    monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(hooks.memory, "release_free_heap", lambda: trims.append(clock["now"]) or True)
+    worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
+    settings = SimpleNamespace(max_worker_memory_mb=0, memory_trim_interval=1.0, shared_folder=str(tmp_path))
+    for step in (0.0, 0.5, 0.25, 0.5, 2.0):
+        clock["now"] += step
+        hooks.after_request(worker, settings)
+    assert trims == [1000.0, 1001.25, 1003.25], trims  # the first request, then once at least a second apart
+    hooks.after_request(worker, SimpleNamespace(**{**vars(settings), "memory_trim_interval": 0}))
+    clock["now"] += 5
+    hooks.after_request(worker, SimpleNamespace(**{**vars(settings), "memory_trim_interval": 0}))
+    assert len(trims) == 3 and worker.alive  # 0: never
