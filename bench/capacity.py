@@ -209,6 +209,9 @@ def run_env(name: str, tier: str, tree: Path, model: Path) -> tuple[dict, dict, 
     db_path = WORK / f"capacity-{name}.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    # The shared vector index beside it (app/semantic/shared.py) belongs to the database just removed: a
+    # fresh instance has none, and one left over would make the workers rebuild it at their start.
+    shutil.rmtree(f"{db_path}.vectors", ignore_errors=True)
     port = free_port()
     metrics = WORK / f"metrics-capacity-{name}-{port}"
     shutil.rmtree(metrics, ignore_errors=True)

@@ -38,6 +38,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -105,6 +106,9 @@ def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
     db_path = WORK / f"serving-{name}.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    # The shared vector index beside it (app/semantic/shared.py) belongs to the database just removed: a
+    # fresh instance has none, and one left over would make the workers rebuild it at their start.
+    shutil.rmtree(f"{db_path}.vectors", ignore_errors=True)
     port = free_port()
     env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
            "SECRET_KEY": "serving-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,
