@@ -15,13 +15,16 @@ A storage that fails never fails a request: Flask-Limiter counts in the worker's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from pathlib import Path
+from typing import Iterator
 
 from flask import Blueprint, Flask, request
 from limits.storage import Storage
@@ -33,6 +36,12 @@ log = logging.getLogger(__name__)
 WRITE_METHODS = ["POST", "PUT", "PATCH", "DELETE"]
 LOCAL_FILE = "limits.sqlite3"
 AUTH_SCOPE = "auth-failures"
+# Longest wait for the counters, the file's lock (another worker writing) or this process's connection.
+LOCK_WAIT_S = 2.0
+
+# Storages of this process, renewed in a forked child (LocalStorage._forked); weak, so tests' storages go.
+_after_fork: "weakref.WeakSet[LocalStorage]" = weakref.WeakSet()
+_inherited: list = []  # connections a forked child inherited: kept open and unused (see _forked)
 
 
 class LocalStorage(Storage):
@@ -50,30 +59,50 @@ class LocalStorage(Storage):
         # (sqlite3_memory_used), for statements that take microseconds.
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self._pid: int | None = None
+        _after_fork.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: a new lock (a thread of the parent may have held the old one) and a new
+        connection on first use. The inherited one is set aside, never used or closed: SQLite forbids
+        carrying a connection across fork, and closing it could checkpoint the parent's WAL."""
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _inherited.append(self._conn)
+        self._conn = None
 
     @property
     def base_exceptions(self):
         return sqlite3.Error
 
     def _db(self) -> sqlite3.Connection:
-        """This process's connection (a connection inherited through fork is left alone); call with
-        the lock held."""
-        if self._conn is None or self._pid != os.getpid():
+        """This process's connection; call with the lock held."""
+        if self._conn is None:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, isolation_level=None, check_same_thread=False)
             # Counters of the last minutes: losing them in a power cut costs nothing, so no fsync.
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")
             db.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
                        "expires REAL NOT NULL)")
-            self._conn, self._pid = db, os.getpid()
+            self._conn = db
         return self._conn
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for one thread at a time. A thread that waits past LOCK_WAIT_S gets the storage's
+        error, and Flask-Limiter counts in memory meanwhile: a busy file never queues a worker's threads
+        behind each other's waits."""
+        if not self._lock.acquire(timeout=LOCK_WAIT_S):
+            raise sqlite3.OperationalError(f"the rate limit counters were busy for {LOCK_WAIT_S} s")
+        try:
+            yield self._db()
+        finally:
+            self._lock.release()
+
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
-        """The first row of one statement, run on this process's connection by one thread at a time."""
-        with self._lock:
-            return self._db().execute(sql, params).fetchone()
+        """The first row of one statement."""
+        with self._locked() as db:
+            return db.execute(sql, params).fetchone()
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         now = time.time()
@@ -101,14 +130,21 @@ class LocalStorage(Storage):
             return False
 
     def reset(self) -> int | None:
-        with self._lock:
-            db = self._db()
+        with self._locked() as db:
             count = db.execute("SELECT count(*) FROM counters").fetchone()[0]
             db.execute("DELETE FROM counters")
         return int(count)
 
     def clear(self, key: str) -> None:
         self._one("DELETE FROM counters WHERE key = ?", (key,))
+
+
+def _renew_after_fork() -> None:
+    for storage in list(_after_fork):
+        storage._forked()
+
+
+os.register_at_fork(after_in_child=_renew_after_fork)
 
 
 def client_address() -> str:

@@ -1,6 +1,7 @@
 """app/limits.py: the write limit and the failed-token limit hold for the whole instance (every worker)
 and, with REDIS_URL, for every instance; a failing store never fails a request."""
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,15 +70,17 @@ def test_the_instance_file_counts_for_every_process(tmp_path):
         list(pool.map(lambda _: (one if _ % 2 else two).incr("k", 60), range(40)))
     assert one.get("k") == 43
     # An ended window (expiry in the past) restarts at the amount, not at the old count plus it.
-    one._db().execute("UPDATE counters SET expires = ?", (time.time() - 1,))
+    one._one("UPDATE counters SET expires = ?", (time.time() - 1,))
     assert one.get("k") == 0 and two.incr("k", 60) == 1
     two.clear("k")
     assert one.get("k") == 0 and one.check()
 
 
 def test_a_process_counts_through_one_connection_whatever_its_threads(tmp_path, monkeypatch):
-    """A worker's request threads share one connection (each of its own held a page cache); a copy of the
-    storage inherited through fork opens its own."""
+    """A worker's request threads share one connection (each of its own held a page cache); a forked
+    child opens its own, even when a thread of the parent held the connection's lock at the fork; a
+    thread that cannot get the connection in time gets the storage's error (Flask-Limiter then counts
+    in memory) instead of queueing."""
     import sqlite3
     import threading
 
@@ -86,7 +89,7 @@ def test_a_process_counts_through_one_connection_whatever_its_threads(tmp_path, 
     opened, connect = [], sqlite3.connect
     monkeypatch.setattr(limits.sqlite3, "connect", lambda *a, **k: opened.append(1) or connect(*a, **k))
     storage = LocalStorage(f"memfit-local://{tmp_path / 'limits.sqlite3'}")
-    together = threading.Barrier(16)
+    together = threading.Barrier(16, timeout=30)
 
     def write(_):
         together.wait()  # all sixteen at once, as a worker's threads under load
@@ -95,8 +98,23 @@ def test_a_process_counts_through_one_connection_whatever_its_threads(tmp_path, 
     with ThreadPoolExecutor(16) as pool:
         counts = sorted(n for batch in pool.map(write, range(16)) for n in batch)
     assert counts == list(range(1, 81)) and len(opened) == 1
-    monkeypatch.setattr(limits.os, "getpid", lambda: -1)  # as the child of a fork sees it
-    assert storage.incr("k", 60) == 81 and len(opened) == 2
+
+    blocked = ThreadPoolExecutor(1)  # a thread, so that a wait without end fails the test instead of hanging it
+    storage._lock.acquire()  # as a request thread holding it when the worker forks
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its own lock and connection; the parent's stay the parent's
+            ok = storage.incr("k", 60) == 81 and len(opened) == 2
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        monkeypatch.setattr(limits, "LOCK_WAIT_S", 0.05)
+        with pytest.raises(sqlite3.OperationalError, match="busy"):
+            blocked.submit(storage.incr, "k", 60).result(timeout=30)  # the lock is still held: an error, not a wait
+    finally:
+        storage._lock.release()
+        blocked.shutdown(wait=False)
+    assert storage.incr("k", 60) == 82 and len(opened) == 1  # the parent's connection, untouched
 
 
 def test_under_gunicorn_two_workers_give_the_limit_once(tmp_path):
