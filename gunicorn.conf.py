@@ -183,9 +183,9 @@ install_json_protocol_errors()
 #   post_worker_init - worker, after the app loaded: start the memory watchdog thread; with
 #       SEMANTIC_WARM, load the model and answer one query before the first request arrives; with
 #       SEMANTIC_EMBEDDER, start the background embedder (one worker per database works, the others wait).
-#   post_request - worker, after each response: recycle the worker if its private memory (its own
-#       written pages, not the shared weights) passed MAX_WORKER_MEMORY_MB (the memory-based twin of
-#       max_requests).
+#   post_request - worker, after each response: hand freed heap pages back to the system (at most once
+#       per MEMORY_TRIM_INTERVAL), then recycle the worker if its private memory (its own written pages,
+#       not the shared weights) passed MAX_WORKER_MEMORY_MB (the memory-based twin of max_requests).
 #   worker_abort - worker, on SIGABRT (the master's GUNICORN_TIMEOUT for a silent worker): mark the
 #       exit as a timeout (gunicorn runs worker_exit next, as for a graceful exit).
 #   worker_exit - worker, on exit: mark how it ended, flush Sentry within sentry.EXIT_FLUSH_BUDGET_S.

@@ -4,8 +4,9 @@ Master side: the start-up report, the metrics folder's life (emptied at start, r
 the master made it), telling graceful exits from kills (gunicorn passes no exit status to
 ``child_exit``, so a worker that exits on purpose leaves a marker first; a worker that died without
 one was killed, e.g. by the OOM killer), and folding a dead worker's metric files into the archive.
-Worker side: the watchdog thread, recycling on private memory after a request, the timeout marker when
-gunicorn aborts a silent worker, and a Sentry flush bounded by sentry.EXIT_FLUSH_BUDGET_S on exit.
+Worker side: the watchdog thread, after a request the return of freed heap pages and recycling on
+private memory, the timeout marker when gunicorn aborts a silent worker, and a Sentry flush bounded
+by sentry.EXIT_FLUSH_BUDGET_S on exit.
 
 gunicorn.conf.py builds the app's one ``Settings`` and passes it to every function here (which read
 only what ``config.MonitoringSettings`` declares), and wraps each hook in ``guarded``: gunicorn does
@@ -184,14 +185,8 @@ def after_request(worker, settings: MonitoringSettings) -> None:
 
 
 def _trim(settings: MonitoringSettings) -> None:
-    interval = settings.memory_trim_interval
-    if not interval:
-        return
-    now = time.monotonic()
-    if now - _state.get("trimmed", -interval) < interval:
-        return
-    _state["trimmed"] = now  # two threads passing here together both trim: harmless, and no lock is taken
-    memory.release_free_heap()
+    if memory.release_free_heap_every(settings.memory_trim_interval, time.monotonic()):
+        _state.pop("private_reading", None)  # read before the trim: the recycle decision reads afresh
 
 
 def _recycle(worker, settings: MonitoringSettings, figures: "memory.ProcessMemory", limit: int) -> None:

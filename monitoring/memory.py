@@ -20,12 +20,16 @@ worker. A process is described by three figures from ``/proc/PID/smaps_rollup``:
   recycled workers at 148-208 MB of USS under a load where workers' own written pages measured
   60-70 MB (docs/performance.md).
   Where smaps_rollup is missing (kernels before 4.14) ``RssAnon`` from ``/proc/PID/status`` stands in.
+
+One action lives here too: ``release_free_heap`` hands the C heap's free pages back (glibc's
+malloc_trim), after a request and from the watchdog, at most once per MEMORY_TRIM_INTERVAL.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +221,11 @@ def private_bound(pid: int | None = None) -> int:
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_free_heap() -> bool:
@@ -229,12 +235,28 @@ def release_free_heap() -> bool:
     worker that served a burst keeps them resident and counted as its own (private) memory. Under the
     512 MB tier's overload run, trimming once a second lowered the instance's PSS peak by 10-15 MB
     (bench.serving). A trim walks the heap's free pieces under the allocator's lock: 3-6 ms for a
-    50 MB heap of freed pieces here, so callers space them out (MEMORY_TRIM_INTERVAL)."""
+    50 MB heap of freed pieces here, so callers space them out (release_free_heap_every)."""
     trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+_last_trim: dict[int, float] = {}  # by pid: a forked child has trimmed nothing yet
+
+
+def release_free_heap_every(interval: float, now: float) -> bool:
+    """release_free_heap() unless this process ran it less than ``interval`` seconds before ``now``
+    (0: never); never raises. Whether it ran. Two threads passing together may both trim: harmless,
+    and no lock is taken on a request's way out."""
+    if not interval or now - _last_trim.get(os.getpid(), -math.inf) < interval:
+        return False
+    _last_trim[os.getpid()] = now
+    try:
+        return release_free_heap()
+    except Exception:  # noqa: BLE001 -- a trim is an optimisation: it never costs a request or a sample
+        return False
 
 
 def process_tree(root: int) -> list[int]:

@@ -218,6 +218,8 @@ class MemoryWatchdog:
         """Take a sample, update metrics, alert on crossings; never raises. Returns subjects alerted."""
         try:
             now = time.monotonic() if now is None else now
+            # A worker that went idle after a burst gets no request to trim after (hooks.after_request).
+            memory.release_free_heap_every(self.settings.memory_trim_interval, time.monotonic())
             figures = self.sample()
             self.last_sample = figures
             export(figures)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -404,8 +405,7 @@ print(json.dumps({"ran": ran, "before": before, "after": memory.read_process().p
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc's allocator only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_freed_heap_pages_go_back_to_the_system():
     out = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True, timeout=60, cwd=ROOT,
                          env={**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"})
@@ -414,23 +414,47 @@ def test_freed_heap_pages_go_back_to_the_system():
     assert report["ran"] and report["before"] - report["after"] > 48 * MB, report
 
 
-def test_a_worker_trims_after_a_request_at_most_once_an_interval(monkeypatch, tmp_path):
+def test_a_worker_trims_after_a_request_and_in_its_watchdog_at_most_once_an_interval(monkeypatch, tmp_path):
     import logging
     from types import SimpleNamespace
 
     from monitoring import hooks
+    from monitoring.watchdog import MemoryWatchdog
 
     clock, trims = {"now": 1000.0}, []
-    monkeypatch.setattr(hooks, "_state", {})
+    monkeypatch.setattr(hooks, "_state", {"private_reading": (999.5, "read before the trim")})
+    monkeypatch.setattr(memory, "_last_trim", {})
     monkeypatch.setattr(hooks, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
-    monkeypatch.setattr(hooks.memory, "release_free_heap", lambda: trims.append(clock["now"]) or True)
+    monkeypatch.setattr(memory, "release_free_heap", lambda: trims.append(clock["now"]) or True)
     worker = SimpleNamespace(alive=True, nr=1, log=logging.getLogger("worker"))
     settings = SimpleNamespace(max_worker_memory_mb=0, memory_trim_interval=1.0, shared_folder=str(tmp_path))
     for step in (0.0, 0.5, 0.25, 0.5, 2.0):
         clock["now"] += step
         hooks.after_request(worker, settings)
     assert trims == [1000.0, 1001.25, 1003.25], trims  # the first request, then once at least a second apart
-    hooks.after_request(worker, SimpleNamespace(**{**vars(settings), "memory_trim_interval": 0}))
-    clock["now"] += 5
-    hooks.after_request(worker, SimpleNamespace(**{**vars(settings), "memory_trim_interval": 0}))
+    assert "private_reading" not in hooks._state  # a reading from before a trim is not reused
+    off = SimpleNamespace(**{**vars(settings), "memory_trim_interval": 0})
+    for _ in range(2):
+        clock["now"] += 5
+        hooks.after_request(worker, off)
     assert len(trims) == 3 and worker.alive  # 0: never
+    # A worker gone idle after a burst is trimmed by its watchdog, through the same gate.
+    monkeypatch.setattr(memory, "_last_trim", {})
+    watchdog = MemoryWatchdog(make_settings(tmp_path, MEMORY_TRIM_INTERVAL="3600"), cgroup_root=str(tmp_path))
+    watchdog.check()
+    watchdog.check()
+    assert len(trims) == 4
+
+
+def test_without_glibc_the_trim_is_skipped_and_never_raises(monkeypatch):
+    def no_libc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    memory._malloc_trim.cache_clear()
+    monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr(memory, "_last_trim", {})
+    try:
+        assert memory.release_free_heap() is False
+        assert memory.release_free_heap_every(1.0, 100.0) is False
+    finally:
+        memory._malloc_trim.cache_clear()

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+from monitoring.memory import release_free_heap
+
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -594,17 +596,5 @@ def load_encoder(settings: Settings) -> Encoder:
         encoder: Encoder = OnnxEncoder(root, settings)
     else:
         encoder = TorchEncoder(root, settings)
-    _trim_heap()
+    release_free_heap()  # the load's temporary buffers, freed, would stay resident otherwise
     return encoder
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS after a load (glibc keeps them otherwise)."""
-    if os.name != "posix":
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        pass
