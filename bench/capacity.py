@@ -72,7 +72,7 @@ from bench.load import QUERIES, WRITE_TOKEN, Client, is_shed
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
 from devtools.cgroups import Cgroup, CpuCgroup
-from devtools.project import WORK, flask_in, log, models, tier_env
+from devtools.project import WORK, flask_in, log, machine_facts, models, remove_database, tier_env
 from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,11 +207,7 @@ def run_env(name: str, tier: str, tree: Path, model: Path) -> tuple[dict, dict, 
     """The server's whole environment (and the part the bench set, for the results) on a fresh SQLite
     database seeded and embedded in the design's own tree, as bench/serving.py seeded_env does."""
     db_path = WORK / f"capacity-{name}.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    # The shared vector index beside it (app/semantic/shared.py) belongs to the database just removed: a
-    # fresh instance has none, and one left over would make the workers rebuild it at their start.
-    shutil.rmtree(f"{db_path}.vectors", ignore_errors=True)
+    remove_database(db_path)
     port = free_port()
     metrics = WORK / f"metrics-capacity-{name}-{port}"
     shutil.rmtree(metrics, ignore_errors=True)
@@ -825,13 +821,23 @@ def _ceiling_note(run: dict, old_best: float) -> str:
             f"semantic/s, where the goal needs {need:.1f}/s ({100 * need / MIX['semantic']:.0f} req/s)")
 
 
+def _cpu(machine: dict) -> str:
+    """The header's words on the CPU, from devtools.project's machine_facts: e.g. " (AMD EPYC; AVX2, no
+    int8 dot-product instructions ...; reference Python loop 364 ms)"; empty for a run recorded before."""
+    if "cpu_model" not in machine:
+        return ""
+    int8 = ", ".join(machine["int8_instructions"]) or "no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX)"
+    return (f" ({machine['cpu_model']}; {'AVX2, ' if machine['avx2'] else ''}{int8}; reference Python loop "
+            f"{machine['reference_loop_ms']} ms)")
+
+
 def table(data: dict) -> str:
     both = {run["design"] for run in data["runs"]} >= {"new", "today"}
     lines = [f"# Serving capacity: today ({BASELINE}) against new (the working tree)" if both
              else "# Serving capacity of the working tree", "",
              f"Measured {data['measured_at']}, {data['settings']['step_seconds']:g} s per step"
              + (" (**--quick: a smoke test, not the figures**)" if data["settings"]["quick"] else "")
-             + f", {data['machine']['cores']} cores, load average {data['machine']['load_average_end'][0]:.1f} at the "
+             + f", {data['machine']['cores']} cores{_cpu(data['machine'])}, load average {data['machine']['load_average_end'][0]:.1f} at the "
              f"end ({data['machine']['load_average_start'][0]:.1f} at the start). "
              + ("Same model for both designs" if both else "Model") +
              f": `{Path(data['model']).name}`. new = {data['designs']['new']['source']}"
@@ -1018,6 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     model = prepared_artifact(log=log) if args.model == "e5" else models()["q8"]
     trees = design_trees(args.new_tree.resolve())
     load_start = os.getloadavg()
+    machine = machine_facts()  # before any server: the loop is timed on an idle machine
     started = time.monotonic()
     runs: list[dict] = []
     closed_cpus = [c for c in args.cpus if c in {None if c2 >= (os.cpu_count() or 1) else c2 for c2 in CLOSED_CPUS}]
@@ -1048,7 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run_fresh(tier, design, trees[design], cpus, model, rate, basis, step_seconds, args.arrivals))
     data = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_seconds": round(time.monotonic() - started),
-            "machine": {"cores": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+            "machine": {"cores": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg(),
+                        **machine},
             "model": str(model),
             "designs": {d: {k: str(v) if isinstance(v, Path) else v for k, v in spec.items()} for d, spec in trees.items()},
             "settings": {"quick": args.quick, "step_seconds": step_seconds, "rates": rates, "clients": clients,

@@ -30,7 +30,7 @@ from pathlib import Path
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
 from devtools.cgroups import Cgroup
-from devtools.project import WORK, flask, models, tier_env
+from devtools.project import WORK, flask, models, remove_database, tier_env
 from devtools.sampler import measured, strict_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -191,8 +191,7 @@ def run(seconds: float, clients: int = 16, max_requests: int = 40, model: str | 
     WORK.mkdir(parents=True, exist_ok=True)
     model = model or str(models()["q8"])
     db_path = WORK / "load.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    remove_database(db_path)
     port = free_port()
     env = {**os.environ, **tier_env("512mb"), "SEMANTIC_MODEL": model, "DATABASE_URL": f"sqlite:///{db_path}",
            "PORT": str(port), "SECRET_KEY": "load-test", "APP_ENV": "production",

@@ -38,7 +38,7 @@ from bench import report as render
 from devtools.cgroups import Cgroup
 from devtools.gunicorn import ROOT, GunicornServer
 from devtools.http import fetch_json
-from devtools.project import WORK, flask, log, models, tier_env
+from devtools.project import WORK, flask, log, models, remove_database, tier_env
 from devtools.sampler import Sampler, strict_peak
 
 RESULTS = ROOT / "bench" / "results"
@@ -90,8 +90,7 @@ def search_url(url: str, q: str) -> str:
 def fresh_database(spec: dict, port: int) -> dict[str, str]:
     """The scenario's environment, on a new SQLite file seeded and embedded beforehand: the bench measures serving."""
     db_path = WORK / f"{spec['name']}.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    remove_database(db_path)
     env = {**os.environ, **spec["env"], "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
            "PROMETHEUS_MULTIPROC_DIR": str(WORK / f"metrics-{spec['name']}")}
     flask("seed", env=env)

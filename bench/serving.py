@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from bench.load import LONG_TOKENS, WRITE_TOKEN, drive
 from devtools.gunicorn import GunicornServer
 from devtools.http import fetch, free_port
 from devtools.cgroups import Cgroup
-from devtools.project import WORK, flask, models, tier_env
+from devtools.project import WORK, flask, models, remove_database, tier_env
 from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,11 +103,7 @@ def seeded_env(name: str, tier: str, env_extra: dict) -> tuple[int, dict]:
     seeded and embedded beforehand (the runs measure serving), then env_extra."""
     WORK.mkdir(parents=True, exist_ok=True)
     db_path = WORK / f"serving-{name}.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    # The shared vector index beside it (app/semantic/shared.py) belongs to the database just removed: a
-    # fresh instance has none, and one left over would make the workers rebuild it at their start.
-    shutil.rmtree(f"{db_path}.vectors", ignore_errors=True)
+    remove_database(db_path)
     port = free_port()
     env = {**os.environ, **tier_env(tier), "DATABASE_URL": f"sqlite:///{db_path}", "PORT": str(port),
            "SECRET_KEY": "serving-bench", "APP_ENV": "production", "WRITE_TOKEN": WRITE_TOKEN,

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from devtools.project import remove_database
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "vectors"
 RESULTS = ROOT / "bench" / "results"
@@ -304,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                     passages, queries = random_vectors(n, dim)
                 truth = exact_top(passages, queries[WARMUP:])
                 sqlite_url = f"sqlite:///{WORK / f'v{n}-{dim}.sqlite3'}"
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{WORK / f'v{n}-{dim}.sqlite3'}{suffix}").unlink(missing_ok=True)
+                remove_database(WORK / f'v{n}-{dim}.sqlite3')
                 fill(app_for(sqlite_url), passages, pgvector=False)
                 for backend in ("matrix", "shared"):
                     rows.append(measure(backend, n, dim, passages, queries, truth, sqlite_url))

@@ -6,6 +6,7 @@ the settings of a throwaway app (SQLite in a folder, no model)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,38 @@ def flask(*args: str, env: dict | None = None) -> str:
         return flask_in(ROOT, *args, env=env, timeout=None)  # a model's preparation takes what it takes
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
+
+
+def machine_facts() -> dict:
+    """What makes one machine's figures differ from another's at the same code: the CPU's model, whether
+    it has the int8 dot-product instructions ONNX Runtime's q8 kernels use (AVX-512 VNNI, AVX-VNNI, AMX:
+    without them a q8 model run costs several times as much), and a reference loop of pure Python
+    (the request stack's speed), timed here."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    started = time.perf_counter()
+    total = 0
+    for i in range(5_000_000):
+        total += i
+    return {"cpu_model": model, "int8_instructions": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+            "avx2": "avx2" in flags, "reference_loop_ms": round((time.perf_counter() - started) * 1000)}
+
+
+def remove_database(db_path: Path) -> None:
+    """A bench's SQLite file gone with everything beside it: its WAL and shared-memory files, and the
+    shared vector index folder the app keeps beside it (<file>.vectors, app/semantic/shared.py) —
+    left over, it would make the next run's workers rebuild the index at their start."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(f"{db_path}.vectors", ignore_errors=True)
 
 
 def models() -> dict[str, Path]:
