@@ -255,7 +255,11 @@ FIELDS: tuple[Field, ...] = (
           "Request threads of one worker that semantic searches may hold at once, waiting or running; a "
           "semantic search past it is shed at once (503 overloaded), so the worker's other threads stay "
           "free for text and tag search. 0: all of GUNICORN_THREADS but a quarter of them (at most 8, at least one)."),
-    Field("SEMANTIC_NICE", "10", _int(0, 19),
+    # 5, not 10: a thread at nice 10 weighs a ninth of one at 0, and on a CPU kept full by request threads
+    # (bench.serving's overload, a machine whose model runs cost three times as much) the model thread of
+    # each worker got so little that admitted queries passed the queue's stuck limit (16 s): 12-40 such 503s
+    # in four of seven runs at 10, none in two at 5, which answered twice as many semantic queries.
+    Field("SEMANTIC_NICE", "5", _int(0, 19),
           "How much lower than request handling the model runs (nice increment of the threads that run "
           "it): text and tag requests pass queries and embedding batches on a busy CPU. 0: same priority."),
     Field("WEB_CONCURRENCY", "1", _int(1, 64),
