@@ -64,3 +64,15 @@ class PgServerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        """Stop a server that may not shut down cleanly (one of its backends crashed): the postmaster at
+        once (pg_ctl's immediate mode, as the user pgserver runs it as), then the helper."""
+        if self.proc and self.proc.poll() is None:
+            for ctl in Path(self.python).parent.parent.glob("lib/python3*/site-packages/pgserver/pginstall/bin/pg_ctl"):
+                command = [str(ctl), "-D", str(self.pgdata), "-m", "immediate", "stop"]
+                if os.geteuid() == 0:  # pgserver runs the server as its own user when started as root
+                    command = ["su", "pgserver", "-s", "/bin/sh", "-c", " ".join(f"'{part}'" for part in command)]
+                subprocess.run(command, capture_output=True, timeout=60)
+            self.proc.kill()
+            self.proc.wait(timeout=30)

