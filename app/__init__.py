@@ -57,6 +57,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
         # Outermost, so that a request's whole run in the app (hooks included) is in its turn.
         app.wsgi_app = Gate(app.wsgi_app, settings.request_concurrency, settings.max_content_length)
+    if settings.enable_semantic_search:
+        from .semantic.refusals import EarlyRefusal
+
+        # Outside the turns: a search the model queue would refuse anyway waits for no turn.
+        app.wsgi_app = EarlyRefusal(app.wsgi_app, app, SECURITY_HEADERS)
     return app
 
 

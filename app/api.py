@@ -17,6 +17,7 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.blueprints import BlueprintSetupState
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from werkzeug.datastructures import MultiDict
 
 from . import search
 from .db import ID_MAX, Item, db, tags_by_name
@@ -113,20 +114,26 @@ def _limit_query_string():
         raise ApiError(414, "uri_too_long", f"query string too long (limit {QUERY_STRING_MAX} bytes)")
 
 
-@bp.get("/search")
-def search_view():
-    args = request.args
+def search_parameters(args: MultiDict, max_query_length: int) -> tuple[str, str, int]:
+    """A search's query, mode and limit from its query string's arguments; ApiError (400) naming the
+    problem. Also checked before a semantic search is refused early (app/semantic/refusals.py)."""
     unknown = sorted(set(args) - {"q", "mode", "limit"})
     if unknown:
         names = ", ".join(map(repr, unknown))[:200]
         raise ApiError(400, "bad_parameter", f"unknown parameter(s): {names}; accepts q, mode, limit")
     if not args.get("q", "").strip():
         raise ApiError(400, "bad_query", "q is required: the text to search for")
-    query = checked_text("q", args["q"], limit=get_settings().max_query_length, required=True, code="bad_query")
+    query = checked_text("q", args["q"], limit=max_query_length, required=True, code="bad_query")
     mode = args.get("mode", "text")
     if mode not in search.MODES:
         raise ApiError(400, "bad_mode", f"mode {mode[:20]!r} is unknown; accepts {', '.join(search.MODES)}")
     limit = _whole_number("limit", args.get("limit", str(LIMIT_DEFAULT)), 1, LIMIT_MAX, "bad_limit")
+    return query, mode, limit
+
+
+@bp.get("/search")
+def search_view():
+    query, mode, limit = search_parameters(request.args, get_settings().max_query_length)
     started = time.perf_counter()
     answer = search.run(mode, query, limit)
     return jsonify(query=query, mode=mode, **answer.fields(),

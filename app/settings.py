@@ -248,6 +248,10 @@ FIELDS: tuple[Field, ...] = (
           "Longest wait (ms) a semantic query may expect in its worker's queue. A query is refused (503 "
           "overloaded, Retry-After from the queue's drain rate) only when the queue's measured rate says it "
           "would wait longer; an admitted query is answered in arrival order."),
+    Field("SEMANTIC_REFUSAL_HOLD_MS", "500", _int(0, 10000),
+          "How long a semantic query refused by its expected wait is held before its 503 (no CPU, no turn; at "
+          "most half of SEMANTIC_HANDLERS at once, the rest answered at once), so that clients sending again "
+          "without heeding Retry-After cannot take the model's CPU. 0: answer at once."),
     Field("SEMANTIC_BATCH_MAX", "16", _int(1, 256),
           "Most queries encoded together in one model run: queries that arrive while the model is busy share "
           "the next run (runs are also split by padded tokens)."),

@@ -110,6 +110,29 @@ def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
     assert answers == {f"q{i:02d}": f"vec:q{i:02d}" for i in range(1, 10)}  # every admitted query answered
 
 
+def test_the_early_check_refuses_only_when_even_the_shortest_query_would_pass_the_deadline():
+    model = Model()
+    queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.05, clock=lambda: 0.0)
+    measured(queue, 0.1 / (3 + UNIT_OVERHEAD))  # a 3-character query takes 0.1 s, an empty one 0.057 s
+    assert queue.refusal() is None and queue._thread is None  # a look only: no model thread for it
+    model.gate.clear()
+    first = threading.Thread(target=queue.encode_query, args=("q00",))
+    first.start()
+    assert model.entered.wait(30)  # in flight, 0.1 s left on the still clock
+    answers: dict = {}
+    threads = enqueue(queue, [f"q{i:02d}" for i in range(1, 9)], answers)  # 0.8 s in line
+    assert queue.refusal() is None  # 0.957 s for the shortest query: it would be admitted
+    with pytest.raises(QueueFull):
+        queue.encode_query("q09-long")  # 0.1 + 0.8 + 0.171: a longer one is not
+    threads += enqueue(queue, ["q09"], answers)  # 1.0 s: now even an empty query would wait 1.057 s
+    refused = queue.refusal()
+    assert isinstance(refused, QueueFull) and refused.expected_wait == pytest.approx(1.0 + 0.4 / 7)
+    model.gate.set()
+    for thread in (first, *threads):
+        thread.join(30)
+    assert answers == {f"q{i:02d}": f"vec:q{i:02d}" for i in range(1, 10)}
+
+
 def test_before_its_first_timed_run_a_queue_takes_one_batch_and_says_why_it_refuses_more():
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=2, deadline_s=60)

@@ -162,6 +162,7 @@ class ModelQueue:
         self.seconds_per_unit: float | None = None
         self.seconds_per_passage_unit: float | None = None
         self._waiting_units = 0  # the work of the queries waiting
+        self._least_units: int | None = None  # the work of the shortest query (an empty text): refusal()
         self._recent: dict[str, deque] = {"query": deque(maxlen=RECENT_RUNS), "passage": deque(maxlen=RECENT_RUNS)}
         self.runs = self.batched = 0  # model runs for queries, and the queries they encoded
 
@@ -172,19 +173,35 @@ class ModelQueue:
         job = _Job([text], "query", self.max_batch, self._measure)  # tokenized outside the lock
         with self._cond:
             self._ensure_thread()
-            wait = self.expected_wait(self._waiting_units + job.units)
-            # A rate from a query or two timed on an idle instance says little of a full batch under load:
-            # under bench.serving's overload a worker's first run (one query, 7 ms) admitted two batches that
-            # then took 3.7 and 4.6 s. Until a full batch's worth is timed, one batch waits at most.
-            provisional = self.seconds_per_unit is None or self.batched < self.max_batch
-            if provisional and len(self._queries) >= self.max_batch:
-                raise QueueFull(wait, self.retry_after(wait), unmeasured_waiting=len(self._queries))
-            if wait > self.deadline_s:
-                raise QueueFull(wait, self.retry_after(wait))
+            full = self._refusal(job.units)
+            if full is not None:
+                raise full
             self._queries.append(job)
             self._waiting_units += job.units
             self._cond.notify()
         return self._await(job, self.deadline_s * STUCK_FACTOR + STUCK_FLOOR_S)[0]
+
+    def refusal(self) -> QueueFull | None:
+        """What any query would be told now: QueueFull when even the shortest would wait past the deadline,
+        else None. Reads the queue only (no thread, no tokenizing of the query): the cheap check made
+        before a semantic search takes a turn (service.early_refusal)."""
+        if self._least_units is None:
+            self._least_units = self._measure("", "query") + UNIT_OVERHEAD
+        with self._cond:
+            return self._refusal(self._least_units)
+
+    def _refusal(self, units: int) -> QueueFull | None:
+        """QueueFull for a query of ``units`` of work arriving now, or None if it is admitted (under the lock)."""
+        wait = self.expected_wait(self._waiting_units + units)
+        # A rate from a query or two timed on an idle instance says little of a full batch under load:
+        # under bench.serving's overload a worker's first run (one query, 7 ms) admitted two batches that
+        # then took 3.7 and 4.6 s. Until a full batch's worth is timed, one batch waits at most.
+        provisional = self.seconds_per_unit is None or self.batched < self.max_batch
+        if provisional and len(self._queries) >= self.max_batch:
+            return QueueFull(wait, self.retry_after(wait), unmeasured_waiting=len(self._queries))
+        if wait > self.deadline_s:
+            return QueueFull(wait, self.retry_after(wait))
+        return None
 
     def encode_background(self, texts: Sequence[str], batch_size: int, timeout: float | None = None):
         """Vectors of passages, computed when no query waits; waits as long as that takes (or timeout)."""

@@ -119,6 +119,10 @@ class SemanticService:
         # for a slot holds its thread, and without this bound a burst of them takes every thread of the
         # worker, so text searches queue for a thread although no slot is theirs to wait for.
         self._handlers = threading.BoundedSemaphore(settings.semantic_handler_limit)
+        # Early refusals held at once (SEMANTIC_REFUSAL_HOLD_MS): at most half the handlers, so that queries
+        # the queue would admit still find one free.
+        self._held = threading.BoundedSemaphore(max(1, settings.semantic_handler_limit // 2))
+        self._pause = time.sleep  # how a refusal is held (tests wait on an event instead)
 
     @property
     def state(self) -> str:
@@ -394,6 +398,41 @@ class SemanticService:
         finally:
             self._handlers.release()
 
+    def early_refusal(self) -> Overloaded | None:
+        """The refusal any semantic query of this worker would get now (its model queue would have it wait
+        past the deadline, whatever its length), counted as shed; None when one might be admitted, or
+        before the queue exists. Cheap, and touches nothing else: checked before the request takes a turn
+        or enters Flask (refusals.py), so a refusal costs little of the CPU the model needs."""
+        queue = self._queue
+        if queue is None or self._state != LOADED:
+            return None
+        full = queue.refusal()
+        return None if full is None else _refused(full, queue)
+
+    def hold_refusal(self) -> bool:
+        """Hold an early refusal for SEMANTIC_REFUSAL_HOLD_MS before it is answered; whether it was held.
+
+        A refusal costs the CPU of its request and its answer, taken from the model thread, which runs
+        below request threads (SEMANTIC_NICE); clients that send again at once after each 503 turn that
+        into a loop that starves the queries admitted (refusals.py has the figures). Held, a refusal costs
+        no CPU, and such a client sends at most one query per hold. A held refusal keeps its request
+        thread, so it takes one of this worker's semantic handlers (the other threads stay free for text)
+        and at most half of them are held; past that it is answered at once.
+        """
+        seconds = self.settings.semantic_refusal_hold_ms / 1000
+        if seconds <= 0 or not self._held.acquire(blocking=False):
+            return False
+        try:
+            if not self._handlers.acquire(blocking=False):
+                return False
+            try:
+                self._pause(seconds)
+            finally:
+                self._handlers.release()
+        finally:
+            self._held.release()
+        return True
+
     def _encode_query(self, query: str):
         """The query's vector from the model queue; Overloaded (counted in /metrics) when it would wait
         past the deadline, SemanticUnavailable when the model stopped answering."""
@@ -401,9 +440,7 @@ class SemanticService:
         try:
             return queue.encode_query(query)
         except QueueFull as full:
-            _count_shed("deadline")
-            raise Overloaded(f"semantic search is at capacity: {full.reason(queue.deadline_s)}; retry after "
-                             f"{full.retry_after} s, or search with mode=text", full.retry_after) from None
+            raise _refused(full, queue) from None
         except QueueStuck as stuck:
             raise SemanticUnavailable(f"the semantic model is not answering ({stuck})") from None
         except SemanticUnavailable:  # the embedding service is away: said once, when its breaker opened
@@ -440,6 +477,13 @@ class _Background:
 
     def encode(self, texts: Sequence[str], batch_size: int):
         return self._queue.encode_background(texts, batch_size)
+
+
+def _refused(full: QueueFull, queue: ModelQueue) -> Overloaded:
+    """The 503 of a query the queue refuses by its deadline, counted."""
+    _count_shed("deadline")
+    return Overloaded(f"semantic search is at capacity: {full.reason(queue.deadline_s)}; retry after "
+                      f"{full.retry_after} s, or search with mode=text", full.retry_after)
 
 
 def _count_shed(reason: str) -> None:
