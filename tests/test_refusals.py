@@ -81,6 +81,7 @@ def test_a_query_the_queue_would_refuse_is_answered_before_the_app_as_the_app_an
     ({"q": "   ", "mode": "semantic"}, 400),
     ({"q": "א" * 600, "mode": "semantic"}, 400),
     ({"q": "ספרים\u202e", "mode": "semantic"}, 400),
+    ("q=" + "%FF" * 200 + "&mode=semantic", 400),  # as the app decodes it: 600 characters, past 500
 ])
 def test_any_other_request_goes_to_the_app_and_gets_its_answer(make_app, tiny_onnx, query, status):
     app, reached = overloaded_app(make_app, tiny_onnx, SEMANTIC_REFUSAL_HOLD_MS="0")
@@ -122,8 +123,24 @@ def test_a_refusal_is_held_without_a_turn_and_at_most_half_the_handlers_hold_one
     assert not [q for q in reached if "semantic" in q], "a refused search reached the app"
 
 
+def test_a_search_with_a_body_goes_to_the_app(make_app, tiny_onnx):
+    app, reached = overloaded_app(make_app, tiny_onnx, SEMANTIC_REFUSAL_HOLD_MS="0")
+    reached.clear()
+    response = app.test_client().get("/search", query_string=SEMANTIC, data=b"x" * 70000)
+    assert reached and response.status_code == 413, response.get_data(as_text=True)[:300]
+
+
+def test_a_worker_of_one_thread_never_holds_a_refusal(make_app, tiny_onnx):
+    # Its one semantic handler is its only thread: a held refusal would stop text search too.
+    app, _ = overloaded_app(make_app, tiny_onnx, GUNICORN_THREADS="1", SEMANTIC_REFUSAL_HOLD_MS="500")
+    service, held = get_service(app), []
+    service._pause = held.append
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
+    assert held == []
+
+
 def test_with_no_hold_or_no_free_handler_a_refusal_is_answered_at_once(make_app, tiny_onnx):
-    app, _ = overloaded_app(make_app, tiny_onnx, SEMANTIC_REFUSAL_HOLD_MS="0")
+    app, _ = overloaded_app(make_app, tiny_onnx, GUNICORN_THREADS="4", SEMANTIC_REFUSAL_HOLD_MS="0")
     service, held = get_service(app), []
     service._pause = held.append
     assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503

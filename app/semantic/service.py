@@ -120,8 +120,8 @@ class SemanticService:
         # worker, so text searches queue for a thread although no slot is theirs to wait for.
         self._handlers = threading.BoundedSemaphore(settings.semantic_handler_limit)
         # Early refusals held at once (SEMANTIC_REFUSAL_HOLD_MS): at most half the handlers, so that queries
-        # the queue would admit still find one free.
-        self._held = threading.BoundedSemaphore(max(1, settings.semantic_handler_limit // 2))
+        # the queue would admit still find one free; none with one handler (a worker of one thread).
+        self._held = threading.BoundedSemaphore(settings.semantic_handler_limit // 2)
         self._pause = time.sleep  # how a refusal is held (tests wait on an event instead)
 
     @property
