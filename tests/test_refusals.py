@@ -130,30 +130,30 @@ def test_a_search_with_a_body_goes_to_the_app(make_app, tiny_onnx):
     assert reached and response.status_code == 413, response.get_data(as_text=True)[:300]
 
 
+def holds(app) -> list:
+    """The holds of one semantic search of app, refused (their pauses recorded instead of slept)."""
+    held: list = []
+    get_service(app)._pause = held.append
+    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
+    return held
+
+
 def test_a_worker_of_one_thread_never_holds_a_refusal(make_app, tiny_onnx):
     # Its one semantic handler is its only thread: a held refusal would stop text search too.
     app, _ = overloaded_app(make_app, tiny_onnx, GUNICORN_THREADS="1", SEMANTIC_REFUSAL_HOLD_MS="500")
-    service, held = get_service(app), []
-    service._pause = held.append
-    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
-    assert held == []
+    assert holds(app) == []
 
 
 def test_with_no_hold_or_no_free_handler_a_refusal_is_answered_at_once(make_app, tiny_onnx):
     app, _ = overloaded_app(make_app, tiny_onnx, GUNICORN_THREADS="4", SEMANTIC_REFUSAL_HOLD_MS="0")
-    service, held = get_service(app), []
-    service._pause = held.append
-    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
-    assert held == []
+    service = get_service(app)
+    assert holds(app) == []
     service.settings = dataclasses.replace(service.settings, semantic_refusal_hold_ms=500)
     taken = [service._handlers.acquire(blocking=False) for _ in range(service.settings.semantic_handler_limit)]
     assert all(taken)  # every semantic handler busy: a held refusal would take a thread that text needs
     try:
-        assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
-        assert held == []
+        assert holds(app) == []
     finally:
         for _ in taken:
             service._handlers.release()
-    assert app.test_client().get("/search", query_string=SEMANTIC).status_code == 503
-    assert held == [0.5]
-
+    assert holds(app) == [0.5]
