@@ -8,8 +8,8 @@ app against 0.7-0.8 ms through Flask. Before the answer the refusal is held (ser
 
 Why both: a refusal's CPU is taken from the model thread, which runs below request threads
 (SEMANTIC_NICE), and a client that sends again at once after each 503 makes refusals a loop. At 0.5 CPU,
-32 such clients (bench.capacity's closed loop) got 35-87 % of the peak's answers when every refusal ran
-through Flask, 88 % with this early answer alone, and 99-109 % with the refusals held too.
+32 such clients (bench.capacity's closed loop) got 35-84 % of the peak's answers when every refusal ran
+through Flask, 88 % with this early answer alone, and 96-109 % with the refusals held too.
 
 Everything else goes to the app: other paths and modes (hybrid falls back on text instead of refusing),
 a request with anything the app would refuse as a bad parameter, so that it gets that error, and one
