@@ -302,6 +302,27 @@ def test_a_run_that_fails_fails_only_the_query_the_runtime_cannot_encode():
     assert runs[0] == ["good", "bad", "fine"] and sorted(runs[1:]) == [["bad"], ["fine"], ["good"]]
 
 
+def test_queries_that_arrive_while_the_model_thread_waits_for_a_slot_join_its_run(tmp_path):
+    # Another worker's run holds the instance's one slot; q1 wakes this worker's model thread, which waits
+    # for the slot; q2 and q3 arrive meanwhile. All three go in the run that the slot starts, not q1 alone.
+    from app.semantic.slots import Slots
+
+    slots = Slots(tmp_path, 1)
+    other_worker = slots.acquire()
+    model = Model()
+    queue = ModelQueue(model.encode, slots, max_batch=4, deadline_s=60)
+    answers: dict = {}
+    threads = [threading.Thread(target=lambda: answers.update(q1=queue.encode_query("q1")))]
+    threads[0].start()
+    wait_until(slots.others_waiting, "the model thread to wait for the slot")
+    threads += enqueue(queue, ["q2", "q3"], answers)
+    other_worker.release()
+    for thread in threads:
+        thread.join(30)
+    assert model.runs == [("query", ["q1", "q2", "q3"])], model.runs
+    assert answers == {"q1": "vec:q1", "q2": "vec:q2", "q3": "vec:q3"}
+
+
 def test_a_model_thread_that_just_ran_lets_another_workers_waiting_thread_go_first(tmp_path):
     from app.semantic.slots import Slots
 

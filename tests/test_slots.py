@@ -65,7 +65,7 @@ def test_a_query_waits_for_a_slot_held_by_another_process_while_text_answers(mak
         waiting = threading.Thread(target=lambda: answered.update(
             response=app.test_client().get("/search", query_string=SEMANTIC)))
         waiting.start()
-        wait_until(lambda: get_service(app).queue()._run_started is not None, "the query's run to wait for a slot")
+        wait_until(get_service(app).slots().others_waiting, "the query's model thread to wait for a slot")
         # Text and tag search take no slot: they answer while the model's slots are all busy.
         for mode in ("text", "tags"):
             response = client.get("/search", query_string={"q": "ספר", "mode": mode})
@@ -113,7 +113,7 @@ def test_a_slot_held_by_a_killed_process_is_free_again(make_app, tiny_onnx):
         waiting = threading.Thread(target=lambda: answered.update(
             response=app.test_client().get("/search", query_string=SEMANTIC)))
         waiting.start()
-        wait_until(lambda: get_service(app).queue()._run_started is not None, "the query's run to wait for a slot")
+        wait_until(get_service(app).slots().others_waiting, "the query's model thread to wait for a slot")
         proc.kill()  # SIGKILL: no cleanup code of the holder runs; only the kernel can free the slot
         proc.wait(timeout=30)
         waiting.join(timeout=60)

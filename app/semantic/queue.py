@@ -5,7 +5,9 @@ busy CPU). Each time the model is free it takes every query waiting, oldest firs
 SEMANTIC_BATCH_MAX, and encodes them in one run (the encoder splits a run by padded tokens): dynamic
 batching as text-embeddings-inference and Triton do it, so queries that arrive while the model is
 busy share the next run instead of paying one each. Every run holds one of the instance's semantic
-slots (slots.py), which bounds the model runs of all workers together by the instance's CPUs.
+slots (slots.py), which bounds the model runs of all workers together by the instance's CPUs; the
+thread takes the slot before it takes the queries of its run, so that those arriving while another
+worker's run holds the slot are in it.
 
 Admission is by deadline, not by a fixed wait: a query is refused (Overloaded: 503 with Retry-After)
 only when the queue's measured drain rate says it would wait longer than SEMANTIC_DEADLINE_MS. A
@@ -266,51 +268,73 @@ class ModelQueue:
         except OSError as exc:  # not Linux, or a sandbox that refuses it: run at normal priority
             log.warning("the model thread keeps normal priority: %s", exc)
 
-    def _next(self) -> list:
-        """The next run: the oldest queries (up to max_batch), else one background job; waits for one."""
+    def _await_work(self) -> None:
+        """Return once a query waits, or background work does and no other worker's model thread waits
+        for a slot (their queries go before our passages)."""
         with self._cond:
             while True:
                 while self._queries and self._queries[0].cancelled:
                     self._waiting_units -= self._queries.popleft().units
                 if self._queries:
-                    run = []
-                    while self._queries and len(run) < self.max_batch:
-                        job = self._queries.popleft()
-                        self._waiting_units -= job.units
-                        if not job.cancelled:
-                            run.append(job)
-                    if run:
-                        return self._started(run, self.seconds_per_unit)
-                    continue
+                    return
                 if self._background and self._slots is not None and self._slots.others_waiting():
-                    self._cond.wait(HANDOVER_PAUSE_S)  # another worker's queries go before our passages
+                    self._cond.wait(HANDOVER_PAUSE_S)
                     continue
                 if self._background:
-                    job = self._background[0]
-                    if job.cancelled or job.done.is_set():  # its caller stopped waiting, or a piece failed
-                        self._background.popleft()
-                        continue
-                    piece = job.next_piece(BACKGROUND_PIECE_UNITS)
-                    if piece.last:
-                        self._background.popleft()
-                    return self._started([piece], self.seconds_per_passage_unit)
+                    return
                 self._cond.wait()
 
-    def _started(self, run: list, per_unit: float | None) -> list:
-        self._run_started = self._clock()
+    def _take(self, since: float) -> list:
+        """The run, taken once the slot is held: the oldest queries (up to max_batch), else a piece of the
+        oldest background job; [] if nothing is left (every query waiting was cancelled)."""
+        with self._cond:
+            run = []
+            while self._queries and len(run) < self.max_batch:
+                job = self._queries.popleft()
+                self._waiting_units -= job.units
+                if not job.cancelled:
+                    run.append(job)
+            if run:
+                return self._started(run, self.seconds_per_unit, since)
+            while self._background:
+                job = self._background[0]
+                if job.cancelled or job.done.is_set():  # its caller stopped waiting, or a piece failed
+                    self._background.popleft()
+                    continue
+                piece = job.next_piece(BACKGROUND_PIECE_UNITS)
+                if piece.last:
+                    self._background.popleft()
+                return self._started([piece], self.seconds_per_passage_unit, since)
+            return []
+
+    def _started(self, run: list, per_unit: float | None, since: float) -> list:
+        # The run's estimate counts from its slot request, as its measurement (per_unit) does.
+        self._run_started = since
         self._run_estimate = (per_unit or 0.0) * sum(job.units for job in run)
         return run
 
     def _loop(self) -> None:
         self._lower_priority()
         while True:
-            run = self._next()
+            self._await_work()
             started = self._clock()
+            # The slot first, then the run: the queries that arrive while another worker's run holds
+            # the slot join this run. A run taken before its slot left them for the next one, a whole
+            # turn of every worker's runs later: with two workers on one slot (the 512 MB tier at 0.5
+            # CPU) a closed loop's queries came back a few at a time and each turn ran short runs.
+            slot = self._slot()
             try:
-                results = self._run(run)
-            except Exception as exc:  # noqa: BLE001 -- one failed run must not stop the queue
-                # Each job again on its own, so that a text the runtime cannot encode fails only its caller.
-                results = self._one_by_one(run) if len(run) > 1 else [_failed(run[0], exc)]
+                run = self._take(started)
+                if not run:
+                    continue
+                try:
+                    results = self._run(run)
+                except Exception as exc:  # noqa: BLE001 -- one failed run must not stop the queue
+                    # Each job again on its own, so that a text the runtime cannot encode fails only its caller.
+                    results = self._one_by_one(run) if len(run) > 1 else [_failed(run[0], exc)]
+            finally:
+                if slot is not None:
+                    slot.release()
             took = self._clock() - started
             with self._cond:
                 self._run_started = None
@@ -341,16 +365,11 @@ class ModelQueue:
         return results
 
     def _run(self, run: list) -> list:
-        """One model run holding an instance slot: each job's result, in order."""
-        slot = self._slot()
-        try:
-            if run[0].kind == "query":
-                vectors = self._encode([job.texts[0] for job in run], len(run), kind="query")
-                return [vectors[i : i + 1] for i in range(len(run))]
-            return [self._encode(run[0].texts, run[0].batch_size, kind="passage")]
-        finally:
-            if slot is not None:
-                slot.release()
+        """One model run (its slot held by the caller): each job's result, in order."""
+        if run[0].kind == "query":
+            vectors = self._encode([job.texts[0] for job in run], len(run), kind="query")
+            return [vectors[i : i + 1] for i in range(len(run))]
+        return [self._encode(run[0].texts, run[0].batch_size, kind="passage")]
 
     def _slot(self):
         """One of the instance's slots, waited for as long as it takes (the queue's deadline covers it)."""
