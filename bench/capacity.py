@@ -72,7 +72,7 @@ from bench.load import QUERIES, WRITE_TOKEN, Client, is_shed
 from devtools.gunicorn import GunicornServer
 from devtools.http import free_port
 from devtools.cgroups import Cgroup, CpuCgroup
-from devtools.project import WORK, flask_in, log, machine_facts, models, remove_database, tier_env
+from devtools.project import WORK, describe_cpu, flask_in, log, machine_facts, models, remove_database, tier_env
 from devtools.sampler import measured, strict_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -821,23 +821,13 @@ def _ceiling_note(run: dict, old_best: float) -> str:
             f"semantic/s, where the goal needs {need:.1f}/s ({100 * need / MIX['semantic']:.0f} req/s)")
 
 
-def _cpu(machine: dict) -> str:
-    """The header's words on the CPU, from devtools.project's machine_facts: e.g. " (AMD EPYC; AVX2, no
-    int8 dot-product instructions ...; reference Python loop 364 ms)"; empty for a run recorded before."""
-    if "cpu_model" not in machine:
-        return ""
-    int8 = ", ".join(machine["int8_instructions"]) or "no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX)"
-    return (f" ({machine['cpu_model']}; {'AVX2, ' if machine['avx2'] else ''}{int8}; reference Python loop "
-            f"{machine['reference_loop_ms']} ms)")
-
-
 def table(data: dict) -> str:
     both = {run["design"] for run in data["runs"]} >= {"new", "today"}
     lines = [f"# Serving capacity: today ({BASELINE}) against new (the working tree)" if both
              else "# Serving capacity of the working tree", "",
              f"Measured {data['measured_at']}, {data['settings']['step_seconds']:g} s per step"
              + (" (**--quick: a smoke test, not the figures**)" if data["settings"]["quick"] else "")
-             + f", {data['machine']['cores']} cores{_cpu(data['machine'])}, load average {data['machine']['load_average_end'][0]:.1f} at the "
+             + f", {data['machine']['cores']} cores{describe_cpu(data['machine'])}, load average {data['machine']['load_average_end'][0]:.1f} at the "
              f"end ({data['machine']['load_average_start'][0]:.1f} at the start). "
              + ("Same model for both designs" if both else "Model") +
              f": `{Path(data['model']).name}`. new = {data['designs']['new']['source']}"

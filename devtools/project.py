@@ -63,6 +63,16 @@ def machine_facts() -> dict:
             "avx2": "avx2" in flags, "reference_loop_ms": round((time.perf_counter() - started) * 1000)}
 
 
+def describe_cpu(machine: dict) -> str:
+    """A report's words on the CPU, from machine_facts: e.g. " (AMD EPYC; AVX2, no int8 dot-product
+    instructions ...; reference Python loop 364 ms)"; empty for a run recorded before they were kept."""
+    if "cpu_model" not in machine:
+        return ""
+    int8 = ", ".join(machine["int8_instructions"]) or "no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX)"
+    return (f" ({machine['cpu_model']}; {'AVX2, ' if machine['avx2'] else ''}{int8}; reference Python loop "
+            f"{machine['reference_loop_ms']} ms)")
+
+
 def remove_database(db_path: Path) -> None:
     """A bench's SQLite file gone with everything beside it: its WAL and shared-memory files, and the
     shared vector index folder the app keeps beside it (<file>.vectors, app/semantic/shared.py) —
