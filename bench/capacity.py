@@ -757,6 +757,13 @@ def checks(data: dict) -> list[tuple[str, bool]]:
         sheds = sum(s["shed"] for s in upto)
         out.append((f"closed loop 512mb, new, cpu {c}: {sheds} sheds up to {GOALS['closed_no_shed_up_to']} clients "
                     f"(goal 0)", sheds == 0 and bool(upto)))
+        deadline = deadline_ms(run)
+        answered = [s for s in run["steps"] if s.get("p99_ms") is not None]
+        if answered:
+            worst = max(answered, key=lambda s: s["p99_ms"])
+            out.append((f"closed loop 512mb, new, cpu {c}: p99 {worst['p99_ms']:.0f} ms at {worst['clients']} clients, "
+                        f"the worst of any client count (goal ≤ the deadline, SEMANTIC_DEADLINE_MS {deadline})",
+                        worst["p99_ms"] <= deadline))
         peak = max(s["answered_per_s"] for s in run["steps"])
         at32 = next((s for s in run["steps"] if s["clients"] == 32), None)
         if at32:
@@ -808,6 +815,14 @@ def checks(data: dict) -> list[tuple[str, bool]]:
         out.append((f"512mb new: PSS peak {worst['pss_peak_mb']:.0f} MB ({worst['name']}) "
                     f"(goal ≤ {GOALS['pss_mb_512mb']} MB)", worst["pss_peak_mb"] <= GOALS["pss_mb_512mb"]))
     return out
+
+
+def deadline_ms(run: dict) -> int:
+    """The SEMANTIC_DEADLINE_MS the run's server had: the bench's setting, else the app's default."""
+    from app.settings import FIELDS_BY_ENV
+
+    field = FIELDS_BY_ENV["SEMANTIC_DEADLINE_MS"]
+    return field.parse((run.get("settings") or {}).get(field.env) or field.default)
 
 
 def _ceiling_note(run: dict, old_best: float) -> str:

@@ -40,3 +40,23 @@ def test_report_writes_the_pages_again_from_a_recorded_run(tmp_path, monkeypatch
     assert seen["plot"] == tmp_path / "capacity.png"
     assert json.loads((tmp_path / "capacity.json").read_text())["checks"] == [{"goal": "a goal", "met": True}]
     assert capacity.main(["--report", "--results", str(tmp_path / "none")]) == 2
+
+
+def closed_run(p99s, settings=None):
+    return {"kind": "closed", "design": "new", "tier": "512mb", "cpus": 0.5, "settings": settings or {},
+            "steps": [{"clients": n, "shed": 0, "answered_per_s": 10.0, "p99_ms": p99} for n, p99 in p99s]}
+
+
+def deadline_check(run):
+    return [(text, met) for text, met in capacity.checks({"runs": [run]}) if "deadline" in text]
+
+
+def test_closed_loop_p99_is_held_to_the_servers_deadline():
+    # The closed-loop goal: p99 within the deadline at every client count, the worst one named.
+    [(text, met)] = deadline_check(closed_run([(1, 90.0), (16, 1400.0), (32, 1200.0)]))
+    assert met and "1400 ms at 16 clients" in text and "SEMANTIC_DEADLINE_MS 1500" in text
+    [(text, met)] = deadline_check(closed_run([(1, 90.0), (32, 1501.0)]))
+    assert not met and "1501 ms at 32 clients" in text
+    # A run whose server was given another deadline is held to that one.
+    [(_, met)] = deadline_check(closed_run([(32, 1800.0)], {"SEMANTIC_DEADLINE_MS": "2000"}))
+    assert met
