@@ -387,8 +387,6 @@ class SemanticService:
         with a reason; Overloaded when the search would take longer than SEMANTIC_DEADLINE_MS, or at once when
         SEMANTIC_HANDLERS of this worker's threads already hold a semantic search.
         """
-        # Counted before the model is loaded: the search that pays for a load (seconds, once) is answered.
-        spent = _spent_s()
         encoder = self.encoder()
         if not self._handlers.acquire(blocking=False):
             _count_shed("handlers")
@@ -398,7 +396,7 @@ class SemanticService:
         from . import index
 
         try:
-            vector = self._encode_query(query, spent)
+            vector = self._encode_query(query)
             encoded = time.monotonic()
             store = self.vector_store()
             tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
@@ -448,13 +446,13 @@ class SemanticService:
             self._held.release()
         return True
 
-    def _encode_query(self, query: str, spent: float = 0.0):
+    def _encode_query(self, query: str):
         """The query's vector from the model queue; Overloaded (counted in /metrics) when the search would
         end past the deadline (the time it has spent, its wait, and what recent searches took after their
         vector), SemanticUnavailable when the model stopped answering."""
         queue = self.queue()
         try:
-            return queue.encode_query(query, extra_s=spent + self._rest_s())
+            return queue.encode_query(query, extra_s=_spent_s() + self._rest_s())
         except QueueFull as full:
             raise _refused(full, queue) from None
         except QueueStuck as stuck:
@@ -466,10 +464,9 @@ class SemanticService:
             raise SemanticUnavailable(f"the semantic model failed on this query ({_describe(exc)})") from None
 
     def _rest_s(self) -> float:
-        """Seconds a recent search took after its vector (0 before the first): their median, so that a
-        worker's first search, which builds its vector matrix, does not count against the next ones."""
-        rest = sorted(self._rest)
-        return rest[len(rest) // 2] if rest else 0.0
+        """Seconds a recent search took after its vector (0 before the first)."""
+        rest = list(self._rest)
+        return sum(rest) / len(rest) if rest else 0.0
 
     def warm(self) -> bool:
         """Load the model and answer one query, so this process's first user query pays no load.
