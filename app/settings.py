@@ -245,10 +245,9 @@ FIELDS: tuple[Field, ...] = (
           "workers together; 0: the CPUs the instance really has (as SEMANTIC_THREADS counts them). Lock "
           "files in PROMETHEUS_MULTIPROC_DIR, else the instance folder."),
     Field("SEMANTIC_DEADLINE_MS", "1500", _int(50, 60000),
-          "Longest time (ms) a semantic search may expect to take, from its arrival in the app to its answer: "
-          "its wait in its worker's model queue (estimated run by run from measured runs) and what recent "
-          "searches took besides. A query is refused (503 overloaded, Retry-After from the queue's "
-          "pace) only when it would take longer; an admitted query is answered in arrival order."),
+          "Longest wait (ms) a semantic query may expect in its worker's queue. A query is refused (503 "
+          "overloaded, Retry-After from the queue's drain rate) only when the queue's measured rate says it "
+          "would wait longer; an admitted query is answered in arrival order."),
     Field("SEMANTIC_REFUSAL_HOLD_MS", "500", _int(0, 10000),
           "How long a semantic query refused by its expected wait is held before its 503 (no CPU, no turn; at "
           "most half of SEMANTIC_HANDLERS at once, the rest answered at once), so that clients sending again "

@@ -110,54 +110,6 @@ def test_a_query_is_refused_only_when_its_expected_wait_passes_the_deadline():
     assert answers == {f"q{i:02d}": f"vec:q{i:02d}" for i in range(1, 10)}  # every admitted query answered
 
 
-def test_a_query_waits_for_other_workers_runs_and_for_its_whole_run_not_only_the_work_ahead():
-    # Two workers on one slot: each run waits for the other worker's run, and a query's answer comes
-    # when its whole run ends, which takes the queries that arrive until its slot is free too.
-    now = [0.0]
-    model = Model()
-    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: now[0],
-                       measure=lambda text, kind: 10 - UNIT_OVERHEAD)  # 10 units a query
-    measured(queue, 0.01)  # 0.1 s a query with the slot held
-    first = hold_first_run(queue, model)  # in flight: 0.1 s left on the still clock
-    assert queue.expected_wait(10, 1) == pytest.approx(0.1 + 0.1)  # nothing else measured: the work alone
-    # Recent runs waited 0.4 s for their slot and carried four queries each.
-    queue._slot_waits.extend([0.4, 0.4])
-    queue._run_units.extend([40, 40])
-    # Alone in line: the rest of the run in flight, another worker's run, then a run of four queries'
-    # work (the queries that join it before its slot is free), not the 0.2 s of its own work.
-    assert queue.expected_wait(10, 1) == pytest.approx(0.1 + 0.4 + 0.4)
-    answers: dict = {}
-    threads = enqueue(queue, ["a", "b", "c", "d"], answers)  # 0.9 s each: one run, within the deadline
-    with pytest.raises(QueueFull) as refused:
-        queue.encode_query("e")  # the fifth goes in the run after: a slot's wait and a run more
-    assert refused.value.expected_wait == pytest.approx(0.1 + 2 * 0.4 + 0.5)
-    model.gate.set()
-    for thread in (first, *threads):
-        thread.join(30)
-    assert answers == {t: f"vec:{t}" for t in "abcd"}
-    # While the model thread waits for the slot of the next run, what is left of that wait counts, and
-    # the queries waiting go in that run: no further slot's wait. (The runs above were timed on the still
-    # clock: the same figures again.)
-    measured(queue, 0.01)
-    queue._slot_waits.clear(), queue._run_units.clear()
-    queue._slot_waits.append(0.4), queue._run_units.append(40)
-    queue._slot_asked, now[0] = 0.0, 0.3
-    assert queue.expected_wait(10, 1) == pytest.approx((0.4 - 0.3) + 0.4)
-    queue._slot_asked = None
-
-
-def test_the_deadline_counts_what_the_caller_says_the_rest_of_its_search_takes():
-    model = Model()
-    queue = ModelQueue(model.encode, None, max_batch=4, deadline_s=1.0, clock=lambda: 0.0,
-                       measure=lambda text, kind: 10 - UNIT_OVERHEAD)
-    measured(queue, 0.03)  # 0.3 s a query
-    with pytest.raises(QueueFull) as refused:
-        queue.encode_query("late", extra_s=0.8)  # 0.3 s of wait after 0.8 s spent elsewhere
-    assert refused.value.expected_wait == pytest.approx(1.1)
-    assert isinstance(queue.refusal(extra_s=0.8), QueueFull) and queue.refusal(extra_s=0.6) is None
-    assert queue.encode_query("in time", extra_s=0.6) == "vec:in time"
-
-
 def test_the_early_check_refuses_only_when_even_the_shortest_query_would_pass_the_deadline():
     model = Model()
     queue = ModelQueue(model.encode, None, max_batch=1, deadline_s=1.05, clock=lambda: 0.0)

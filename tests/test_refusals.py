@@ -157,27 +157,3 @@ def test_with_no_hold_or_no_free_handler_a_refusal_is_answered_at_once(make_app,
         for _ in taken:
             service._handlers.release()
     assert holds(app) == [0.5]
-
-
-def test_the_deadline_is_the_whole_searchs_time_spent_before_the_queue_and_after_it(make_app, tiny_onnx):
-    import time
-
-    from app.semantic.service import ARRIVED
-
-    app = make_app(SEMANTIC_MODEL=str(tiny_onnx), SEMANTIC_DEADLINE_MS="1000", SEMANTIC_REFUSAL_HOLD_MS="0")
-    assert app.test_cli_runner().invoke(args=["seed"]).exit_code == 0
-    client = app.test_client()
-    assert client.get("/search", query_string=SEMANTIC).status_code == 200  # model and queue made
-    service = get_service(app)
-    queue = service.queue()
-    queue.seconds_per_unit, queue.batched = 0.001, queue.max_batch  # a quick model: ~10 ms for this query
-    # A search that reached the app 0.995 s ago (a server in front stamped it) cannot end in time: refused.
-    late = client.get("/search", query_string=SEMANTIC, environ_base={ARRIVED: time.monotonic() - 0.995})
-    assert late.status_code == 503 and late.get_json()["error"]["code"] == "overloaded", late.get_data(as_text=True)
-    assert client.get("/search", query_string=SEMANTIC, environ_base={ARRIVED: time.monotonic() - 0.5}).status_code == 200
-    assert service._rest, "an answered search records how long it took after its vector"
-    # Recent searches that took 1.2 s after their vector: any search now would end past the deadline, and
-    # the early check (before a turn, outside Flask) says so too.
-    service._rest.extend([1.2] * service._rest.maxlen)
-    assert service.early_refusal() is not None
-    assert client.get("/search", query_string=SEMANTIC).status_code == 503

@@ -10,19 +10,8 @@ thread takes the slot before it takes the queries of its run, so that those arri
 worker's run holds the slot are in it.
 
 Admission is by deadline, not by a fixed wait: a query is refused (Overloaded: 503 with Retry-After)
-only when its search would take longer than SEMANTIC_DEADLINE_MS: the wait the queue expects for it,
-plus what the caller says the rest of its search takes (extra_s). A query that is admitted is
-answered; it is never overtaken by a later one.
-
-The expected wait follows how a query is served, run by run (expected_wait): the rest of the run in
-flight; then, for each run until the one that carries it, the wait for an instance slot (other
-workers' runs: measured); and the work of that run, at the measured seconds per unit of a run with its
-slot held. A query's answer comes when its whole run ends, and its run takes the queries that arrive
-until the slot is free as well as those ahead of it, so that run is counted at a recent run's work at
-least. A wait counted as work ahead alone (the slot's wait folded into a rate per unit) was too low
-when a worker's queue was short and the other worker's run long: at 0.5 CPU with 32 clients, 0.38 s
-expected against 1.12 s waited for queries that arrived to a short queue, p99 2.0-2.8 s past the 1.5 s
-deadline.
+only when the queue's measured drain rate says it would wait longer than SEMANTIC_DEADLINE_MS. A
+query that is admitted is answered; it is never overtaken by a later one.
 
 Background work (the embedder's passages) runs only when no query waits, in pieces of at most
 BACKGROUND_PIECE_UNITS, so a query that arrives meanwhile waits at most for one piece.
@@ -43,9 +32,9 @@ from .slots import Slots
 
 log = logging.getLogger(__name__)
 
-# Runs whose seconds (slot held) and work make the estimate of seconds per unit of work (their sums'
-# ratio), and whose slot waits and work make the typical wait for a slot and the typical run. A ratio of
-# sums, not an average of each run's ratio: a short run says less of the pace than a full one.
+# Runs whose seconds and work make the estimate of seconds per unit of work (their sums' ratio: the
+# queue's drain rate). A ratio of sums, not an average of each run's ratio: a run of one query that waited
+# for another worker's run to free the slot says little of what a full run costs, and is weighed as one.
 RECENT_RUNS = 8
 # A text's work, in units: the tokens the model reads for it (the encoder's count: prompt included,
 # truncated) plus a fixed part, its share of a run's own overhead. A model run costs about its padded
@@ -81,7 +70,7 @@ class QueueFull(Exception):
         if self.unmeasured_waiting:
             return (f"the model's pace here is not measured yet, with {self.unmeasured_waiting} queries already "
                     f"waiting")
-        return f"this search would take about {self.expected_wait:.1f} s, past the {deadline_s:g} s deadline"
+        return f"this query would wait about {self.expected_wait:.1f} s, past the {deadline_s:g} s deadline"
 
 
 class QueueStuck(Exception):
@@ -167,17 +156,13 @@ class ModelQueue:
         self._background: deque[_Job] = deque()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        # The run in flight: when its slot was taken and its estimated length (for the wait of those behind
-        # it); or, before that, when the model thread asked for the slot of the next run.
+        # The run in flight: when it started and its estimated length (for the wait of those behind it).
         self._run_started: float | None = None
         self._run_estimate = 0.0
-        self._slot_asked: float | None = None
-        # Estimates of seconds per unit of work (UNIT_OVERHEAD) with the slot held, per kind of run
-        # (RECENT_RUNS). None until a run has been measured: until then one run's worth is admitted.
+        # Estimates of seconds per unit of work (UNIT_OVERHEAD), from slot request to results, per kind of
+        # run (RECENT_RUNS). None until a run has been measured: until then one run's worth is admitted.
         self.seconds_per_unit: float | None = None
         self.seconds_per_passage_unit: float | None = None
-        self._slot_waits: deque[float] = deque(maxlen=RECENT_RUNS)  # of query runs: other workers' runs
-        self._run_units: deque[int] = deque(maxlen=RECENT_RUNS)  # the work of recent query runs
         self._waiting_units = 0  # the work of the queries waiting
         self._least_units: int | None = None  # the work of the shortest query (an empty text): refusal()
         self._recent: dict[str, deque] = {"query": deque(maxlen=RECENT_RUNS), "passage": deque(maxlen=RECENT_RUNS)}
@@ -185,13 +170,12 @@ class ModelQueue:
 
     # -- callers --------------------------------------------------------------------------------------
 
-    def encode_query(self, text: str, extra_s: float = 0.0):
-        """The query's vector, after the queries ahead of it; QueueFull when its wait and extra_s (the rest
-        of its search: time spent before it came here, and what follows) would pass the deadline."""
+    def encode_query(self, text: str):
+        """The query's vector, after the queries ahead of it; QueueFull when it would wait past the deadline."""
         job = _Job([text], "query", self.max_batch, self._measure)  # tokenized outside the lock
         with self._cond:
             self._ensure_thread()
-            full = self._refusal(job.units, extra_s)
+            full = self._refusal(job.units)
             if full is not None:
                 raise full
             self._queries.append(job)
@@ -199,18 +183,18 @@ class ModelQueue:
             self._cond.notify()
         return self._await(job, self.deadline_s * STUCK_FACTOR + STUCK_FLOOR_S)[0]
 
-    def refusal(self, extra_s: float = 0.0) -> QueueFull | None:
-        """What any query would be told now: QueueFull when even the shortest would pass the deadline
-        (with extra_s, as encode_query), else None. Reads the queue only (no thread, no tokenizing of the
-        query): the cheap check made before a semantic search takes a turn (service.early_refusal)."""
+    def refusal(self) -> QueueFull | None:
+        """What any query would be told now: QueueFull when even the shortest would wait past the deadline,
+        else None. Reads the queue only (no thread, no tokenizing of the query): the cheap check made
+        before a semantic search takes a turn (service.early_refusal)."""
         if self._least_units is None:
             self._least_units = self._measure("", "query") + UNIT_OVERHEAD
         with self._cond:
-            return self._refusal(self._least_units, extra_s)
+            return self._refusal(self._least_units)
 
-    def _refusal(self, units: int, extra_s: float) -> QueueFull | None:
+    def _refusal(self, units: int) -> QueueFull | None:
         """QueueFull for a query of ``units`` of work arriving now, or None if it is admitted (under the lock)."""
-        wait = self.expected_wait(self._waiting_units + units, len(self._queries) + 1) + extra_s
+        wait = self.expected_wait(self._waiting_units + units)
         # A rate from a query or two timed on an idle instance says little of a full batch under load:
         # under bench.serving's overload a worker's first run (one query, 7 ms) admitted two batches that
         # then took 3.7 and 4.6 s. Until a full batch's worth is timed, one batch waits at most.
@@ -234,39 +218,21 @@ class ModelQueue:
         """Queries waiting (not counting the run in flight)."""
         return len(self._queries)
 
-    def expected_wait(self, units: int, queries: int) -> float:
-        """Seconds until the last of ``queries`` waiting queries (``units`` of work, its own included) is
-        answered: what is left of the run in flight or of the wait for its slot, a slot's wait for each
-        further run until the one that carries it (SEMANTIC_BATCH_MAX queries a run), and the work of
-        those runs, the last counted at a recent run's work at least (it takes the queries that arrive
-        until its slot is free). 0 before any measurement."""
+    def expected_wait(self, units: int) -> float:
+        """Seconds until a query is answered with ``units`` of work ahead of it and its own: the rest of
+        the run in flight, then that work at the measured seconds per unit. 0 before any measurement."""
         if self.seconds_per_unit is None:
             return 0.0
-        now, slot_wait = self._clock(), self.slot_wait()
-        runs = max(1, math.ceil(queries / self.max_batch))
-        # What is left now; one already past its estimate (its slot held elsewhere, a starved CPU) is
-        # taken to need as long again as it is late, so a stalled model sheds.
-        if self._run_started is not None:  # a run holds the slot; the queries waiting go in the next runs
-            left = abs(self._run_estimate - (now - self._run_started))
-        elif self._slot_asked is not None:  # waiting for the slot of the run that takes the queries waiting
-            left, runs = abs(slot_wait - (now - self._slot_asked)), runs - 1
-        else:
-            left = 0.0
-        return left + runs * slot_wait + max(units, self.typical_run_units()) * self.seconds_per_unit
-
-    def slot_wait(self) -> float:
-        """Seconds a recent query run waited for its slot: other workers' runs (0 with slots to spare)."""
-        return sum(self._slot_waits) / len(self._slot_waits) if self._slot_waits else 0.0
-
-    def typical_run_units(self) -> float:
-        """The work of a recent query run: what a run that has yet to start will carry at least."""
-        return sum(self._run_units) / len(self._run_units) if self._run_units else 0.0
+        in_flight = 0.0
+        if self._run_started is not None:
+            # The rest of the run in flight; one already past its estimate (its slot held elsewhere, a
+            # starved CPU) is taken to need as long again as it is late, so a stalled model sheds.
+            in_flight = abs(self._run_estimate - (self._clock() - self._run_started))
+        return in_flight + units * self.seconds_per_unit
 
     def waiting_time(self) -> float:
-        """The expected wait of the last query in line now (what /readyz shows); 0 when none waits."""
-        if not self._queries:
-            return 0.0
-        return self.expected_wait(self._waiting_units, len(self._queries))
+        """The expected wait of the queries in line now (what /readyz shows)."""
+        return self.expected_wait(self._waiting_units)
 
     def retry_after(self, wait: float) -> int:
         """Whole seconds until the queue has drained to where a new query would fit the deadline."""
@@ -319,10 +285,9 @@ class ModelQueue:
                 self._cond.wait()
 
     def _take(self, since: float) -> list:
-        """The run, taken once the slot is held (since then): the oldest queries (up to max_batch), else a
-        piece of the oldest background job; [] if nothing is left (every query waiting was cancelled)."""
+        """The run, taken once the slot is held: the oldest queries (up to max_batch), else a piece of the
+        oldest background job; [] if nothing is left (every query waiting was cancelled)."""
         with self._cond:
-            self._slot_asked = None
             run = []
             while self._queries and len(run) < self.max_batch:
                 job = self._queries.popleft()
@@ -343,7 +308,7 @@ class ModelQueue:
             return []
 
     def _started(self, run: list, per_unit: float | None, since: float) -> list:
-        # The run's estimate counts from its slot, as its measurement (per_unit) does.
+        # The run's estimate counts from its slot request, as its measurement (per_unit) does.
         self._run_started = since
         self._run_estimate = (per_unit or 0.0) * sum(job.units for job in run)
         return run
@@ -353,16 +318,13 @@ class ModelQueue:
         while True:
             self._await_work()
             started = self._clock()
-            with self._cond:
-                self._slot_asked = started
             # The slot first, then the run: the queries that arrive while another worker's run holds
             # the slot join this run. A run taken before its slot left them for the next one, a whole
             # turn of every worker's runs later: with two workers on one slot (the 512 MB tier at 0.5
             # CPU) a closed loop's queries came back a few at a time and each turn ran short runs.
             slot = self._slot()
-            held = self._clock()
             try:
-                run = self._take(held)
+                run = self._take(started)
                 if not run:
                     continue
                 try:
@@ -373,7 +335,7 @@ class ModelQueue:
             finally:
                 if slot is not None:
                     slot.release()
-            took = self._clock() - held
+            took = self._clock() - started
             with self._cond:
                 self._run_started = None
                 texts = sum(len(job.texts) for job in run)
@@ -383,8 +345,6 @@ class ModelQueue:
                         self.runs += 1
                         self.batched += texts
                         self.seconds_per_unit = _per_unit(self._recent["query"], took, units)
-                        self._slot_waits.append(held - started)
-                        self._run_units.append(units)
                     elif units:
                         self.seconds_per_passage_unit = _per_unit(self._recent["passage"], took, units)
             for job, result in zip(run, results):

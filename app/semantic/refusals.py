@@ -19,12 +19,9 @@ with a body (the app reads or refuses it).
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Callable
 
 from werkzeug.wrappers import Request
-
-from .service import ARRIVED
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from flask import Flask
@@ -37,7 +34,6 @@ class EarlyRefusal:
         self.wsgi_app, self.app, self.headers = wsgi_app, app, headers
 
     def __call__(self, environ: dict, start_response: Callable):
-        environ.setdefault(ARRIVED, time.monotonic())  # a server in front may have stamped it earlier
         refusal = self._refusal(environ)
         if refusal is None:
             return self.wsgi_app(environ, start_response)

@@ -3,8 +3,8 @@ embedder and the nearest-neighbour query. The model is loaded on the first seman
 
 Its state (encoder, vector store, model queue, embedder) lives on the instance, one per app
 (``app.state``). Queries go through the worker's model queue (queue.py): they wait in arrival order,
-share model runs, and are refused (Overloaded: 503 with Retry-After) only when the queue's pace says
-the search would take longer than SEMANTIC_DEADLINE_MS. New rows get their vectors from the background
+share model runs, and are refused (Overloaded: 503 with Retry-After) only when the queue's drain rate
+says they would wait past SEMANTIC_DEADLINE_MS. New rows get their vectors from the background
 embedder (embedder.py), never inside a request: a search only reads.
 Nothing here imports numpy, onnxruntime, torch or transformers at module level: a worker that only
 serves text and tag search never pays for them (torch alone is ~220 MB of RSS on import).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -45,14 +44,6 @@ WARM_QUERY = "חיפוש"  # "search": any short Hebrew text exercises the token
 # What a query shed at the handler bound is told to wait: the searches holding this worker's semantic
 # handlers are answered within the deadline, so a second later there is very likely room.
 SHED_RETRY_AFTER_SECONDS = 1
-# The environ key of when the request reached the app (time.monotonic(), stamped by refusals.py's
-# middleware, the app's outermost): a search counts the time it spent before the model queue (a turn,
-# Flask's hooks) against its deadline.
-ARRIVED = "memfit.arrived"
-# Recent searches whose time after their vector (the nearest rows, their tags) is counted against the
-# deadline of the next ones, with the time each spent before the queue: the deadline is the whole search's.
-# At 0.5 CPU with 32 clients the part outside the queue was ~0.18 s of a 1.2 s answer.
-REST_SAMPLES = 16
 # Rows the embedder reads and stores per round before it looks at its lock and at the newest ids again.
 EMBED_ROUND_BATCHES = 8
 
@@ -73,7 +64,7 @@ def _memory_room(settings: Settings) -> int | None:
 
 
 class Overloaded(SemanticUnavailable):
-    """The search would take longer than SEMANTIC_DEADLINE_MS, or every semantic handler of the worker is taken: it
+    """The query would wait past SEMANTIC_DEADLINE_MS, or every semantic handler of the worker is taken: it
     is shed (503 overloaded with Retry-After). A SemanticUnavailable, so callers that fall back on one fall back."""
 
     def __init__(self, message: str, retry_after: int = SHED_RETRY_AFTER_SECONDS):
@@ -132,7 +123,6 @@ class SemanticService:
         # the queue would admit still find one free; none with one handler (a worker of one thread).
         self._held = threading.BoundedSemaphore(settings.semantic_handler_limit // 2)
         self._pause = time.sleep  # how a refusal is held (tests wait on an event instead)
-        self._rest: deque[float] = deque(maxlen=REST_SAMPLES)  # seconds of recent searches after their vector
 
     @property
     def state(self) -> str:
@@ -384,7 +374,7 @@ class SemanticService:
         """The items nearest the query, scored by their own vector and their closest tags'.
 
         Reads only: rows without a vector yet are the background embedder's. Raises SemanticUnavailable
-        with a reason; Overloaded when the search would take longer than SEMANTIC_DEADLINE_MS, or at once when
+        with a reason; Overloaded when the query would wait past SEMANTIC_DEADLINE_MS, or at once when
         SEMANTIC_HANDLERS of this worker's threads already hold a semantic search.
         """
         encoder = self.encoder()
@@ -397,17 +387,14 @@ class SemanticService:
 
         try:
             vector = self._encode_query(query)
-            encoded = time.monotonic()
             store = self.vector_store()
             tag_hits = dict(store.top(encoder.fingerprint, "tag", vector, TAG_CANDIDATES))
             item_hits = dict(store.top(encoder.fingerprint, "item", vector, max(limit * 5, 50)))
             # Items carrying one of the closest tags are candidates even if their own text is farther.
             top_tags = sorted(tag_hits, key=tag_hits.get, reverse=True)[:CARRYING_TAGS]
             tagged = index.items_with_tags(top_tags)
-            hits = SemanticHits(scored=blend_tags(item_hits, tag_hits, tagged)[:limit], tag_scores=tag_hits,
+            return SemanticHits(scored=blend_tags(item_hits, tag_hits, tagged)[:limit], tag_scores=tag_hits,
                                 item_tags=tagged)
-            self._rest.append(time.monotonic() - encoded)
-            return hits
         finally:
             self._handlers.release()
 
@@ -419,7 +406,7 @@ class SemanticService:
         queue = self._queue
         if queue is None or self._state != LOADED:
             return None
-        full = queue.refusal(extra_s=self._rest_s())
+        full = queue.refusal()
         return None if full is None else _refused(full, queue)
 
     def hold_refusal(self) -> bool:
@@ -447,12 +434,11 @@ class SemanticService:
         return True
 
     def _encode_query(self, query: str):
-        """The query's vector from the model queue; Overloaded (counted in /metrics) when the search would
-        end past the deadline (the time it has spent, its wait, and what recent searches took after their
-        vector), SemanticUnavailable when the model stopped answering."""
+        """The query's vector from the model queue; Overloaded (counted in /metrics) when it would wait
+        past the deadline, SemanticUnavailable when the model stopped answering."""
         queue = self.queue()
         try:
-            return queue.encode_query(query, extra_s=_spent_s() + self._rest_s())
+            return queue.encode_query(query)
         except QueueFull as full:
             raise _refused(full, queue) from None
         except QueueStuck as stuck:
@@ -462,11 +448,6 @@ class SemanticService:
         except Exception as exc:  # the runtime failed on this query: a 503 with the reason, never a 500
             log.error("the semantic model failed on a query: %s", _describe(exc))
             raise SemanticUnavailable(f"the semantic model failed on this query ({_describe(exc)})") from None
-
-    def _rest_s(self) -> float:
-        """Seconds a recent search took after its vector (0 before the first)."""
-        rest = list(self._rest)
-        return sum(rest) / len(rest) if rest else 0.0
 
     def warm(self) -> bool:
         """Load the model and answer one query, so this process's first user query pays no load.
@@ -544,12 +525,3 @@ def _count_embedded(count: int) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
-
-
-def _spent_s() -> float:
-    """Seconds since the request being served reached the app (refusals.ARRIVED); 0 outside a request."""
-    from flask import has_request_context, request
-
-    if not has_request_context() or ARRIVED not in request.environ:
-        return 0.0
-    return max(0.0, time.monotonic() - request.environ[ARRIVED])
